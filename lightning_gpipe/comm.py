@@ -1,0 +1,147 @@
+"""Asynchronous point-to-point transfers between neighbouring stages.
+
+Activations travel forward with a small header describing their shapes and dtypes, so nothing
+is fixed at the first step: batch sizes, sequence lengths and dtypes may change from step to step.
+Gradients travel backward shaped like the activations the receiving stage sent, so they need
+no header. Every message pair between two stages is posted in the same order on both sides,
+as NCCL requires; gloo additionally gets a distinct tag per message kind and micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gpipe.microbatch import Tensors
+
+__all__ = ["StageLink", "carries_grad"]
+
+_DTYPES = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.complex64, torch.complex128,
+)  # fmt: skip
+_HEADER_LEN = 64  # int64 slots: a count, then (dtype, ndim, *shape) per tensor
+_HEADER, _ACTIVATION, _GRADIENT = range(3)
+
+
+def carries_grad(t: Tensor) -> bool:
+    """Whether a tensor crossing a stage boundary gets a gradient sent back for it."""
+    return _carries_grad(t.dtype)
+
+
+def _carries_grad(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+class StageLink:
+    """The sends and receives of one stage to the stage before it and the stage after it."""
+
+    def __init__(self, stage: int, k: int, device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.stage, self.k, self.device, self.group = stage, k, device, group
+        self._sends: list[tuple[dist.Work, Tensor]] = []
+        self._headers: dict[int, tuple[dist.Work, Tensor]] = {}
+        self._gradients: dict[int, tuple[list[dist.Work], list[Optional[Tensor]]]] = {}
+
+    def _rank(self, stage: int) -> int:
+        return dist.get_global_rank(self.group, stage) if self.group is not None else stage
+
+    def _isend(self, t: Tensor, stage: int, tag: int) -> None:
+        t = t.detach().contiguous()
+        self._sends.append((dist.isend(t, self._rank(stage), group=self.group, tag=tag), t))
+
+    def _irecv(self, t: Tensor, stage: int, tag: int) -> dist.Work:
+        work = dist.irecv(t, self._rank(stage), group=self.group, tag=tag)
+        assert work is not None
+        return work
+
+    # -- forward: stage j sends to j + 1 --------------------------------------------------------
+
+    def send_activations(self, i: int, xs: Tensors) -> None:
+        """Post the sends of micro-batch ``i``'s stage output to the next stage."""
+        self._isend(_encode_header(xs, self.device), self.stage + 1, _tag(i, _HEADER))
+        for x in xs:
+            self._isend(x, self.stage + 1, _tag(i, _ACTIVATION))
+
+    def expect_activations(self, i: int) -> None:
+        """Post the receive of micro-batch ``i``'s header ahead of time."""
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._headers[i] = (self._irecv(header, self.stage - 1, _tag(i, _HEADER)), header)
+
+    def recv_activations(self, i: int, ahead: Optional[int] = None) -> Tensors:
+        """Receive micro-batch ``i``'s input from the previous stage; post the header of ``ahead`` meanwhile."""
+        if i not in self._headers:
+            self.expect_activations(i)
+        work, header = self._headers.pop(i)
+        work.wait()
+        xs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in _decode_header(header)]
+        works = [self._irecv(x, self.stage - 1, _tag(i, _ACTIVATION)) for x in xs]
+        if ahead is not None:
+            self.expect_activations(ahead)
+        for work in works:
+            work.wait()
+        return tuple(xs)
+
+    # -- backward: stage j sends to j - 1 -------------------------------------------------------
+
+    def expect_gradients(self, i: int, sent: Sequence[tuple[torch.Size, torch.dtype]]) -> None:
+        """Post the receive of the gradients for micro-batch ``i``'s outputs, ``sent`` as (shape, dtype) earlier."""
+        grads = [
+            torch.empty(shape, dtype=dtype, device=self.device) if _carries_grad(dtype) else None
+            for shape, dtype in sent
+        ]
+        works = [self._irecv(g, self.stage + 1, _tag(i, _GRADIENT)) for g in grads if g is not None]
+        self._gradients[i] = (works, grads)
+
+    def recv_gradients(self, i: int) -> list[Optional[Tensor]]:
+        """The gradients posted by :meth:`expect_gradients`, ``None`` where an output has none."""
+        works, grads = self._gradients.pop(i)
+        for work in works:
+            work.wait()
+        return grads
+
+    def send_gradients(self, i: int, grads: list[Tensor]) -> None:
+        """Post the sends of the gradients for micro-batch ``i``'s inputs to the previous stage."""
+        for g in grads:
+            self._isend(g, self.stage - 1, _tag(i, _GRADIENT))
+
+    def flush(self) -> None:
+        """Wait until every posted send has completed, so their buffers may be freed."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+
+
+def _tag(i: int, kind: int) -> int:
+    return 3 * i + kind
+
+
+def _encode_header(xs: Tensors, device: torch.device) -> Tensor:
+    fields = [len(xs)]
+    for x in xs:
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"cannot send a tensor of dtype {x.dtype} between stages; supported: {_DTYPES}")
+        fields += [_DTYPES.index(x.dtype), x.dim(), *x.shape]
+    if len(fields) > _HEADER_LEN:
+        shapes = [tuple(x.shape) for x in xs]
+        raise ValueError(
+            f"a stage output of {len(xs)} tensors with shapes {shapes} is too large to describe in a"
+            f" {_HEADER_LEN}-slot header; pass fewer tensors between stages"
+        )
+    header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+    header[: len(fields)] = torch.tensor(fields, dtype=torch.int64)
+    return header.to(device)
+
+
+def _decode_header(header: Tensor) -> list[tuple[list[int], torch.dtype]]:
+    fields = header.tolist()
+    specs, pos = [], 1
+    for _ in range(fields[0]):
+        dtype, ndim = _DTYPES[fields[pos]], fields[pos + 1]
+        specs.append((fields[pos + 2 : pos + 2 + ndim], dtype))
+        pos += 2 + ndim
+    return specs

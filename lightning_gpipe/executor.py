@@ -1,0 +1,146 @@
+"""Running one stage's part of the pipeline schedule for a mini-batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gpipe.checkpoint import ForwardState
+from lightning_gpipe.comm import StageLink, carries_grad
+from lightning_gpipe.microbatch import TensorOrTensors, Tensors, as_tuple
+from lightning_gpipe.schedule import Action, Phase, checkpoint_stop, fthenb
+
+__all__ = ["StageExecutor"]
+
+Schedule = Callable[[int, int, int], list[Action]]
+
+
+@dataclass
+class _Slot:
+    """What one micro-batch leaves behind on this stage between its forward and its backward."""
+
+    inputs: Any  # the stage input; on stages after the first, leaves that collect gradients
+    outputs: Optional[Tensors]  # None when re-materialized: recomputed from ``inputs`` in backward
+    state: Optional[ForwardState]  # set when re-materialized
+    sent: tuple[tuple[torch.Size, torch.dtype], ...] = ()  # shapes and dtypes of the outputs sent forward
+    leaves: Optional[Tensors] = None  # last stage: detached outputs that the loss is computed from
+
+
+class StageExecutor:
+    """One pipeline stage: its layers, its links to the neighbouring stages, and its schedule.
+
+    Training splits in two phases, as Lightning does: :meth:`forward` runs the schedule's
+    forward actions inside ``training_step``; :meth:`backward` runs the rest inside the
+    strategy's ``backward``, once the last stage's loss has filled the gradients of its outputs.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        stage: int,
+        k: int,
+        device: torch.device,
+        link: Optional[StageLink],
+        checkpoint: str = "except_last",
+        schedule: Schedule = fthenb,
+    ) -> None:
+        if k > 1 and link is None:
+            raise ValueError(f"a pipeline of {k} stages needs a StageLink")
+        self.layers = list(layers)
+        self.stage, self.k, self.device = stage, k, device
+        self.link = link
+        self.checkpoint = checkpoint
+        self.schedule = schedule
+        self._slots: list[Optional[_Slot]] = []
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.k - 1
+
+    def run_layers(self, x: Any) -> TensorOrTensors:
+        """This stage's layers applied in order, as ``nn.Sequential`` would."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def forward(self, inputs: Optional[Sequence[Any]], n: int, train: bool) -> Optional[list[TensorOrTensors]]:
+        """Run the forward actions for ``n`` micro-batches.
+
+        ``inputs`` are the micro-batches on the first stage (ignored elsewhere: those receive
+        them). Returns the outputs on the last stage; in training, detached leaves whose
+        gradients :meth:`backward` reads.
+        """
+        self._slots = [None] * n
+        stop = checkpoint_stop(self.checkpoint, n) if train else 0
+        outputs: list[TensorOrTensors] = []
+        for action in self._actions(n, Phase.FORWARD):
+            i = action.i
+            x = inputs[i] if self.is_first else self._receive(i, n, train)  # type: ignore[index]
+            state = ForwardState.capture(self.device) if i < stop else None
+            with torch.set_grad_enabled(train and state is None):
+                y = self.run_layers(x)
+            ys = as_tuple(y)
+            if train:
+                sent = tuple((t.shape, t.dtype) for t in ys)
+                self._slots[i] = _Slot(inputs=x, outputs=None if state else ys, state=state, sent=sent)
+            if not self.is_last:
+                self.link.send_activations(i, ys)  # type: ignore[union-attr]
+            elif train:
+                leaves = tuple(t.detach().requires_grad_(carries_grad(t)) for t in ys)
+                self._slots[i].leaves = leaves  # type: ignore[union-attr]
+                outputs.append(leaves[0] if isinstance(y, Tensor) else leaves)
+            else:
+                outputs.append(y)
+        if not train and self.link is not None:
+            self.link.flush()
+        return outputs if self.is_last else None
+
+    def backward(self) -> None:
+        """Run the backward actions, after the loss has filled the gradients of the last stage's outputs."""
+        n = len(self._slots)
+        actions = self._actions(n, Phase.BACKWARD)
+        if not self.is_last:
+            for action in actions:  # post every gradient receive ahead, in the order they will arrive
+                self.link.expect_gradients(action.i, self._slots[action.i].sent)  # type: ignore[union-attr]
+        for action in actions:
+            i = action.i
+            slot = self._slots[i]
+            assert slot is not None, f"micro-batch {i} has no forward on stage {self.stage}"
+            if self.is_last:
+                grads = [leaf.grad for leaf in slot.leaves]  # type: ignore[union-attr]
+            else:
+                grads = self.link.recv_gradients(i)  # type: ignore[union-attr]
+            outputs = slot.outputs
+            if outputs is None:
+                with slot.state.replay():  # type: ignore[union-attr]
+                    outputs = as_tuple(self.run_layers(slot.inputs))
+            pairs = [(y, g) for y, g in zip(outputs, grads) if g is not None and y.requires_grad]
+            if pairs:
+                torch.autograd.backward([y for y, _ in pairs], [g for _, g in pairs])
+            if not self.is_first:
+                self.link.send_gradients(i, _input_grads(slot.inputs))  # type: ignore[union-attr]
+            self._slots[i] = None
+        if self.link is not None:
+            self.link.flush()
+
+    def _actions(self, n: int, phase: Phase) -> list[Action]:
+        return [a for a in self.schedule(self.k, n, self.stage) if a.phase is phase]
+
+    def _receive(self, i: int, n: int, train: bool) -> Any:
+        xs = self.link.recv_activations(i, ahead=i + 1 if i + 1 < n else None)  # type: ignore[union-attr]
+        if train:
+            xs = tuple(x.requires_grad_(carries_grad(x)) for x in xs)
+        return xs[0] if len(xs) == 1 else xs
+
+
+def _input_grads(inputs: Any) -> list[Tensor]:
+    """Gradients of a stage input, zeros where autograd left none (an input the stage ignores)."""
+    return [x.grad if x.grad is not None else torch.zeros_like(x) for x in as_tuple(inputs) if carries_grad(x)]

@@ -1,0 +1,138 @@
+"""Finding the pipelined ``nn.Sequential`` and cutting it into K contiguous stages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+from torch import nn
+
+__all__ = ["Balance", "BalanceError", "find_sequential", "resolve_balance", "stage_layers", "keep_stage"]
+
+#: Layer counts per stage, or a rule: ``"uniform"`` (by layer count) or ``"params"`` (by parameter count).
+Balance = Union[str, Sequence[int]]
+BALANCE_RULES = ("uniform", "params")
+
+
+class BalanceError(ValueError):
+    """The requested split of layers into stages is impossible."""
+
+
+def find_sequential(module: nn.Module, name: Optional[str] = None) -> tuple[str, nn.Sequential]:
+    """The ``nn.Sequential`` to pipeline: the one named ``name``, or the only Sequential child holding every parameter."""
+    if name is None:
+        candidates = [(n, c) for n, c in module.named_children() if isinstance(c, nn.Sequential)]
+        if len(candidates) != 1:
+            found = ", ".join(repr(n) for n, _ in candidates) or "none"
+            raise ValueError(
+                f"GPipeStrategy pipelines one `nn.Sequential` of {type(module).__name__}, and could not pick it:"
+                f" Sequential children found: {found}. Pass `GPipeStrategy(sequential='<attribute name>')`."
+            )
+        name, seq = candidates[0]
+    else:
+        try:
+            seq = module.get_submodule(name)
+        except AttributeError:
+            seq = None
+        if not isinstance(seq, nn.Sequential):
+            raise ValueError(
+                f"GPipeStrategy(sequential={name!r}): {type(module).__name__}.{name} must be an `nn.Sequential`,"
+                f" found {type(seq).__name__}."
+            )
+    inside = {id(p) for p in seq.parameters()}
+    outside = [n for n, p in module.named_parameters() if id(p) not in inside]
+    if outside:
+        shown = ", ".join(outside[:5]) + (", ..." if len(outside) > 5 else "")
+        raise ValueError(
+            f"GPipeStrategy needs every parameter of {type(module).__name__} inside the pipelined Sequential"
+            f" {name!r}, but {len(outside)} are outside it: {shown}. Move those layers into the Sequential."
+        )
+    return name, seq
+
+
+def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:
+    """Layer counts per stage for ``k`` stages of ``seq``, each stage at least one layer."""
+    n = len(seq._modules)
+    if k > n:
+        raise BalanceError(f"cannot cut {n} layers into {k} stages: a pipeline needs at least one layer per stage")
+    if isinstance(balance, str):
+        if balance == "uniform":
+            return [n // k + (1 if j < n % k else 0) for j in range(k)]
+        if balance == "params":
+            layers = list(seq._modules.values())
+            if any(layer is None for layer in layers):
+                raise BalanceError(
+                    "balance='params' needs every layer, but this Sequential was already partitioned;"
+                    " pass the balance as a list of layer counts"
+                )
+            return _split_evenly([sum(p.numel() for p in layer.parameters()) for layer in layers], k)
+        raise BalanceError(f"balance must be one of {BALANCE_RULES} or a list of layer counts, got {balance!r}")
+    counts = list(balance)
+    if len(counts) != k:
+        raise BalanceError(f"balance {counts} has {len(counts)} stages, but the pipeline has {k} (devices x nodes)")
+    if any(not isinstance(c, int) or c < 1 for c in counts):
+        raise BalanceError(f"balance {counts} must hold positive integers: every stage needs at least one layer")
+    if sum(counts) != n:
+        raise BalanceError(f"balance {counts} sums to {sum(counts)}, but the Sequential has {n} layers")
+    return counts
+
+
+def stage_layers(balance: Sequence[int], stage: int) -> range:
+    """Indices of the layers that ``stage`` runs."""
+    start = sum(balance[:stage])
+    return range(start, start + balance[stage])
+
+
+def keep_stage(seq: nn.Sequential, layers: range) -> list[nn.Module]:
+    """Free every layer of ``seq`` outside ``layers``, in place, and return the kept ones in order.
+
+    The freed slots stay as ``None`` so the kept layers keep their names (``"5.weight"``) and
+    ``state_dict`` keys stay those of the unpartitioned module.
+    """
+    names = list(seq._modules)
+    kept = []
+    for index, name in enumerate(names):
+        if index in layers:
+            layer = seq._modules[name]
+            if layer is None:
+                raise BalanceError(f"layer {index} belongs to this stage, but an earlier partitioning freed it here")
+            kept.append(layer)
+        else:
+            seq._modules[name] = None
+    return kept
+
+
+def _split_evenly(costs: Sequence[int], k: int) -> list[int]:
+    """Contiguous split of ``costs`` into ``k`` non-empty parts minimising the largest part's sum.
+
+    Binary search on the answer with a greedy feasibility check; among optimal splits, earlier
+    stages take as many layers as the optimum allows.
+    """
+
+    def parts_needed(limit: int) -> int:
+        parts, total = 1, 0
+        for c in costs:
+            if total + c > limit:
+                parts, total = parts + 1, 0
+            total += c
+        return parts
+
+    lo, hi = max(costs), sum(costs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if parts_needed(mid) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    # Fill greedily up to that limit, cutting early only to leave one layer for each stage still to come.
+    counts: list[int] = []
+    layers, total = 0, 0
+    for index, c in enumerate(costs):
+        stages_after = k - len(counts) - 1
+        if layers and (total + c > lo or len(costs) - index == stages_after):
+            counts.append(layers)
+            layers, total = 0, 0
+        layers += 1
+        total += c
+    counts.append(layers)
+    return counts

@@ -1,0 +1,488 @@
+"""The Lightning strategy: GPipe pipeline parallelism for an unmodified LightningModule."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from datetime import timedelta
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    ReduceOp,
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning_utilities.core.apply_func import apply_to_collection
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_gpipe.comm import StageLink
+from lightning_gpipe.executor import StageExecutor
+from lightning_gpipe.logs import patched, record_logs, replay_logs
+from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
+from lightning_gpipe.partition import (
+    BALANCE_RULES,
+    Balance,
+    BalanceError,
+    find_sequential,
+    keep_stage,
+    resolve_balance,
+    stage_layers,
+)
+from lightning_gpipe.schedule import CHECKPOINT_MODES
+from lightning_gpipe.state import gather_to_first, merge_optimizer_states, optimizer_state_by_name, optimizer_state_for
+
+__all__ = ["GPipeStrategy"]
+
+log = logging.getLogger(__name__)
+
+#: Precision plugins every stage can apply on its own. ``16-mixed`` is not among them: its loss
+#: scaler decides per rank whether to skip a step, and stages must never disagree on that.
+_SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true", "16-true")
+
+
+class _StageFinished(BaseException):
+    """Ends the user's step on a stage that has no loss to compute (a BaseException so ``except Exception`` passes it)."""
+
+
+class _PipelineCall:
+    """Stands in for ``LightningModule.forward`` during a step: ``self(x)`` runs the pipeline on the whole batch."""
+
+    def __init__(self, executor: StageExecutor, microbatches: int, train: bool) -> None:
+        self.executor, self.microbatches, self.train = executor, microbatches, train
+        self.calls = 0
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(
+                "GPipeStrategy: the step called self(...) a second time. The pipeline runs the model once per"
+                " step on the whole batch: compute everything from the output of one self(x) call."
+            )
+        if args or kwargs:
+            raise TypeError(
+                "GPipeStrategy: self(...) takes exactly one input under the pipeline, as nn.Sequential does;"
+                f" got {1 + len(args)} positional and {len(kwargs)} keyword arguments"
+            )
+        executor = self.executor
+        if executor.is_first:
+            micro = split(x, self.microbatches)
+            outputs = executor.forward(micro, len(micro), self.train)
+        else:
+            outputs = executor.forward(None, len(split_sizes(batch_size(x), self.microbatches)), self.train)
+        if not executor.is_last:
+            raise _StageFinished
+        assert outputs is not None
+        return merge(outputs)
+
+
+class GPipeStrategy(ParallelStrategy):
+    """GPipe pipeline parallelism: K stages on K processes, M micro-batches, F-then-B, re-materialization.
+
+    The LightningModule's ``nn.Sequential`` is cut into one stage per process (``devices x num_nodes``).
+    Every batch is split into ``microbatches`` along dim 0; each stage runs the forward of all of them,
+    the last stage computes the user's loss on the whole batch, then each stage runs their backward in
+    reverse. Gradients, parameters and logged metrics equal those of single-device training.
+
+    Example::
+
+        trainer = L.Trainer(accelerator="gpu", devices=4,
+                            strategy=GPipeStrategy(microbatches=8, balance="uniform", checkpoint="except_last"))
+
+    Args:
+        microbatches: M, the number of micro-batches per batch (a smaller batch gives fewer).
+        balance: layers per stage as a list, or ``"uniform"`` (by layer count) or ``"params"`` (by parameter count).
+        checkpoint: re-materialization: ``"always"``, ``"except_last"`` (all but the last micro-batch) or ``"never"``.
+        sequential: attribute name of the ``nn.Sequential`` to pipeline; found automatically when the module
+            has exactly one Sequential child holding all its parameters.
+        process_group_backend: ``torch.distributed`` backend; gloo on CPU and NCCL on GPU by default.
+        timeout: how long a rank waits on a collective before giving up.
+    """
+
+    strategy_name = "gpipe"
+
+    def __init__(
+        self,
+        microbatches: int = 4,
+        balance: Balance = "uniform",
+        checkpoint: str = "except_last",
+        sequential: Optional[str] = None,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+            raise ValueError(f"GPipeStrategy(microbatches={microbatches!r}): need an integer of at least 1")
+        if checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"GPipeStrategy(checkpoint={checkpoint!r}): choose one of {', '.join(CHECKPOINT_MODES)}")
+        if isinstance(balance, str) and balance not in BALANCE_RULES:
+            raise BalanceError(
+                f"GPipeStrategy(balance={balance!r}): choose one of {', '.join(BALANCE_RULES)} or a list of layer counts"
+            )
+        self._microbatches = microbatches
+        self._balance_request = balance if isinstance(balance, str) else list(balance)
+        self._checkpoint = checkpoint
+        self._sequential = sequential
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._num_nodes = 1
+        self._balance: Optional[list[int]] = None
+        self._executor: Optional[StageExecutor] = None
+
+    # -- options ------------------------------------------------------------------------------
+
+    @property
+    def microbatches(self) -> int:
+        return self._microbatches
+
+    @property
+    def checkpoint(self) -> str:
+        return self._checkpoint
+
+    @property
+    def balance(self) -> Optional[list[int]]:
+        """Layers per stage, once the model has been partitioned."""
+        return None if self._balance is None else list(self._balance)
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def is_distributed(self) -> bool:
+        # Read by Lightning to decide on a DistributedSampler (and on ``sync_dist``): every stage
+        # must see the same batches in the same order, so nothing is sharded.
+        return False
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": 1, "rank": 0}
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        return self._process_group_backend
+
+    # -- processes ----------------------------------------------------------------------------
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = fabric_rank_zero_only.rank = self.global_rank
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.set_world_ranks()
+        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        assert self.cluster_environment is not None
+        device_id = self.root_device if self.root_device.type != "cpu" else None
+        _init_dist_connection(
+            self.cluster_environment, self._process_group_backend, timeout=self._timeout, device_id=device_id
+        )
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        assert module is not None
+        self._check_supported(trainer, module)
+        self._partition(module, fitting=trainer.state.fn == TrainerFn.FITTING)
+        self.model = self.precision_plugin.convert_module(module)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        # Norm clipping must see the norm over all stages' gradients, not this stage's alone.
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
+
+    def _check_supported(self, trainer: Trainer, module: LightningModule) -> None:
+        precision = self.precision_plugin
+        supported = type(precision) in (Precision, DoublePrecision, HalfPrecision) or (
+            type(precision) is MixedPrecision and precision.precision == "bf16-mixed"
+        )
+        if not supported:
+            raise ValueError(
+                f"GPipeStrategy supports precision {', '.join(_SUPPORTED_PRECISION)}; got Trainer(precision="
+                f"{trainer.precision!r}). 16-mixed scales the loss with a per-rank scaler, which could let stages skip"
+                " different steps: use bf16-mixed."
+            )
+        if not module.automatic_optimization:
+            raise ValueError(
+                "GPipeStrategy runs the pipeline's backward inside Lightning's automatic optimization;"
+                f" {type(module).__name__}.automatic_optimization is False. Manual optimization is not supported."
+            )
+        if self._layer_sync is not None:
+            raise ValueError("Trainer(sync_batchnorm=True) synchronises across data-parallel replicas; GPipeStrategy has none")
+
+    def _partition(self, module: LightningModule, fitting: bool) -> None:
+        """Cut the Sequential into stages and keep only this rank's layers."""
+        name, seq = find_sequential(module, self._sequential)
+        k, stage = self.world_size, self.global_rank
+        if self._balance is None:
+            self._balance = resolve_balance(self._balance_request, seq, k)
+        else:
+            resolve_balance(self._balance, seq, k)  # the same checks against the module given now
+        layers = list(seq._modules.values())
+        if fitting:
+            _check_stages_have_parameters(self._balance, layers)
+        if self._microbatches > 1 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for layer in layers if layer is not None for m in layer.modules()
+        ):
+            rank_zero_warn(
+                "GPipeStrategy: batch normalization computes its statistics per micro-batch, so training differs"
+                f" from single-device training with microbatches={self._microbatches}"
+            )
+        kept = keep_stage(seq, stage_layers(self._balance, stage))
+        link = StageLink(stage, k, self.root_device) if k > 1 else None
+        self._executor = StageExecutor(kept, stage, k, self.root_device, link, self._checkpoint)
+        log.debug("stage %d of %d runs %s.%s", stage, k, name, stage_layers(self._balance, stage))
+        rank_zero_info(
+            f"GPipeStrategy: {k} stages of {name!r} with balance {self._balance},"
+            f" microbatches={self._microbatches}, checkpoint={self._checkpoint!r}"
+        )
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # -- steps --------------------------------------------------------------------------------
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.train_step_context():
+            output = self._step("training_step", True, args, kwargs)
+        return output
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.val_step_context():
+            return self._step("validation_step", False, args, kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.test_step_context():
+            return self._step("test_step", False, args, kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.predict_step_context():
+            return self._step("predict_step", False, args, kwargs)
+
+    def _step(self, hook: str, train: bool, args: tuple, kwargs: dict) -> Any:
+        """Run the user's ``hook`` with ``self(x)`` routed through the pipeline, then share the last stage's results."""
+        module, executor = self.lightning_module, self._executor
+        assert module is not None and executor is not None
+        call = _PipelineCall(executor, self._microbatches, train)
+        recording = record_logs(module) if executor.is_last else nullcontext([])
+        with patched(module, "forward", call), recording as records:
+            try:
+                output = getattr(module, hook)(*args, **kwargs)
+            except _StageFinished:
+                output = None
+        if call.calls == 0:
+            raise RuntimeError(
+                f"GPipeStrategy: {type(module).__name__}.{hook} never called self(...). The pipeline runs when the"
+                " step calls the module on its input, e.g. `logits = self(x)`."
+            )
+        if executor.k == 1:
+            return output
+        shared = {"records": records, "output": _shared_output(hook, output) if executor.is_last else None}
+        box = [shared]
+        dist.broadcast_object_list(box, src=executor.k - 1)
+        shared = box[0]
+        if executor.is_last:
+            return output
+        replay_logs(module, shared["records"], self.root_device)
+        return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.root_device))
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        module, executor = self.lightning_module, self._executor
+        assert module is not None and executor is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        if executor.is_last:
+            # The loss (already divided by accumulate_grad_batches) fills the gradients of the stage outputs ...
+            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+        # ... which drive each micro-batch's backward, in reverse, through every stage.
+        executor.backward()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        """``clip_grad_norm_`` with the 2-norm taken over every stage's gradients."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        local = torch.zeros((), dtype=torch.float32, device=self.root_device)
+        for g in grads:
+            local += torch.linalg.vector_norm(g, 2, dtype=torch.float32) ** 2
+        total = self.reduce(local, reduce_op=ReduceOp.SUM).sqrt() if self.world_size > 1 else local.sqrt()
+        coef = torch.clamp(clip_val / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+
+    # -- collectives --------------------------------------------------------------------------
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean") -> Any:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The unpartitioned module's state dict on global rank 0 (empty elsewhere): every stage sends its own."""
+        assert self.lightning_module is not None
+        full: dict[str, Any] = {}
+        for part in gather_to_first(self.lightning_module.state_dict(), self.global_rank, self.world_size):
+            full.update(part)
+        return full
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The optimizer state of all stages on global rank 0, keyed by parameter name (empty elsewhere)."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        assert self.lightning_module is not None
+        local = optimizer_state_by_name(optimizer, self.lightning_module)
+        states = gather_to_first(local, self.global_rank, self.world_size)
+        return merge_optimizer_states(states) if states else {}
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        assert module is not None
+        own = module.state_dict()
+        state = checkpoint["state_dict"]
+        if self._executor is not None:  # already partitioned: keep this stage's entries only
+            state = {key: value for key, value in state.items() if key in own}
+        module.load_state_dict(state, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        assert self.lightning_module is not None
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(optimizer_state_for(optimizer, self.lightning_module, saved))
+        _optimizers_to_device(self.optimizers, self.root_device)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        message = str(exception)
+        if self.world_size > 1 and ("Connection closed by peer" in message or "Connection reset by peer" in message):
+            log.error(
+                "GPipeStrategy: stage %d lost the connection to another stage, which most likely failed first;"
+                " look for that stage's error above.",
+                self.global_rank,
+            )
+
+    @override
+    def teardown(self) -> None:
+        self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="GPipe pipeline parallelism (lightning-gpipe)", override=True
+        )
+
+
+def _check_stages_have_parameters(balance: Sequence[int], layers: list[Optional[nn.Module]]) -> None:
+    for stage in range(len(balance)):
+        indices = stage_layers(balance, stage)
+        stage_modules = [layers[i] for i in indices]
+        if any(layer is None for layer in stage_modules):
+            continue  # partitioned earlier: another rank holds these layers
+        if not any(p.requires_grad for layer in stage_modules for p in layer.parameters()):  # type: ignore[union-attr]
+            kinds = ", ".join(type(layer).__name__ for layer in stage_modules)
+            raise BalanceError(
+                f"stage {stage} (layers {indices.start}..{indices.stop - 1}: {kinds}) has no trainable parameters,"
+                f" so its optimizer would be empty; balance {list(balance)} needs changing so every stage holds"
+                " a layer with parameters"
+            )
+
+
+def _shared_output(hook: str, output: Any) -> Any:
+    """What the last stage's step output is shared as: the loss in training, the predictions in predict."""
+    if hook == "training_step":
+        loss = output["loss"] if isinstance(output, Mapping) else output
+        return None if loss is None else loss.detach().cpu()
+    if hook == "predict_step":
+        return apply_to_collection(output, Tensor, lambda t: t.detach().cpu())
+    return None

@@ -1,0 +1,90 @@
+"""Runs pipeline scenarios on one rank; started K times by ``tests/launch.py`` or by Lightning's launcher.
+
+Usage: python tests/_worker.py SCENARIOS.json OUT_DIR
+Each scenario trains (or fails) with GPipeStrategy and saves what the tests compare in OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(1)
+
+import lightning as L  # noqa: E402
+from _model import Classifier, RecordingLogger, loaders  # noqa: E402
+
+from lightning_gpipe import GPipeStrategy  # noqa: E402
+
+
+def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=scenario.get("k", 1),
+        strategy=strategy,
+        max_epochs=scenario.get("epochs", 2),
+        max_steps=scenario.get("max_steps", -1),
+        gradient_clip_val=scenario.get("clip"),
+        accumulate_grad_batches=scenario.get("accumulate", 1),
+        precision=scenario.get("precision", "32-true"),
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def run(scenario: dict, out: Path) -> None:
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    result: dict = {}
+    try:
+        L.seed_everything(scenario.get("seed", 0), verbose=False)
+        model = Classifier(**scenario.get("model", {}))
+        train, val = loaders(**scenario.get("data", {}))
+        strategy = GPipeStrategy(**scenario.get("strategy", {}))
+        logger = RecordingLogger()
+        trainer = trainer_for(scenario, strategy, logger)
+        fail_at = scenario.get("fail_at")
+        if fail_at is not None and rank == fail_at["rank"]:
+            original = model.training_step
+
+            def failing(batch, batch_idx):
+                if batch_idx == fail_at["batch"]:
+                    raise RuntimeError(f"deliberate failure on rank {rank} at batch {batch_idx}")
+                return original(batch, batch_idx)
+
+            model.training_step = failing
+        trainer.fit(model, train, val)
+        result["params"] = {k: v.clone() for k, v in model.state_dict().items()}
+        result["logged"] = logger.records
+        result["callback_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if scenario.get("predict"):
+            result["predictions"] = trainer.predict(model, val)
+        if scenario.get("save"):
+            path = out / f"{scenario['name']}.ckpt"
+            trainer.save_checkpoint(path)
+    except Exception as e:  # the tests assert on the message; scenarios that must fail say so
+        if not scenario.get("expect_error"):
+            raise
+        result["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    torch.save(result, out / f"{scenario['name']}.rank{rank}.pt")
+
+
+def main() -> None:
+    scenarios = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    for scenario in scenarios:
+        run(scenario, out)
+
+
+if __name__ == "__main__":
+    main()
