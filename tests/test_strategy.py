@@ -1,0 +1,182 @@
+"""GPipeStrategy against plain single-device Lightning, number for number, on K = 1, 2 and 4 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+from conftest import WORKER, reference_run, run_scenarios
+
+from lightning_gpipe import GPipeStrategy
+
+MODES = ("always", "except_last", "never")
+ATOL = 1e-5  # fp32: micro-batching changes only the order of a few floating-point sums
+
+
+def _scenario(name: str, k: int, m: int, checkpoint: str = "except_last", **extra) -> dict:
+    return {"name": name, "k": k, "strategy": {"microbatches": m, "checkpoint": checkpoint}, "clip": 0.5,
+            "accumulate": 2, **extra}  # fmt: skip
+
+
+def _error(name: str, k: int, balance, **extra) -> dict:
+    return {"name": name, "k": k, "strategy": {"balance": balance}, "expect_error": True, **extra}
+
+
+K2 = [_scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES] + [
+    _scenario("predict_and_save", 2, 3, predict=True, save=True),
+    {**_scenario("balance_params", 2, 2), "strategy": {"microbatches": 2, "balance": "params"}},
+    {**_scenario("balance_list", 2, 2), "strategy": {"microbatches": 2, "balance": [3, 6]}},
+    _scenario("dropout_always", 2, 3, "always", model={"dropout": 0.3}),
+    _scenario("dropout_never", 2, 3, "never", model={"dropout": 0.3}),
+    _scenario("bf16_always", 2, 3, "always", precision="bf16-mixed"),
+    _scenario("bf16_never", 2, 3, "never", precision="bf16-mixed"),
+    _error("balance_sum", 2, [3, 3]),
+    _error("balance_zero", 2, [0, 9]),
+    _error("balance_length", 2, [9]),
+]
+K4 = [_scenario(f"m{m}_{mode}", 4, m, mode) for m, mode in ((1, "never"), (3, "always"), (4, "except_last"))] + [
+    _scenario("predict_and_save", 4, 4, predict=True, save=True),
+    _error("too_few_layers", 4, "uniform", model={"depth": 1}),
+    _error("stage_without_parameters", 4, [1, 1, 1, 6]),
+]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return reference_run()
+
+
+@pytest.fixture(scope="module")
+def k2(tmp_path_factory) -> dict:
+    return run_scenarios(2, K2, tmp_path_factory.mktemp("k2"))
+
+
+@pytest.fixture(scope="module")
+def k4(tmp_path_factory) -> dict:
+    return run_scenarios(4, K4, tmp_path_factory.mktemp("k4"))
+
+
+def _full_params(ranks: list[dict]) -> dict[str, torch.Tensor]:
+    full: dict[str, torch.Tensor] = {}
+    for rank in ranks:
+        assert not set(full) & set(rank["params"]), "two stages hold the same parameter"
+        full.update(rank["params"])
+    return full
+
+
+def assert_same_params(got: dict, expected: dict, atol: float = ATOL) -> None:
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol, msg=name)
+
+
+def assert_same_logs(got: list, expected: list, atol: float = ATOL) -> None:
+    assert [(step, sorted(m)) for step, m in got] == [(step, sorted(m)) for step, m in expected]
+    for (_, g), (_, e) in zip(got, expected):
+        for key in e:
+            assert g[key] == pytest.approx(e[key], abs=atol), key
+
+
+def _check_against_reference(ranks: list[dict], reference: dict, k: int) -> None:
+    assert_same_params(_full_params(ranks), reference["params"])
+    assert_same_logs(ranks[0]["logged"], reference["logged"])
+    # Callbacks read metrics on every rank: every stage must see what the last stage logged.
+    for rank in ranks[1:]:
+        assert rank["callback_metrics"] == ranks[0]["callback_metrics"]
+    assert set(ranks[0]["callback_metrics"]) == {"train_loss", "train_loss_step", "train_loss_epoch", "val_loss"}
+
+
+@pytest.mark.parametrize("m", [1, 3, 4])
+@pytest.mark.parametrize("checkpoint", MODES)
+def test_k1_equals_single_device(m, checkpoint, reference, tmp_path):
+    from _worker import run
+
+    run(_scenario("k1", 1, m, checkpoint), tmp_path)
+    _check_against_reference([torch.load(tmp_path / "k1.rank0.pt", weights_only=False)], reference, 1)
+
+
+@pytest.mark.parametrize("name", [s["name"] for s in K2 if s["name"][0] == "m"] + ["balance_params", "balance_list"])
+def test_k2_equals_single_device(name, k2, reference):
+    _check_against_reference(k2[name], reference, 2)
+
+
+@pytest.mark.parametrize("name", [s["name"] for s in K4 if s["name"][0] == "m"])
+def test_k4_equals_single_device(name, k4, reference):
+    _check_against_reference(k4[name], reference, 4)
+
+
+def test_each_rank_keeps_only_its_stage(k2, k4):
+    assert sorted(k2["balance_list"][0]["params"]) == ["body.0.bias", "body.0.weight", "body.2.bias", "body.2.weight"]
+    # balance [3, 2, 2, 2] of Linear, Tanh, Linear, Tanh, ...: stage 3 holds Tanh (7) and Linear (8).
+    assert sorted(k4["m1_never"][3]["params"]) == ["body.8.bias", "body.8.weight"]
+
+
+def test_balance_params_evens_out_parameter_counts(k2):
+    # Four Linear(8, 8) layers (72 parameters each) and a Linear(8, 3) (27), with Tanh between them:
+    # the most even contiguous split is 144 | 171; stage 0 also takes the parameter-free Tanh after it.
+    assert sorted(k2["balance_params"][1]["params"]) == [f"body.{i}.{p}" for i in (4, 6, 8) for p in ("bias", "weight")]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_checkpoint_and_predictions_equal_single_device(k, k2, k4, reference, tmp_path):
+    ranks = (k2 if k == 2 else k4)["predict_and_save"]
+    for got, expected in zip(ranks[0]["predictions"], reference["predictions"]):
+        assert torch.equal(got, expected)
+
+
+def test_dropout_is_replayed_on_recompute(k2):
+    always, never = _full_params(k2["dropout_always"]), _full_params(k2["dropout_never"])
+    assert_same_params(always, never, atol=0)
+    assert always["body.0.weight"].abs().sum() > 0
+
+
+def test_bf16_mixed(k2, reference):
+    always, never = _full_params(k2["bf16_always"]), _full_params(k2["bf16_never"])
+    assert_same_params(always, never, atol=0)  # autocast is replayed on recompute too
+    bf16_reference = reference_run(precision="bf16-mixed")["params"]
+    assert_same_params(always, bf16_reference, atol=2e-2)  # bf16 rounds per micro-batch
+
+
+@pytest.mark.parametrize(
+    ("k", "name", "message"),
+    [
+        (2, "balance_sum", "BalanceError: balance [3, 3] sums to 6, but the Sequential has 9 layers"),
+        (2, "balance_zero", "BalanceError: balance [0, 9] must hold positive integers: every stage needs at least one layer"),
+        (2, "balance_length", "BalanceError: balance [9] has 1 stages, but the pipeline has 2 (devices x nodes)"),
+        (4, "too_few_layers", "BalanceError: cannot cut 3 layers into 4 stages: a pipeline needs at least one layer per stage"),
+        (4, "stage_without_parameters", "BalanceError: stage 1 (layers 1..1: Tanh) has no trainable parameters,"
+         " so its optimizer would be empty; balance [1, 1, 1, 6] needs changing so every stage holds a layer with parameters"),
+    ],
+)  # fmt: skip
+def test_bad_balance_stops_every_rank(k, name, message, k2, k4):
+    ranks = (k2 if k == 2 else k4)[name]
+    assert [r["error"] for r in ranks] == [message] * k
+
+
+def test_registered_by_name():
+    trainer = L.Trainer(strategy="gpipe", accelerator="cpu", devices=1, logger=False)
+    assert isinstance(trainer.strategy, GPipeStrategy)
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_failure_on_one_rank_ends_all_ranks(failing_rank, tmp_path):
+    """Lightning's own launcher starts rank 1; an error on either rank ends both, with the error shown."""
+    scenario = _scenario("fault", 2, 2, fail_at={"rank": failing_rank, "batch": 1})
+    spec = tmp_path / "fault.json"
+    spec.write_text(json.dumps([scenario]))
+    # A fresh environment: none of the rendezvous variables of this test process's own process group.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(spec), str(tmp_path)],
+        capture_output=True, text=True, timeout=180, env={**env, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"RuntimeError: deliberate failure on rank {failing_rank} at batch 1" in proc.stderr
+    assert time.monotonic() - start < 120
