@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_gpipe.checkpoint import ForwardState
 from lightning_gpipe.comm import StageLink, carries_grad
 from lightning_gpipe.microbatch import TensorOrTensors, Tensors, as_tuple
+from lightning_gpipe.rng import StageRandom
 from lightning_gpipe.schedule import Action, Phase, checkpoint_stop, fthenb
 
 __all__ = ["StageExecutor"]
@@ -55,6 +56,7 @@ class StageExecutor:
         self.link = link
         self.checkpoint = checkpoint
         self.schedule = schedule
+        self.random = StageRandom(stage, device)
         self._slots: list[Optional[_Slot]] = []
 
     @property
@@ -78,6 +80,15 @@ class StageExecutor:
         them). Returns the outputs on the last stage; in training, detached leaves whose
         gradients :meth:`backward` reads.
         """
+        with self.random.active():
+            return self._forward(inputs, n, train)
+
+    def backward(self) -> None:
+        """Run the backward actions, after the loss has filled the gradients of the last stage's outputs."""
+        with self.random.active():
+            self._backward()
+
+    def _forward(self, inputs: Optional[Sequence[Any]], n: int, train: bool) -> Optional[list[TensorOrTensors]]:
         self._slots = [None] * n
         stop = checkpoint_stop(self.checkpoint, n) if train else 0
         outputs: list[TensorOrTensors] = []
@@ -103,8 +114,7 @@ class StageExecutor:
             self.link.flush()
         return outputs if self.is_last else None
 
-    def backward(self) -> None:
-        """Run the backward actions, after the loss has filled the gradients of the last stage's outputs."""
+    def _backward(self) -> None:
         n = len(self._slots)
         actions = self._actions(n, Phase.BACKWARD)
         if not self.is_last:

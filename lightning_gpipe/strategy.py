@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from datetime import timedelta
@@ -28,6 +29,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning_utilities.core.apply_func import apply_to_collection
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -246,6 +248,8 @@ class GPipeStrategy(ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+        # Every stage logs the last stage's values, so Lightning's advice to sync them across ranks does not apply.
+        warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level", category=PossibleUserWarning)
         # Norm clipping must see the norm over all stages' gradients, not this stage's alone.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
 
@@ -341,12 +345,18 @@ class GPipeStrategy(ParallelStrategy):
             )
         if executor.k == 1:
             return output
-        shared = {"records": records, "output": _shared_output(hook, output) if executor.is_last else None}
+        # Code after self(x) ran on the last stage alone; everything it changed that the other ranks
+        # read travels from there: what it logged, the loss or predictions, and the rank-wide random
+        # state (which data loading shuffles with), so every rank goes on in step.
+        shared = {}
+        if executor.is_last:
+            shared = {"records": records, "output": _shared_output(hook, output), "rng": torch.get_rng_state()}
         box = [shared]
         dist.broadcast_object_list(box, src=executor.k - 1)
-        shared = box[0]
         if executor.is_last:
             return output
+        shared = box[0]
+        torch.set_rng_state(shared["rng"])
         replay_logs(module, shared["records"], self.root_device)
         return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.root_device))
 

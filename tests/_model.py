@@ -49,13 +49,13 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-def loaders(n_train: int = 34, n_val: int = 12, width: int = 8, classes: int = 3, batch_size: int = 10):
+def loaders(n_train: int = 34, n_val: int = 12, width: int = 8, classes: int = 3, batch_size: int = 10, shuffle=False):
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n_train + n_val, width, generator=g)
     y = torch.randint(0, classes, (n_train + n_val,), generator=g)
     train = TensorDataset(x[:n_train], y[:n_train])
     val = TensorDataset(x[n_train:], y[n_train:])
-    return DataLoader(train, batch_size=batch_size), DataLoader(val, batch_size=5)
+    return DataLoader(train, batch_size=batch_size, shuffle=shuffle), DataLoader(val, batch_size=5)
 
 
 class RecordingLogger(Logger):

@@ -62,7 +62,15 @@ def run(scenario: dict, out: Path) -> None:
                 return original(batch, batch_idx)
 
             model.training_step = failing
+        batch_sums: list[float] = []
+
+        class RecordBatches(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                batch_sums.append(float(batch[0].sum()))
+
+        trainer.callbacks.append(RecordBatches())
         trainer.fit(model, train, val)
+        result["batch_sums"] = batch_sums
         result["params"] = {k: v.clone() for k, v in model.state_dict().items()}
         result["logged"] = logger.records
         result["callback_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -71,6 +79,7 @@ def run(scenario: dict, out: Path) -> None:
         if scenario.get("save"):
             path = out / f"{scenario['name']}.ckpt"
             trainer.save_checkpoint(path)
+            result["checkpoint"] = str(path)
     except Exception as e:  # the tests assert on the message; scenarios that must fail say so
         if not scenario.get("expect_error"):
             raise

@@ -11,7 +11,10 @@ import time
 import lightning as L
 import pytest
 import torch
+from _model import Classifier, loaders
 from conftest import WORKER, reference_run, run_scenarios
+
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gpipe import GPipeStrategy
 
@@ -34,6 +37,7 @@ K2 = [_scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES
     {**_scenario("balance_list", 2, 2), "strategy": {"microbatches": 2, "balance": [3, 6]}},
     _scenario("dropout_always", 2, 3, "always", model={"dropout": 0.3}),
     _scenario("dropout_never", 2, 3, "never", model={"dropout": 0.3}),
+    _scenario("shuffled_dropout", 2, 3, model={"dropout": 0.3}, data={"shuffle": True}, epochs=3),
     _scenario("bf16_always", 2, 3, "always", precision="bf16-mixed"),
     _scenario("bf16_never", 2, 3, "never", precision="bf16-mixed"),
     _error("balance_sum", 2, [3, 3]),
@@ -124,16 +128,37 @@ def test_balance_params_evens_out_parameter_counts(k2):
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_checkpoint_and_predictions_equal_single_device(k, k2, k4, reference, tmp_path):
+def test_checkpoint_and_predictions_equal_single_device(k, k2, k4, reference):
     ranks = (k2 if k == 2 else k4)["predict_and_save"]
+    assert len(ranks[0]["predictions"]) == len(reference["predictions"]) == 3
     for got, expected in zip(ranks[0]["predictions"], reference["predictions"]):
         assert torch.equal(got, expected)
+    # One ordinary Lightning checkpoint, loadable with no pipeline at all.
+    model = Classifier.load_from_checkpoint(ranks[0]["checkpoint"])
+    assert_same_params(model.state_dict(), reference["params"])
+    _, val = loaders()
+    with torch.no_grad():
+        assert torch.equal(torch.cat([model(x).argmax(-1) for x, _ in val]), torch.cat(ranks[0]["predictions"]))
+    optimizer_state = torch.load(ranks[0]["checkpoint"], weights_only=False)["optimizer_states"][0]
+    assert sorted(optimizer_state["state"]) == sorted(n for n in reference["params"])
+    for name, param_state in optimizer_state["state"].items():  # SGD momentum, by parameter name
+        expected = reference["trainer"].optimizers[0].state[reference["model"].get_parameter(name)]["momentum_buffer"]
+        torch.testing.assert_close(param_state["momentum_buffer"], expected, rtol=0, atol=ATOL)
 
 
 def test_dropout_is_replayed_on_recompute(k2):
     always, never = _full_params(k2["dropout_always"]), _full_params(k2["dropout_never"])
     assert_same_params(always, never, atol=0)
     assert always["body.0.weight"].abs().sum() > 0
+
+
+def test_every_stage_sees_the_same_shuffled_batches(k2):
+    """Stages draw dropout masks from their own streams, so the shuffling stream stays in step."""
+    first, second = (rank["batch_sums"] for rank in k2["shuffled_dropout"])
+    assert len(first) == 12 and first == second
+    sorted_sums = [sum(first[i : i + 4]) for i in range(0, 12, 4)]  # each epoch covers the same samples
+    assert sorted_sums == pytest.approx([sorted_sums[0]] * 3, abs=1e-4)
+    assert first[:4] != first[4:8]  # and was shuffled
 
 
 def test_bf16_mixed(k2, reference):
@@ -180,3 +205,68 @@ def test_failure_on_one_rank_ends_all_ranks(failing_rank, tmp_path):
     assert proc.returncode != 0
     assert f"RuntimeError: deliberate failure on rank {failing_rank} at batch 1" in proc.stderr
     assert time.monotonic() - start < 120
+
+
+# -- bad input on one process: each error names the values and what to do -------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"microbatches": 0}, r"GPipeStrategy\(microbatches=0\): need an integer of at least 1"),
+        ({"microbatches": 2.5}, r"GPipeStrategy\(microbatches=2.5\): need an integer of at least 1"),
+        ({"checkpoint": "sometimes"}, r"GPipeStrategy\(checkpoint='sometimes'\): choose one of always, except_last, never"),
+        ({"balance": "time"}, r"GPipeStrategy\(balance='time'\): choose one of uniform, params or a list of layer counts"),
+    ],
+)  # fmt: skip
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GPipeStrategy(**kwargs)
+
+
+def _fit_k1(model, **trainer_kwargs):
+    train, val = loaders()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=GPipeStrategy(microbatches=2), max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+    )  # fmt: skip
+    trainer.fit(model, train, val)
+
+
+class CallsTwice(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self(x).sum() + self(x).sum()
+
+
+class NeverCalls(Classifier):
+    def training_step(self, batch, batch_idx):
+        return self.body(batch[0]).sum()
+
+
+class Manual(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class TwoSequentials(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.extra = torch.nn.Sequential(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize(
+    ("model", "trainer_kwargs", "error", "message"),
+    [
+        (CallsTwice, {}, RuntimeError, r"GPipeStrategy: the step called self\(...\) a second time"),
+        (NeverCalls, {}, RuntimeError, r"GPipeStrategy: NeverCalls.training_step never called self\(...\)"),
+        (Manual, {}, ValueError, r"Manual.automatic_optimization is False. Manual optimization is not supported"),
+        (TwoSequentials, {}, ValueError, r"Sequential children found: 'body', 'extra'. Pass `GPipeStrategy\(sequential="),
+        (Classifier, {"plugins": [MixedPrecision("16-mixed", "cpu")]}, ValueError,
+         r"supports precision 32-true, 64-true, bf16-mixed, bf16-true, 16-true; got Trainer\(precision='16-mixed'\)"),
+    ],
+)  # fmt: skip
+def test_unsupported_models_and_options(model, trainer_kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _fit_k1(model(), **trainer_kwargs)

@@ -1,0 +1,46 @@
+"""Each stage's own random stream.
+
+A stage's layers draw from a stream of their own, seeded from the run's seed and the stage
+index. Stages thus draw independent dropout masks, and the rank-wide stream, which data
+loading shuffles with, advances in step on every rank whatever each stage's layers draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["StageRandom"]
+
+_STAGE_SEED_STRIDE = 1_000_003  # a prime, so stage streams of nearby run seeds do not coincide
+
+
+class StageRandom:
+    """The CPU (and CUDA) generator states of one stage, swapped in while its layers run."""
+
+    def __init__(self, stage: int, device: torch.device) -> None:
+        self.device = device
+        self._devices = [device] if device.type == "cuda" else []
+        seed = (torch.initial_seed() + _STAGE_SEED_STRIDE * (stage + 1)) % 2**63
+        with torch.random.fork_rng(devices=self._devices, device_type=device.type):
+            torch.manual_seed(seed)
+            self._cpu, self._cuda = self._get()
+
+    def _get(self) -> tuple[Tensor, Optional[Tensor]]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self._devices else None
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Run the block on this stage's stream; the rank-wide stream is left where it was."""
+        with torch.random.fork_rng(devices=self._devices, device_type=self.device.type):
+            torch.set_rng_state(self._cpu)
+            if self._cuda is not None:
+                torch.cuda.set_rng_state(self._cuda, self.device)
+            try:
+                yield
+            finally:
+                self._cpu, self._cuda = self._get()

@@ -1,0 +1,78 @@
+import itertools
+import random
+
+import pytest
+from torch import nn
+
+from lightning_gpipe.partition import BalanceError, _split_evenly, find_sequential, keep_stage, resolve_balance
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(2, 2))
+        self.b = nn.Sequential(nn.ReLU())
+
+
+class Outside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 2))
+        self.head = nn.Linear(2, 1)
+
+
+def test_find_sequential():
+    module = Outside()
+    del module.head
+    assert find_sequential(module) == ("net", module.net)
+    two = Two()
+    assert find_sequential(two, "a") == ("a", two.a)
+
+
+def test_find_sequential_errors():
+    with pytest.raises(ValueError, match=r"could not pick it: Sequential children found: 'a', 'b'\. Pass `GPipeStrategy\(sequential='<attribute name>'\)`"):
+        find_sequential(Two())
+    with pytest.raises(ValueError, match=r"could not pick it: Sequential children found: none"):
+        find_sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"GPipeStrategy\(sequential='head'\): Outside.head must be an `nn.Sequential`, found Linear"):
+        find_sequential(Outside(), "head")
+    with pytest.raises(ValueError, match=r"Sequential 'net', but 2 are outside it: head.weight, head.bias"):
+        find_sequential(Outside())
+
+
+def test_resolve_balance():
+    seq = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1), nn.ReLU(), nn.Linear(1, 1))
+    assert resolve_balance("uniform", seq, 2) == [3, 2]
+    assert resolve_balance("params", seq, 2) == [2, 3]  # 110 | 11 + 2: the free ReLU joins the earlier stage
+    assert resolve_balance([2, 3], seq, 2) == [2, 3]
+    with pytest.raises(BalanceError, match="cannot cut 5 layers into 6 stages"):
+        resolve_balance("uniform", seq, 6)
+    with pytest.raises(BalanceError, match=r"balance must be one of \('uniform', 'params'\) or a list of layer counts, got 'time'"):
+        resolve_balance("time", seq, 2)
+
+
+def test_split_evenly_is_optimal():
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 8)
+        k = rng.randint(1, n)
+        costs = [rng.randint(0, 9) for _ in range(n)]
+        counts = _split_evenly(costs, k)
+        assert len(counts) == k and min(counts) >= 1 and sum(counts) == n
+        ends = list(itertools.accumulate(counts))
+        got = max(sum(costs[e - c : e]) for c, e in zip(counts, ends))
+        best = min(
+            max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
+            for cuts in itertools.combinations(range(1, n), k - 1)
+        )
+        assert got == best, (costs, k, counts)
+
+
+def test_keep_stage_keeps_names():
+    seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    kept = keep_stage(seq, range(1, 3))
+    assert [type(m) for m in kept] == [nn.ReLU, nn.Linear]
+    assert list(seq.state_dict()) == ["2.weight", "2.bias"]
+    assert len(seq) == 3
+    with pytest.raises(BalanceError, match="layer 0 belongs to this stage, but an earlier partitioning freed it here"):
+        keep_stage(seq, range(0, 1))
