@@ -1,0 +1,1 @@
+"""Experiments: models, data and the Hydra entry points that train them with GPipeStrategy."""

@@ -1,0 +1,1 @@
+"""LightningDataModules that need no network."""

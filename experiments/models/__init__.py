@@ -1,0 +1,1 @@
+"""LightningModules whose pipelined part is one ``nn.Sequential``."""
