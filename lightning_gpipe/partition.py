@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
-__all__ = ["Balance", "BalanceError", "find_sequential", "resolve_balance", "stage_layers", "keep_stage"]
+__all__ = [
+    "Balance",
+    "BalanceError",
+    "check_forward",
+    "find_sequential",
+    "keep_stage",
+    "resolve_balance",
+    "stage_layers",
+]
 
 #: Layer counts per stage, or a rule: ``"uniform"`` (by layer count) or ``"params"`` (by parameter count).
 Balance = Union[str, Sequence[int]]
@@ -48,6 +57,40 @@ def find_sequential(module: nn.Module, name: Optional[str] = None) -> tuple[str,
             f" {name!r}, but {len(outside)} are outside it: {shown}. Move those layers into the Sequential."
         )
     return name, seq
+
+
+class _Probe(nn.Module):
+    """Stands in for the Sequential to see what ``forward`` feeds it and does with its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Any = None
+        self.output = torch.empty(0)
+
+    def forward(self, x: Any) -> torch.Tensor:
+        self.seen = x
+        return self.output
+
+
+def check_forward(module: nn.Module, name: str, x: Any) -> None:
+    """Raise unless ``module.forward(x)`` is exactly ``module.<name>(x)``, which the pipeline computes instead."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = module.get_submodule(parent_name)
+    seq, probe = parent._modules[attr], _Probe()
+    parent._modules[attr] = probe
+    try:
+        output = type(module).forward(module, x)
+    except Exception:
+        output = None
+    finally:
+        parent._modules[attr] = seq
+    if probe.seen is not x or output is not probe.output:
+        cls = type(module).__name__
+        raise ValueError(
+            f"GPipeStrategy runs {cls}.{name} in place of {cls}.forward, so forward(x) must be exactly"
+            f" `return self.{name}(x)`; {cls}.forward does something else with its input or output."
+            " Move that work into the Sequential's layers or into the step."
+        )
 
 
 def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from functools import partial
 from contextlib import nullcontext
 from datetime import timedelta
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,7 @@ from lightning_gpipe.partition import (
     BALANCE_RULES,
     Balance,
     BalanceError,
+    check_forward,
     find_sequential,
     keep_stage,
     resolve_balance,
@@ -67,8 +69,11 @@ class _StageFinished(BaseException):
 class _PipelineCall:
     """Stands in for ``LightningModule.forward`` during a step: ``self(x)`` runs the pipeline on the whole batch."""
 
-    def __init__(self, executor: StageExecutor, microbatches: int, train: bool) -> None:
+    def __init__(
+        self, executor: StageExecutor, microbatches: int, train: bool, check: Optional[Callable[[Any], None]] = None
+    ) -> None:
         self.executor, self.microbatches, self.train = executor, microbatches, train
+        self.check = check  # called with the first input, to verify the module's forward contract
         self.calls = 0
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -83,6 +88,8 @@ class _PipelineCall:
                 "GPipeStrategy: self(...) takes exactly one input under the pipeline, as nn.Sequential does;"
                 f" got {1 + len(args)} positional and {len(kwargs)} keyword arguments"
             )
+        if self.check is not None:
+            self.check(x)
         executor = self.executor
         if executor.is_first:
             micro = split(x, self.microbatches)
@@ -158,6 +165,8 @@ class GPipeStrategy(ParallelStrategy):
         self._num_nodes = 1
         self._balance: Optional[list[int]] = None
         self._executor: Optional[StageExecutor] = None
+        self._sequential_name = ""
+        self._forward_checked = False
 
     # -- options ------------------------------------------------------------------------------
 
@@ -275,6 +284,7 @@ class GPipeStrategy(ParallelStrategy):
     def _partition(self, module: LightningModule, fitting: bool) -> None:
         """Cut the Sequential into stages and keep only this rank's layers."""
         name, seq = find_sequential(module, self._sequential)
+        self._sequential_name = name
         k, stage = self.world_size, self.global_rank
         if self._balance is None:
             self._balance = resolve_balance(self._balance_request, seq, k)
@@ -331,7 +341,11 @@ class GPipeStrategy(ParallelStrategy):
         """Run the user's ``hook`` with ``self(x)`` routed through the pipeline, then share the last stage's results."""
         module, executor = self.lightning_module, self._executor
         assert module is not None and executor is not None
-        call = _PipelineCall(executor, self._microbatches, train)
+        check = None
+        if not self._forward_checked:
+            self._forward_checked = True
+            check = partial(check_forward, module, self._sequential_name)
+        call = _PipelineCall(executor, self._microbatches, train, check)
         recording = record_logs(module) if executor.is_last else nullcontext([])
         with patched(module, "forward", call), recording as records:
             try:

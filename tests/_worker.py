@@ -29,7 +29,6 @@ def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
         devices=scenario.get("k", 1),
         strategy=strategy,
         max_epochs=scenario.get("epochs", 2),
-        max_steps=scenario.get("max_steps", -1),
         gradient_clip_val=scenario.get("clip"),
         accumulate_grad_batches=scenario.get("accumulate", 1),
         precision=scenario.get("precision", "32-true"),
@@ -39,6 +38,7 @@ def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        **scenario.get("trainer", {}),
     )
 
 

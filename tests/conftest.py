@@ -35,7 +35,10 @@ def run_scenarios(k: int, scenarios: list[dict], workdir: Path, timeout: float =
     }
 
 
-def reference_run(clip: float | None = 0.5, accumulate: int = 2, precision: str = "32-true", **model_kwargs) -> dict:
+def reference_run(
+    clip: float | None = 0.05, accumulate: int = 2, precision: str = "32-true", trainer_kwargs: dict | None = None,
+    **model_kwargs,
+) -> dict:  # fmt: skip
     """The same training with plain single-device Lightning."""
     L.seed_everything(0, verbose=False)
     model = Classifier(**model_kwargs)
@@ -54,6 +57,7 @@ def reference_run(clip: float | None = 0.5, accumulate: int = 2, precision: str 
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        **(trainer_kwargs or {}),
     )
     trainer.fit(model, train, val)
     result = {"params": model.state_dict(), "logged": logger.records, "model": model, "trainer": trainer}

@@ -20,10 +20,11 @@ from lightning_gpipe import GPipeStrategy
 
 MODES = ("always", "except_last", "never")
 ATOL = 1e-5  # fp32: micro-batching changes only the order of a few floating-point sums
+CLIP = 0.05  # small enough to change the result (test_reference_clips_gradients), so stage norms would show
 
 
 def _scenario(name: str, k: int, m: int, checkpoint: str = "except_last", **extra) -> dict:
-    return {"name": name, "k": k, "strategy": {"microbatches": m, "checkpoint": checkpoint}, "clip": 0.5,
+    return {"name": name, "k": k, "strategy": {"microbatches": m, "checkpoint": checkpoint}, "clip": CLIP,
             "accumulate": 2, **extra}  # fmt: skip
 
 
@@ -33,6 +34,7 @@ def _error(name: str, k: int, balance, **extra) -> dict:
 
 K2 = [_scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES] + [
     _scenario("predict_and_save", 2, 3, predict=True, save=True),
+    _scenario("steps_and_val_interval", 2, 3, trainer={"max_steps": 3, "val_check_interval": 2}),
     {**_scenario("balance_params", 2, 2), "strategy": {"microbatches": 2, "balance": "params"}},
     {**_scenario("balance_list", 2, 2), "strategy": {"microbatches": 2, "balance": [3, 6]}},
     _scenario("dropout_always", 2, 3, "always", model={"dropout": 0.3}),
@@ -113,6 +115,18 @@ def test_k2_equals_single_device(name, k2, reference):
 @pytest.mark.parametrize("name", [s["name"] for s in K4 if s["name"][0] == "m"])
 def test_k4_equals_single_device(name, k4, reference):
     _check_against_reference(k4[name], reference, 4)
+
+
+def test_max_steps_and_val_check_interval(k2):
+    reference = reference_run(trainer_kwargs={"max_steps": 3, "val_check_interval": 2})
+    _check_against_reference(k2["steps_and_val_interval"], reference, 2)
+    assert sum("val_loss" in metrics for _, metrics in reference["logged"]) == 3
+
+
+def test_reference_clips_gradients(reference):
+    """The scenarios' gradient_clip_val really clips, so a per-stage norm would change the result."""
+    unclipped = reference_run(clip=None)["params"]
+    assert max((unclipped[n] - reference["params"][n]).abs().max() for n in unclipped) > 1e-3
 
 
 def test_each_rank_keeps_only_its_stage(k2, k4):
@@ -244,6 +258,16 @@ class NeverCalls(Classifier):
         return self.body(batch[0]).sum()
 
 
+class ScalesFirst(Classifier):
+    def forward(self, x):
+        return self.body(x / 2)
+
+
+class SqueezesAfter(Classifier):
+    def forward(self, x):
+        return self.body(x).squeeze(-1)
+
+
 class Manual(Classifier):
     def __init__(self):
         super().__init__()
@@ -261,6 +285,9 @@ class TwoSequentials(Classifier):
     [
         (CallsTwice, {}, RuntimeError, r"GPipeStrategy: the step called self\(...\) a second time"),
         (NeverCalls, {}, RuntimeError, r"GPipeStrategy: NeverCalls.training_step never called self\(...\)"),
+        (ScalesFirst, {}, ValueError, r"GPipeStrategy runs ScalesFirst.body in place of ScalesFirst.forward, so"
+         r" forward\(x\) must be exactly `return self.body\(x\)`; ScalesFirst.forward does something else"),
+        (SqueezesAfter, {}, ValueError, r"so forward\(x\) must be exactly `return self.body\(x\)`"),
         (Manual, {}, ValueError, r"Manual.automatic_optimization is False. Manual optimization is not supported"),
         (TwoSequentials, {}, ValueError, r"Sequential children found: 'body', 'extra'. Pass `GPipeStrategy\(sequential="),
         (Classifier, {"plugins": [MixedPrecision("16-mixed", "cpu")]}, ValueError,
