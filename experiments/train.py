@@ -1,55 +1,114 @@
-"""Train a model with GPipeStrategy from the Hydra configs in ``conf/``: ``python experiments/train.py k=4 m=8``."""
+"""Train a model from the Hydra configs in ``conf/``: ``python experiments/train.py k=4 m=8``."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `experiments.*` targets import
+
+from lightning_gpipe.partition import find_sequential  # noqa: E402
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, reported without a traceback."""
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, strategy and trainer from ``cfg``, fit, and return the final metrics."""
+    _check(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.accelerator == "cpu":
-        # K processes share this machine's cores; Lightning's own default would oversubscribe them.
-        torch.set_num_threads(max(1, _cpu_count() // cfg.k))
+        # K processes share this machine's cores: give each its share instead of letting them fight.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cfg.k))
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
-    callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    _check_model(cfg, model, datamodule)
+    strategy = hydra.utils.instantiate(cfg.strategy) if isinstance(cfg.strategy, DictConfig) else cfg.strategy
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, strategy=hydra.utils.instantiate(cfg.strategy), logger=logger, callbacks=callbacks
-    )
-    if logger:
-        logger.log_hyperparams(_hparams(cfg))
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, logger=logger, callbacks=callbacks)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if trainer.is_global_zero and logger:
-        print(f"Logs: {logger.log_dir}\nView them with: tensorboard --logdir {Path(logger.log_dir).parent}")
-    return {key: float(value) for key, value in trainer.callback_metrics.items()}
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    if logger:
+        # The HParams view pairs the run's settings with its final metrics.
+        final = {f"hp/{key}": value for key, value in metrics.items() if key.startswith("val/")}
+        logger.log_hyperparams(hparams(cfg), final)
+        if trainer.is_global_zero:
+            print(f"Logs: {logger.log_dir}\nView them with: tensorboard --logdir {Path(logger.log_dir).parent}")
+    return metrics
 
 
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _hparams(cfg: DictConfig) -> dict:
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The run's settings as TensorBoard's HParams view shows them."""
     return {
         "k": cfg.k, "m": cfg.m, "checkpoint": cfg.checkpoint, "balance": str(cfg.balance), "seed": cfg.seed,
         "model": cfg.model._target_.rsplit(".", 1)[-1], "data": cfg.data._target_.rsplit(".", 1)[-1],
+        "strategy": cfg.strategy if isinstance(cfg.strategy, str) else cfg.strategy._target_.rsplit(".", 1)[-1],
     }  # fmt: skip
+
+
+def _check(cfg: DictConfig) -> None:
+    for key in ("k", "m"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]!r}: need a whole number of at least 1")
+
+
+def _check_model(cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    reads, yields = getattr(model, "input_kind", None), getattr(datamodule, "kind", None)
+    if reads != yields:
+        raise ConfigError(
+            f"model {type(model).__name__} reads {reads} inputs, but data {type(datamodule).__name__} yields {yields}"
+            " inputs; pick a matching pair (see conf/experiment/ for presets)"
+        )
+    _, seq = find_sequential(model)
+    if isinstance(cfg.strategy, DictConfig) and cfg.strategy._target_.endswith("GPipeStrategy") and cfg.k > len(seq):
+        raise ConfigError(
+            f"k={cfg.k} stages, but {type(model).__name__}'s Sequential has {len(seq)} layers:"
+            " lower k or make the model deeper"
+        )
+
+
+def _children_run_this_job_only() -> None:
+    """Under ``-m``, make Lightning's launcher start each job's other ranks as a single run of this job.
+
+    Lightning re-runs ``sys.argv`` in every other rank; with ``-m`` there they would each start the whole sweep.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    config = HydraConfig.get()
+    if config.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *config.overrides.task]
+    with read_write(config.run):
+        config.run.dir = config.runtime.output_dir  # Lightning passes this to the ranks as hydra.run.dir
+
+
+def _forget_process_group() -> None:
+    """Close this job's process group so the next job of a sweep starts its own ranks afresh."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
+        os.environ.pop(key, None)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    _children_run_this_job_only()
+    try:
+        train(cfg)
+    except ConfigError as error:
+        sys.exit(f"train.py: {error}")
+    finally:
+        _forget_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""One training step of an experiment config on one rank; started K times by the tests.
+
+Usage: python tests/_experiment_worker.py OUT_FILE OVERRIDE...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(1)
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+
+def one_step(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """Parameters after one optimizer step of the composed experiment (no logger, no validation)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    strategy = hydra.utils.instantiate(cfg.strategy) if not isinstance(cfg.strategy, str) else cfg.strategy
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, strategy=strategy, logger=False, max_steps=1, limit_val_batches=0, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=datamodule)
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+if __name__ == "__main__":
+    import os
+
+    out = Path(sys.argv[1])
+    torch.save(one_step(sys.argv[2:]), out.with_suffix(f".rank{os.environ.get('LOCAL_RANK', 0)}.pt"))

@@ -1,0 +1,151 @@
+"""The Hydra configs and experiments/train.py, from composition to TensorBoard event files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from _experiment_worker import ROOT, one_step
+from hydra import compose, initialize_config_dir
+from launch import launch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_gpipe import GPipeStrategy
+
+TRAIN = ROOT / "experiments" / "train.py"
+# Small enough for one CPU core; each still pipelines over two stages.
+SMALL = {
+    "mlp": ["model=mlp", "model.depth=2", "model.width=32"],
+    "transformer": ["model=transformer", "data=text", "model.depth=2", "model.width=32", "data.context=16",
+                    "data.max_bytes=20000", "data.batch_size=8"],
+    "convnet": ["model=convnet", "data=digits", "data.flatten=false", "model.channels=8", "model.blocks=2"],
+}  # fmt: skip
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def _env() -> dict[str, str]:
+    drop = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["data=digits"],
+        SMALL["transformer"],
+        SMALL["convnet"],
+        ["experiment=transformer_text"],
+        ["experiment=convnet_digits"],
+        ["experiment=mlp_digits"],
+        ["strategy=ddp", "k=2"],
+        ["strategy=single"],
+        ["checkpoint=always", "balance=params", "m=3"],
+        ["balance=[10,9]", "k=2"],
+    ],
+)
+def test_every_config_instantiates(overrides, tmp_path):
+    cfg = _compose([*overrides, f"logger.save_dir={tmp_path}"])
+    model = hydra.utils.instantiate(cfg.model)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    x, _ = next(iter(datamodule.train_dataloader()))
+    assert model.input_kind == datamodule.kind
+    with torch.no_grad():
+        assert model(x[:2]).shape[0] == 2
+    strategy = hydra.utils.instantiate(cfg.strategy) if not isinstance(cfg.strategy, str) else cfg.strategy
+    trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, logger=hydra.utils.instantiate(cfg.logger))
+    assert trainer.num_devices == cfg.k
+    if isinstance(strategy, GPipeStrategy):
+        assert (strategy.microbatches, strategy.checkpoint) == (cfg.m, cfg.checkpoint)
+
+
+def test_gpu_trainer_config():
+    cfg = _compose(["trainer=gpu", "k=4"])
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision) == ("gpu", 4, "bf16-mixed")
+
+
+def test_k_and_m_flow_into_strategy_and_trainer():
+    cfg = _compose(["k=3", "m=5", "checkpoint=never"])
+    assert (cfg.trainer.devices, cfg.strategy.microbatches, cfg.strategy.checkpoint) == (3, 5, "never")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_one_pipelined_step_equals_single_device(name, tmp_path):
+    overrides = [*SMALL[name], "trainer.max_epochs=1"]
+    ranks = launch(2, [str(ROOT / "tests" / "_experiment_worker.py"), str(tmp_path / "step"), *overrides, "k=2",
+                       "m=3"], tmp_path, timeout=300)  # fmt: skip
+    assert all(r.returncode == 0 for r in ranks), "\n".join(r.output[-3000:] for r in ranks)
+    got: dict[str, torch.Tensor] = {}
+    for rank in range(2):
+        got.update(torch.load(tmp_path / f"step.rank{rank}.pt"))
+    expected = one_step([*overrides, "strategy=single"])
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
+    before = hydra.utils.instantiate(_compose(overrides).model)  # the step really changed the parameters
+    assert any(not torch.equal(before.state_dict()[k], expected[k]) for k in expected)
+
+
+def _train(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args, "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run",
+         f"hydra.sweep.dir={tmp_path}/sweep"],
+        capture_output=True, text=True, timeout=timeout, env=_env(), cwd=tmp_path,
+    )  # fmt: skip
+
+
+def _scalars(folder: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_train_end_to_end_logs_to_tensorboard(tmp_path):
+    proc = _train(tmp_path, "k=2", "m=2", "model.depth=2", "trainer.max_epochs=2", "data.size=1152")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = tmp_path / "run" / "tensorboard"
+    assert f"View them with: tensorboard --logdir {logs.parent}" in proc.stdout
+    scalars = _scalars(logs)
+    for tag in ("train/loss_step", "train/loss_epoch", "val/loss", "val/acc", "train/samples_per_s", "lr-AdamW"):
+        assert tag in scalars, tag
+    assert len(scalars["train/loss_epoch"]) == 2 and scalars["train/loss_epoch"][1] < scalars["train/loss_epoch"][0]
+    assert {"hp/val/loss", "hp/val/acc"} <= set(scalars)  # the HParams view's metrics
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.is_dir() and p.name != ".hydra"] == ["tensorboard"]
+
+
+def test_multirun_gives_one_run_per_value(tmp_path):
+    proc = _train(tmp_path, "-m", "m=1,2", "k=2", "model.depth=2", "trainer.max_epochs=1", "data.size=640")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert runs == ["0", "1"]
+    for run in runs:
+        assert "val/loss" in _scalars(tmp_path / "sweep" / run / "tensorboard")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["k=40"], "train.py: k=40 stages, but MLP's Sequential has 19 layers: lower k or make the model deeper"),
+        (["m=0"], "train.py: m=0: need a whole number of at least 1"),
+        (["model=transformer"], "train.py: model Transformer reads tokens inputs, but data SyntheticDataModule"
+                                " yields vector inputs; pick a matching pair (see conf/experiment/ for presets)"),
+        (["model=resnet"], "Could not find 'model/resnet'"),
+    ],
+)  # fmt: skip
+def test_bad_input_gives_a_clear_message(args, message, tmp_path):
+    proc = _train(tmp_path, *args, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
