@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from lightning_gpipe.checkpoint import ForwardState
 from lightning_gpipe.comm import StageLink, carries_grad
-from lightning_gpipe.microbatch import TensorOrTensors, Tensors, as_tuple
+from lightning_gpipe.memory import ActivationMeter
+from lightning_gpipe.microbatch import TensorOrTensors, Tensors, as_tuple, tensors_in
 from lightning_gpipe.rng import StageRandom
+from lightning_gpipe.timeline import Timeline
 from lightning_gpipe.schedule import Action, Phase, checkpoint_stop, fthenb
 
 __all__ = ["StageExecutor"]
@@ -29,6 +31,7 @@ class _Slot:
     state: Optional[ForwardState]  # set when re-materialized
     sent: tuple[tuple[torch.Size, torch.dtype], ...] = ()  # shapes and dtypes of the outputs sent forward
     leaves: Optional[Tensors] = None  # last stage: detached outputs that the loss is computed from
+    held: list = field(default_factory=list)  # what the activation meter counts for ``inputs``
 
 
 class StageExecutor:
@@ -57,6 +60,8 @@ class StageExecutor:
         self.checkpoint = checkpoint
         self.schedule = schedule
         self.random = StageRandom(stage, device)
+        self.timeline = Timeline(stage)  # records only while a step is being observed
+        self.meter = ActivationMeter()
         self._slots: list[Optional[_Slot]] = []
 
     @property
@@ -94,14 +99,19 @@ class StageExecutor:
         outputs: list[TensorOrTensors] = []
         for action in self._actions(n, Phase.FORWARD):
             i = action.i
-            x = inputs[i] if self.is_first else self._receive(i, n, train)  # type: ignore[index]
+            if self.is_first:
+                x = inputs[i]  # type: ignore[index]
+            else:
+                with self.timeline.span("recv", i):
+                    x = self._receive(i, n, train)
             state = ForwardState.capture(self.device) if i < stop else None
-            with torch.set_grad_enabled(train and state is None):
+            with self.timeline.span("forward", i), self.meter.saving(), torch.set_grad_enabled(train and state is None):
                 y = self.run_layers(x)
             ys = as_tuple(y)
             if train:
                 sent = tuple((t.shape, t.dtype) for t in ys)
-                self._slots[i] = _Slot(inputs=x, outputs=None if state else ys, state=state, sent=sent)
+                held = self.meter.hold(tensors_in(x)) if state else []
+                self._slots[i] = _Slot(inputs=x, outputs=None if state else ys, state=state, sent=sent, held=held)
             if not self.is_last:
                 self.link.send_activations(i, ys)  # type: ignore[union-attr]
             elif train:
@@ -110,8 +120,8 @@ class StageExecutor:
                 outputs.append(leaves[0] if isinstance(y, Tensor) else leaves)
             else:
                 outputs.append(y)
-        if not train and self.link is not None:
-            self.link.flush()
+        if not train:
+            self._flush()
         return outputs if self.is_last else None
 
     def _backward(self) -> None:
@@ -127,19 +137,26 @@ class StageExecutor:
             if self.is_last:
                 grads = [leaf.grad for leaf in slot.leaves]  # type: ignore[union-attr]
             else:
-                grads = self.link.recv_gradients(i)  # type: ignore[union-attr]
+                with self.timeline.span("recv", i):
+                    grads = self.link.recv_gradients(i)  # type: ignore[union-attr]
             outputs = slot.outputs
             if outputs is None:
-                with slot.state.replay():  # type: ignore[union-attr]
+                with self.timeline.span("recompute", i), self.meter.saving(), slot.state.replay():  # type: ignore[union-attr]
                     outputs = as_tuple(self.run_layers(slot.inputs))
             pairs = [(y, g) for y, g in zip(outputs, grads) if g is not None and y.requires_grad]
-            if pairs:
-                torch.autograd.backward([y for y, _ in pairs], [g for _, g in pairs])
+            with self.timeline.span("backward", i):
+                if pairs:
+                    torch.autograd.backward([y for y, _ in pairs], [g for _, g in pairs])
             if not self.is_first:
                 self.link.send_gradients(i, _input_grads(slot.inputs))  # type: ignore[union-attr]
+            self.meter.release(slot.held)
             self._slots[i] = None
+        self._flush()
+
+    def _flush(self) -> None:
         if self.link is not None:
-            self.link.flush()
+            with self.timeline.span("send"):
+                self.link.flush()
 
     def _actions(self, n: int, phase: Phase) -> list[Action]:
         return [a for a in self.schedule(self.k, n, self.stage) if a.phase is phase]

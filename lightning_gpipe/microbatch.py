@@ -8,7 +8,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Tensors", "TensorOrTensors", "split", "split_sizes", "merge", "as_tuple", "batch_size"]
+__all__ = ["Tensors", "TensorOrTensors", "split", "split_sizes", "merge", "as_tuple", "batch_size", "tensors_in"]
 
 Tensors = tuple[Tensor, ...]
 #: What a stage takes and returns: a tensor, or a tuple of tensors.
@@ -74,9 +74,15 @@ def _map(batch: Any, fn: Any) -> Any:
     raise TypeError(f"a batch to split must be a tensor or a tuple, list or dict of tensors, got {_describe(batch)}")
 
 
-def _leaves(batch: Any) -> list[Tensor]:
+def tensors_in(batch: Any) -> list[Tensor]:
+    """Every tensor of a tensor, or of a (nested) tuple, list or dict of tensors."""
     leaves: list[Tensor] = []
     _map(batch, lambda t: leaves.append(t))
+    return leaves
+
+
+def _leaves(batch: Any) -> list[Tensor]:
+    leaves = tensors_in(batch)
     if not leaves:
         raise ValueError("cannot split a batch that holds no tensor")
     if any(t.dim() == 0 for t in leaves):

@@ -39,6 +39,8 @@ from typing_extensions import override
 from lightning_gpipe.comm import StageLink
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import patched, record_logs, replay_logs
+from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
+from lightning_gpipe.observe import Reporter, StageReport
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
 from lightning_gpipe.partition import (
     BALANCE_RULES,
@@ -75,6 +77,7 @@ class _PipelineCall:
         self.executor, self.microbatches, self.train = executor, microbatches, train
         self.check = check  # called with the first input, to verify the module's forward contract
         self.calls = 0
+        self.samples = self.n = 0  # batch size and micro-batch count, once called
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -91,11 +94,14 @@ class _PipelineCall:
         if self.check is not None:
             self.check(x)
         executor = self.executor
+        self.samples = batch_size(x)
         if executor.is_first:
             micro = split(x, self.microbatches)
-            outputs = executor.forward(micro, len(micro), self.train)
+            self.n = len(micro)
+            outputs = executor.forward(micro, self.n, self.train)
         else:
-            outputs = executor.forward(None, len(split_sizes(batch_size(x), self.microbatches)), self.train)
+            self.n = len(split_sizes(self.samples, self.microbatches))
+            outputs = executor.forward(None, self.n, self.train)
         if not executor.is_last:
             raise _StageFinished
         assert outputs is not None
@@ -123,6 +129,8 @@ class GPipeStrategy(ParallelStrategy):
             has exactly one Sequential child holding all its parameters.
         process_group_backend: ``torch.distributed`` backend; gloo on CPU and NCCL on GPU by default.
         timeout: how long a rank waits on a collective before giving up.
+        observe_every_n_steps: every this many optimizer steps, time each stage's work and measure its memory,
+            and log the bubble, compute, waits and memory, the schedule picture and a Chrome trace; 0 turns it off.
     """
 
     strategy_name = "gpipe"
@@ -140,6 +148,7 @@ class GPipeStrategy(ParallelStrategy):
         precision_plugin: Optional[Precision] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
+        observe_every_n_steps: int = 0,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -156,7 +165,16 @@ class GPipeStrategy(ParallelStrategy):
             raise BalanceError(
                 f"GPipeStrategy(balance={balance!r}): choose one of {', '.join(BALANCE_RULES)} or a list of layer counts"
             )
+        if isinstance(observe_every_n_steps, bool) or not isinstance(observe_every_n_steps, int) or observe_every_n_steps < 0:
+            raise ValueError(
+                f"GPipeStrategy(observe_every_n_steps={observe_every_n_steps!r}): need a whole number, 0 to turn it off"
+            )
         self._microbatches = microbatches
+        self._observe_every = observe_every_n_steps
+        self._observed_step = -1
+        self._observing = False
+        self._reporter = Reporter()
+        self._call: Optional[_PipelineCall] = None
         self._balance_request = balance if isinstance(balance, str) else list(balance)
         self._checkpoint = checkpoint
         self._sequential = sequential
@@ -318,6 +336,7 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._maybe_observe()
         with self.precision_plugin.train_step_context():
             output = self._step("training_step", True, args, kwargs)
         return output
@@ -345,7 +364,7 @@ class GPipeStrategy(ParallelStrategy):
         if not self._forward_checked:
             self._forward_checked = True
             check = partial(check_forward, module, self._sequential_name)
-        call = _PipelineCall(executor, self._microbatches, train, check)
+        call = self._call = _PipelineCall(executor, self._microbatches, train, check)
         recording = record_logs(module) if executor.is_last else nullcontext([])
         with patched(module, "forward", call), recording as records:
             try:
@@ -385,9 +404,43 @@ class GPipeStrategy(ParallelStrategy):
             self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         # ... which drive each micro-batch's backward, in reverse, through every stage.
         executor.backward()
+        if self._observing:
+            self._report()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
+
+    def _maybe_observe(self) -> None:
+        """Start timing and metering this step if it is one to observe (the same decision on every rank)."""
+        executor, module = self._executor, self.lightning_module
+        assert executor is not None and module is not None
+        step = module.trainer.global_step
+        if not self._observe_every or step == 0 or step % self._observe_every or step == self._observed_step:
+            return
+        self._observed_step, self._observing = step, True
+        if self.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.root_device)
+        executor.meter.start(module.parameters())
+        self.barrier()  # a common start, so the stages' timelines line up
+        executor.timeline.start()
+
+    def _report(self) -> None:
+        """Gather what every stage measured in the observed step and publish it from global rank 0."""
+        executor, module = self._executor, self.lightning_module
+        assert executor is not None and module is not None
+        self._observing = False
+        report = StageReport(
+            stage=executor.stage,
+            events=executor.timeline.stop(),
+            activation_bytes_peak=executor.meter.stop(),
+            param_bytes=tensor_bytes(module.parameters()),
+            optimizer_bytes=sum(optimizer_state_bytes(getattr(o, "_optimizer", o)) for o in self.optimizers),
+            cuda_max_allocated=torch.cuda.max_memory_allocated(self.root_device) if self.root_device.type == "cuda" else None,
+        )
+        reports = gather_to_first(report, self.global_rank, self.world_size)
+        if self.is_global_zero:
+            assert self._call is not None
+            self._reporter.publish(module.trainer, reports, self._call.n, self._call.samples)
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         """``clip_grad_norm_`` with the 2-norm taken over every stage's gradients."""

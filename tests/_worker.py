@@ -51,7 +51,12 @@ def run(scenario: dict, out: Path) -> None:
         train, val = loaders(**scenario.get("data", {}))
         strategy = GPipeStrategy(**scenario.get("strategy", {}))
         logger = RecordingLogger()
-        trainer = trainer_for(scenario, strategy, logger)
+        loggers = [logger]
+        if scenario.get("tensorboard"):
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=out, name=scenario["name"], version=""))
+        trainer = trainer_for(scenario, strategy, loggers)
         fail_at = scenario.get("fail_at")
         if fail_at is not None and rank == fail_at["rank"]:
             original = model.training_step

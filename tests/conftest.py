@@ -22,7 +22,7 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def run_scenarios(k: int, scenarios: list[dict], workdir: Path, timeout: float = 600.0) -> dict[str, list[dict]]:
+def run_scenarios(k: int, scenarios: list[dict], workdir: Path, timeout: float = 300.0) -> dict[str, list[dict]]:
     """Run ``scenarios`` on K ranks; returns, per scenario name, each rank's saved results."""
     spec = workdir / "scenarios.json"
     spec.write_text(json.dumps(scenarios))

@@ -1,0 +1,75 @@
+"""Turning the stages' measurements of an observed step into scalars, a schedule picture and a trace."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning_gpipe.timeline import COMPUTE, Event, bubble, chrome_trace, draw_schedule, theoretical_bubble
+
+__all__ = ["StageReport", "summarize", "Reporter"]
+
+
+@dataclass
+class StageReport:
+    """What one stage measured during an observed training step."""
+
+    stage: int
+    events: list[Event]
+    activation_bytes_peak: int
+    param_bytes: int
+    optimizer_bytes: int
+    cuda_max_allocated: Optional[int] = None
+
+
+def summarize(reports: Sequence[StageReport], m: int, samples: int) -> dict[str, float]:
+    """Scalars for the logger: measured and theoretical bubble, per-stage compute, waits and memory."""
+    k = len(reports)
+    events = [e for r in reports for e in r.events]
+    overall, per_stage = bubble(events, k)
+    makespan = max(e.end for e in events) - min(e.start for e in events)
+    scalars = {
+        "pipeline/bubble_measured": overall,
+        "pipeline/bubble_theory": theoretical_bubble(k, m),
+        "pipeline/step_s": makespan,
+        "pipeline/samples_per_s": samples / makespan,
+    }
+    for r in reports:
+        j = r.stage
+        scalars[f"pipeline/bubble_measured_stage{j}"] = per_stage[j]
+        scalars[f"pipeline/compute_s_stage{j}"] = sum(e.duration for e in r.events if e.kind in COMPUTE)
+        scalars[f"pipeline/comm_wait_s_stage{j}"] = sum(e.duration for e in r.events if e.kind not in COMPUTE)
+        scalars[f"memory/activation_bytes_peak_stage{j}"] = r.activation_bytes_peak
+        scalars[f"memory/param_bytes_stage{j}"] = r.param_bytes
+        scalars[f"memory/optimizer_bytes_stage{j}"] = r.optimizer_bytes
+        if r.cuda_max_allocated is not None:
+            scalars[f"memory/cuda_max_allocated_stage{j}"] = r.cuda_max_allocated
+    return scalars
+
+
+class Reporter:
+    """Publishes observed steps on global rank 0: scalars to every logger, the schedule picture to
+    TensorBoard, and all observed steps so far as a Chrome trace in the log folder."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, list[Event]] = {}
+
+    def publish(self, trainer: Any, reports: Sequence[StageReport], m: int, samples: int) -> dict[str, float]:
+        step = trainer.global_step
+        scalars = summarize(reports, m, samples)
+        events = [e for r in reports for e in r.events]
+        self.steps[step] = events
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+            if hasattr(getattr(logger, "experiment", None), "add_figure"):
+                title = (f"step {step}: K={len(reports)}, M={m}, bubble {scalars['pipeline/bubble_measured']:.2f}"
+                         f" (theory {scalars['pipeline/bubble_theory']:.2f})")  # fmt: skip
+                logger.experiment.add_figure("pipeline/schedule", draw_schedule(events, len(reports), title), step)
+        # Not trainer.log_dir: it broadcasts, and only this rank is here.
+        folder = next((logger.log_dir for logger in trainer.loggers if getattr(logger, "log_dir", None)), None)
+        folder = Path(folder or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        chrome_trace(self.steps, folder / "pipeline_trace.json")
+        return scalars

@@ -1,0 +1,101 @@
+"""Observability: timelines, bubble, activation memory, and what reaches TensorBoard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_scenarios
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lightning_gpipe.executor import StageExecutor
+from lightning_gpipe.microbatch import merge, split
+from lightning_gpipe.schedule import clock_cycles
+from lightning_gpipe.timeline import Event, bubble, chrome_trace, draw_schedule, theoretical_bubble
+
+
+@pytest.mark.parametrize(("k", "m"), [(2, 4), (4, 8), (3, 1)])
+def test_bubble_of_an_equal_cost_timeline_is_gpipes(k, m):
+    events = [
+        Event(j, a.phase.value, a.i, float(t), t + 1.0) for t, tick in enumerate(clock_cycles(k, m)) for j, a in tick
+    ]
+    overall, per_stage = bubble(events, k)
+    assert overall == pytest.approx(theoretical_bubble(k, m)) == pytest.approx((k - 1) / (m + k - 1))
+    assert per_stage == pytest.approx([overall] * k)
+
+
+def test_waiting_is_idle_time():
+    events = [Event(0, "forward", 0, 0.0, 1.0), Event(0, "recv", 0, 1.0, 3.0), Event(1, "forward", 0, 1.0, 4.0)]
+    overall, per_stage = bubble(events, 2)
+    assert per_stage == pytest.approx([0.75, 0.25]) and overall == pytest.approx(0.5)
+
+
+def _activation_peak(checkpoint: str, m: int = 4, b: int = 4, w: int = 32) -> int:
+    torch.manual_seed(0)
+    layers = [layer for _ in range(4) for layer in (nn.Linear(w, w), nn.Tanh())]
+    executor = StageExecutor(layers, 0, 1, torch.device("cpu"), None, checkpoint)
+    executor.meter.start(p for layer in layers for p in layer.parameters())
+    outputs = executor.forward(split(torch.randn(m * b, w), m), m, train=True)
+    merge(outputs).sum().backward()
+    executor.backward()
+    assert executor.meter.current == 0  # everything counted was freed again
+    return executor.meter.stop()
+
+
+def test_rematerialization_saves_activation_memory():
+    # Per micro-batch of b x w floats, autograd keeps the stage input and the four Tanh outputs
+    # (each Linear saves its input, which is the previous Tanh's output; weights do not count).
+    row = 4 * 32 * 4  # one b x w float32 tensor
+    assert _activation_peak("never") == 4 * 5 * row  # all M micro-batches' activations
+    assert _activation_peak("always") == (4 + 4) * row  # M stage inputs, plus one micro-batch recomputed
+    assert _activation_peak("except_last") == (3 + 5) * row  # the last micro-batch keeps its graph
+
+
+def test_gantt_and_trace(tmp_path):
+    events = [Event(0, "forward", 0, 0.0, 1.0), Event(1, "forward", 0, 1.0, 2.0), Event(1, "recv", 0, 0.0, 1.0)]
+    fig = draw_schedule(events, 2, "test")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["F0", "F0"]
+    chrome_trace({5: events}, tmp_path / "trace.json")
+    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert [(e["name"], e["tid"], e["ts"]) for e in trace if e["ph"] == "X"] == [
+        ("forward 0", 0, 0.0), ("forward 0", 1, 1e6), ("recv 0", 1, 0.0)
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("observe")
+    scenario = {"name": "observed", "k": 2, "strategy": {"microbatches": 4, "checkpoint": "always",
+                "observe_every_n_steps": 1}, "tensorboard": True, "trainer": {"max_steps": 3}}  # fmt: skip
+    run_scenarios(2, [scenario], folder)
+    return folder / "observed"
+
+
+def test_observed_run_records_f_then_b_per_stage(observed):
+    trace = json.loads((observed / "pipeline_trace.json").read_text())["traceEvents"]
+    steps = sorted({e["args"]["step"] for e in trace if e["ph"] == "X"})
+    assert steps == [1, 2]  # every step but the first (warm-up)
+    for step in steps:
+        for stage in (0, 1):
+            work = [e["name"] for e in sorted(trace, key=lambda e: e.get("ts", 0))
+                    if e["ph"] == "X" and e["tid"] == stage and e["args"]["step"] == step and e["cat"] in ("forward", "backward")]  # fmt: skip
+            assert work == ["forward 0", "forward 1", "forward 2", "forward 3",
+                            "backward 3", "backward 2", "backward 1", "backward 0"]  # fmt: skip
+        recomputes = [e for e in trace if e["ph"] == "X" and e["args"]["step"] == step and e["cat"] == "recompute"]
+        assert len(recomputes) == 8  # checkpoint="always": every micro-batch on both stages
+
+
+def test_observed_run_reaches_tensorboard(observed):
+    events = EventAccumulator(str(observed), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("pipeline/bubble_measured", "pipeline/bubble_theory", "pipeline/bubble_measured_stage1",
+                "pipeline/compute_s_stage0", "pipeline/comm_wait_s_stage1", "memory/activation_bytes_peak_stage0",
+                "memory/param_bytes_stage1", "memory/optimizer_bytes_stage0"):  # fmt: skip
+        assert tag in scalars, tag
+    assert [e.value for e in events.Scalars("pipeline/bubble_theory")] == pytest.approx([1 / 5, 1 / 5])
+    assert all(0 < e.value < 1 for e in events.Scalars("pipeline/bubble_measured"))
+    assert events.Tags()["images"] == ["pipeline/schedule"]
+    assert len(events.Images("pipeline/schedule")) == 2
