@@ -51,7 +51,9 @@ class StageLink:
         return dist.get_global_rank(self.group, stage) if self.group is not None else stage
 
     def _isend(self, t: Tensor, stage: int, tag: int) -> None:
-        t = t.detach().contiguous()
+        t = t.detach().to(self.device).contiguous()
+        # Keep each buffer until its send completes; drop those that already have.
+        self._sends = [(work, buf) for work, buf in self._sends if not work.is_completed()]
         self._sends.append((dist.isend(t, self._rank(stage), group=self.group, tag=tag), t))
 
     def _irecv(self, t: Tensor, stage: int, tag: int) -> dist.Work:

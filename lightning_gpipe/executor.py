@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_gpipe.checkpoint import ForwardState
+from lightning_gpipe.checkpoint import ForwardState, batchnorm_stats_kept
 from lightning_gpipe.comm import StageLink, carries_grad
 from lightning_gpipe.memory import ActivationMeter
 from lightning_gpipe.microbatch import TensorOrTensors, Tensors, as_tuple, tensors_in
@@ -106,7 +106,7 @@ class StageExecutor:
                     x = self._receive(i, n, train)
             state = ForwardState.capture(self.device) if i < stop else None
             with self.timeline.span("forward", i), self.meter.saving(), torch.set_grad_enabled(train and state is None):
-                y = self.run_layers(x)
+                y = self.run_layers(_fresh(x))
             ys = as_tuple(y)
             if train:
                 sent = tuple((t.shape, t.dtype) for t in ys)
@@ -120,8 +120,7 @@ class StageExecutor:
                 outputs.append(leaves[0] if isinstance(y, Tensor) else leaves)
             else:
                 outputs.append(y)
-        if not train:
-            self._flush()
+        self._flush()  # the next stage takes the last activations during its own forward; this one waits anyway
         return outputs if self.is_last else None
 
     def _backward(self) -> None:
@@ -141,8 +140,9 @@ class StageExecutor:
                     grads = self.link.recv_gradients(i)  # type: ignore[union-attr]
             outputs = slot.outputs
             if outputs is None:
-                with self.timeline.span("recompute", i), self.meter.saving(), slot.state.replay():  # type: ignore[union-attr]
-                    outputs = as_tuple(self.run_layers(slot.inputs))
+                with self.timeline.span("recompute", i), self.meter.saving(), batchnorm_stats_kept(self.layers):
+                    with slot.state.replay():  # type: ignore[union-attr]
+                        outputs = as_tuple(self.run_layers(_fresh(slot.inputs)))
             pairs = [(y, g) for y, g in zip(outputs, grads) if g is not None and y.requires_grad]
             with self.timeline.span("backward", i):
                 if pairs:
@@ -166,6 +166,16 @@ class StageExecutor:
         if train:
             xs = tuple(x.requires_grad_(carries_grad(x)) for x in xs)
         return xs[0] if len(xs) == 1 else xs
+
+
+def _fresh(x: Any) -> Any:
+    """A received input as the layers may use it: a copy of each leaf that collects gradients, so a layer
+    working in place (``ReLU(inplace=True)``) neither trips autograd nor alters the input kept for recompute."""
+    if isinstance(x, Tensor):
+        return x.clone() if x.requires_grad else x
+    if isinstance(x, tuple) and all(isinstance(t, Tensor) for t in x):
+        return tuple(_fresh(t) for t in x)
+    return x
 
 
 def _input_grads(inputs: Any) -> list[Tensor]:

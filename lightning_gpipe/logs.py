@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-__all__ = ["LogRecord", "record_logs", "replay_logs", "patched"]
+__all__ = ["LogRecord", "record_logs", "replay_logs", "patched", "muted_logs"]
 
 #: ``self.log`` call: name, value (on the CPU), and the remaining arguments as given.
 LogRecord = tuple[str, Any, tuple[Any, ...], dict[str, Any]]
@@ -20,11 +20,16 @@ LogRecord = tuple[str, Any, tuple[Any, ...], dict[str, Any]]
 @contextmanager
 def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
     """Shadow ``obj.name`` with an instance attribute for the duration of the block."""
+    missing = object()
+    previous = obj.__dict__.get(name, missing)
     setattr(obj, name, value)
     try:
         yield
     finally:
-        delattr(obj, name)
+        if previous is missing:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, previous)
 
 
 @contextmanager
@@ -39,6 +44,13 @@ def record_logs(module: LightningModule) -> Iterator[list[LogRecord]]:
 
     with patched(module, "log", log):
         yield records
+
+
+@contextmanager
+def muted_logs(module: LightningModule) -> Iterator[list[LogRecord]]:
+    """Ignore ``self.log`` inside the block: for stages that replay the last stage's logs instead."""
+    with patched(module, "log", lambda *args, **kwargs: None):
+        yield []
 
 
 def replay_logs(module: LightningModule, records: list[LogRecord], device: torch.device) -> None:

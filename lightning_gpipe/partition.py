@@ -12,6 +12,7 @@ __all__ = [
     "Balance",
     "BalanceError",
     "check_forward",
+    "check_unshared",
     "find_sequential",
     "keep_stage",
     "resolve_balance",
@@ -118,6 +119,25 @@ def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:
     if sum(counts) != n:
         raise BalanceError(f"balance {counts} sums to {sum(counts)}, but the Sequential has {n} layers")
     return counts
+
+
+def check_unshared(module: nn.Module, seq: nn.Sequential, balance: Sequence[int]) -> None:
+    """Raise if one parameter belongs to layers of different stages: each stage would train its own copy."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    owners: dict[int, set[int]] = {}
+    layers = list(seq._modules.values())
+    for stage in range(len(balance)):
+        for index in stage_layers(balance, stage):
+            if layers[index] is not None:
+                for p in layers[index].parameters():
+                    owners.setdefault(id(p), set()).add(stage)
+    shared = {names.get(pid, "?"): sorted(stages) for pid, stages in owners.items() if len(stages) > 1}
+    if shared:
+        name, stages = next(iter(shared.items()))
+        raise BalanceError(
+            f"parameter {name!r} is shared by layers on stages {stages} (balance {list(balance)}); stages cannot"
+            " share weights, so choose a balance that puts the layers sharing it on one stage"
+        )
 
 
 def stage_layers(balance: Sequence[int], stage: int) -> range:

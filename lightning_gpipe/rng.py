@@ -7,14 +7,17 @@ loading shuffles with, advances in step on every rank whatever each stage's laye
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Optional
+from typing import Any, Optional
+
+import numpy as np
 
 import torch
 from torch import Tensor
 
-__all__ = ["StageRandom"]
+__all__ = ["StageRandom", "rank_random_state", "set_rank_random_state"]
 
 _STAGE_SEED_STRIDE = 1_000_003  # a prime, so stage streams of nearby run seeds do not coincide
 
@@ -44,3 +47,19 @@ class StageRandom:
                 yield
             finally:
                 self._cpu, self._cuda = self._get()
+
+
+def rank_random_state(device: torch.device) -> dict[str, Any]:
+    """The rank-wide random streams that data loading and user code draw from."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rank_random_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
-from contextlib import nullcontext
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Optional, Union
 
@@ -21,6 +21,7 @@ from lightning.fabric.utilities.distributed import (
     _init_dist_connection,
     _sync_ddp_if_available,
 )
+from lightning.fabric.utilities.init import _EmptyInit
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
@@ -38,7 +39,7 @@ from typing_extensions import override
 
 from lightning_gpipe.comm import StageLink
 from lightning_gpipe.executor import StageExecutor
-from lightning_gpipe.logs import patched, record_logs, replay_logs
+from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.observe import Reporter, StageReport
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
@@ -47,11 +48,13 @@ from lightning_gpipe.partition import (
     Balance,
     BalanceError,
     check_forward,
+    check_unshared,
     find_sequential,
     keep_stage,
     resolve_balance,
     stage_layers,
 )
+from lightning_gpipe.rng import rank_random_state, set_rank_random_state
 from lightning_gpipe.schedule import CHECKPOINT_MODES
 from lightning_gpipe.state import gather_to_first, merge_optimizer_states, optimizer_state_by_name, optimizer_state_for
 
@@ -175,6 +178,7 @@ class GPipeStrategy(ParallelStrategy):
         self._observing = False
         self._reporter = Reporter()
         self._call: Optional[_PipelineCall] = None
+        self._example_input_array: Any = None
         self._balance_request = balance if isinstance(balance, str) else list(balance)
         self._checkpoint = checkpoint
         self._sequential = sequential
@@ -267,7 +271,13 @@ class GPipeStrategy(ParallelStrategy):
         module = self.lightning_module
         assert module is not None
         self._check_supported(trainer, module)
+        if self.world_size > 1:  # every rank draws the same shuffles and augmentations, seeded or not
+            set_rank_random_state(self.broadcast(rank_random_state(self.root_device)), self.root_device)
         self._partition(module, fitting=trainer.state.fn == TrainerFn.FITTING)
+        if module.example_input_array is not None:
+            # Lightning's model summary would run forward on this rank's stage alone.
+            self._example_input_array = module.example_input_array
+            module.example_input_array = None
         self.model = self.precision_plugin.convert_module(module)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -309,6 +319,7 @@ class GPipeStrategy(ParallelStrategy):
         else:
             resolve_balance(self._balance, seq, k)  # the same checks against the module given now
         layers = list(seq._modules.values())
+        check_unshared(module, seq, self._balance)
         if fitting:
             _check_stages_have_parameters(self._balance, layers)
         if self._microbatches > 1 and any(
@@ -326,6 +337,14 @@ class GPipeStrategy(ParallelStrategy):
             f"GPipeStrategy: {k} stages of {name!r} with balance {self._balance},"
             f" microbatches={self._microbatches}, checkpoint={self._checkpoint!r}"
         )
+
+    @override
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Iterator[None]:
+        # The whole model is built on the CPU (``configure_model`` runs in here); only this rank's stage
+        # moves to its device, once partitioned.
+        with _EmptyInit(enabled=bool(empty_init)), torch.device("cpu"), self.precision_plugin.tensor_init_context():
+            yield
 
     @override
     def model_to_device(self) -> None:
@@ -365,31 +384,31 @@ class GPipeStrategy(ParallelStrategy):
             self._forward_checked = True
             check = partial(check_forward, module, self._sequential_name)
         call = self._call = _PipelineCall(executor, self._microbatches, train, check)
-        recording = record_logs(module) if executor.is_last else nullcontext([])
-        with patched(module, "forward", call), recording as records:
+        # The last stage logs for real; the others drop their own calls and replay its records below.
+        logging = record_logs(module) if executor.is_last else muted_logs(module)
+        shared: dict[str, Any] = {}
+        with patched(module, "forward", call), logging as records:
             try:
                 output = getattr(module, hook)(*args, **kwargs)
+                if call.calls == 0:
+                    raise RuntimeError(
+                        f"GPipeStrategy: {type(module).__name__}.{hook} never called self(...). The pipeline runs"
+                        " when the step calls the module on its input, e.g. `logits = self(x)`."
+                    )
+                if executor.is_last:
+                    shared = {"records": records, "output": _shared_output(hook, output)}
             except _StageFinished:
                 output = None
-        if call.calls == 0:
-            raise RuntimeError(
-                f"GPipeStrategy: {type(module).__name__}.{hook} never called self(...). The pipeline runs when the"
-                " step calls the module on its input, e.g. `logits = self(x)`."
-            )
         if executor.k == 1:
             return output
-        # Code after self(x) ran on the last stage alone; everything it changed that the other ranks
-        # read travels from there: what it logged, the loss or predictions, and the rank-wide random
-        # state (which data loading shuffles with), so every rank goes on in step.
-        shared = {}
+        # Code after self(x) ran on the last stage alone; what it changed that the other ranks read
+        # travels from there: its logs, the loss or predictions, and the rank-wide random state.
         if executor.is_last:
-            shared = {"records": records, "output": _shared_output(hook, output), "rng": torch.get_rng_state()}
-        box = [shared]
-        dist.broadcast_object_list(box, src=executor.k - 1)
+            shared["random"] = rank_random_state(self.root_device)
+        shared = self.broadcast(shared, src=executor.k - 1)
         if executor.is_last:
             return output
-        shared = box[0]
-        torch.set_rng_state(shared["rng"])
+        set_rank_random_state(shared["random"], self.root_device)
         replay_logs(module, shared["records"], self.root_device)
         return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.root_device))
 
@@ -530,6 +549,8 @@ class GPipeStrategy(ParallelStrategy):
     @override
     def teardown(self) -> None:
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        if self._example_input_array is not None and self.lightning_module is not None:
+            self.lightning_module.example_input_array = self._example_input_array
         super().teardown()
 
     @classmethod

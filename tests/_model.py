@@ -11,9 +11,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, width: int = 8, depth: int = 4, classes: int = 3, dropout: float = 0.0, lr: float = 0.1):
+    def __init__(self, width: int = 8, depth: int = 4, classes: int = 3, dropout: float = 0.0, lr: float = 0.1,
+                 example: bool = False):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
+        if example:
+            self.example_input_array = torch.zeros(2, width)
         layers: list[nn.Module] = [nn.Linear(width, width), nn.Tanh()]
         for _ in range(depth - 1):
             layers += [nn.Dropout(dropout), nn.Linear(width, width), nn.Tanh()] if dropout else [nn.Linear(width, width), nn.Tanh()]

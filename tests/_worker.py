@@ -24,7 +24,7 @@ from lightning_gpipe import GPipeStrategy  # noqa: E402
 
 
 def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
-    return L.Trainer(
+    options = dict(
         accelerator="cpu",
         devices=scenario.get("k", 1),
         strategy=strategy,
@@ -38,15 +38,16 @@ def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        **scenario.get("trainer", {}),
     )
+    return L.Trainer(**{**options, **scenario.get("trainer", {})})
 
 
 def run(scenario: dict, out: Path) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     result: dict = {}
     try:
-        L.seed_everything(scenario.get("seed", 0), verbose=False)
+        if scenario.get("seed", 0) is not None:
+            L.seed_everything(scenario.get("seed", 0), verbose=False)
         model = Classifier(**scenario.get("model", {}))
         train, val = loaders(**scenario.get("data", {}))
         strategy = GPipeStrategy(**scenario.get("strategy", {}))

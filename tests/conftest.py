@@ -40,25 +40,14 @@ def reference_run(
     **model_kwargs,
 ) -> dict:  # fmt: skip
     """The same training with plain single-device Lightning."""
+    from _worker import trainer_for
+
     L.seed_everything(0, verbose=False)
     model = Classifier(**model_kwargs)
     train, val = loaders()
     logger = RecordingLogger()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        gradient_clip_val=clip,
-        accumulate_grad_batches=accumulate,
-        precision=precision,
-        logger=logger,
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **(trainer_kwargs or {}),
-    )
+    scenario = {"clip": clip, "accumulate": accumulate, "precision": precision, "trainer": trainer_kwargs or {}}
+    trainer = trainer_for(scenario, "auto", logger)
     trainer.fit(model, train, val)
     result = {"params": model.state_dict(), "logged": logger.records, "model": model, "trainer": trainer}
     result["predictions"] = trainer.predict(model, val)

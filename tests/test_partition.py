@@ -4,7 +4,14 @@ import random
 import pytest
 from torch import nn
 
-from lightning_gpipe.partition import BalanceError, _split_evenly, find_sequential, keep_stage, resolve_balance
+from lightning_gpipe.partition import (
+    BalanceError,
+    _split_evenly,
+    check_unshared,
+    find_sequential,
+    keep_stage,
+    resolve_balance,
+)
 
 
 class Two(nn.Module):
@@ -76,3 +83,13 @@ def test_keep_stage_keeps_names():
     assert len(seq) == 3
     with pytest.raises(BalanceError, match="layer 0 belongs to this stage, but an earlier partitioning freed it here"):
         keep_stage(seq, range(0, 1))
+
+
+def test_weights_shared_across_stages_are_refused():
+    embed, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    head.weight = embed.weight  # tied, as language models do
+    holder = nn.Module()
+    holder.net = nn.Sequential(embed, nn.Tanh(), head)
+    check_unshared(holder, holder.net, [3])  # one stage: fine
+    with pytest.raises(BalanceError, match=r"parameter 'net.0.weight' is shared by layers on stages \[0, 1\] \(balance \[2, 1\]\)"):
+        check_unshared(holder, holder.net, [2, 1])

@@ -40,6 +40,8 @@ K2 = [_scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES
     _scenario("dropout_always", 2, 3, "always", model={"dropout": 0.3}),
     _scenario("dropout_never", 2, 3, "never", model={"dropout": 0.3}),
     _scenario("shuffled_dropout", 2, 3, model={"dropout": 0.3}, data={"shuffle": True}, epochs=3),
+    {**_scenario("unseeded_shuffle", 2, 3, data={"shuffle": True}), "seed": None},
+    _scenario("summary_with_example", 2, 3, model={"example": True}, trainer={"enable_model_summary": True, "max_steps": 1}),
     _scenario("bf16_always", 2, 3, "always", precision="bf16-mixed"),
     _scenario("bf16_never", 2, 3, "never", precision="bf16-mixed"),
     _error("balance_sum", 2, [3, 3]),
@@ -175,6 +177,17 @@ def test_every_stage_sees_the_same_shuffled_batches(k2):
     assert first[:4] != first[4:8]  # and was shuffled
 
 
+def test_unseeded_runs_still_share_the_data_order(k2):
+    first, second = (rank["batch_sums"] for rank in k2["unseeded_shuffle"])
+    assert len(first) == 8 and first == second
+
+
+def test_model_summary_with_example_input(k2):
+    """Lightning's summary runs forward on example_input_array; it must not run it on a partitioned module."""
+    assert all("error" not in rank for rank in k2["summary_with_example"])
+    assert len(k2["summary_with_example"][0]["batch_sums"]) == 2  # one optimizer step of two accumulated batches
+
+
 def test_bf16_mixed(k2, reference):
     always, never = _full_params(k2["bf16_always"]), _full_params(k2["bf16_never"])
     assert_same_params(always, never, atol=0)  # autocast is replayed on recompute too
@@ -218,6 +231,7 @@ def test_failure_on_one_rank_ends_all_ranks(failing_rank, tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert f"RuntimeError: deliberate failure on rank {failing_rank} at batch 1" in proc.stderr
+    assert f"GPipeStrategy: stage {1 - failing_rank} lost the connection to another stage" in proc.stderr
     assert time.monotonic() - start < 120
 
 
