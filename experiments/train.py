@@ -10,7 +10,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, read_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `experiments.*` targets import
 

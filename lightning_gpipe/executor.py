@@ -14,8 +14,8 @@ from lightning_gpipe.comm import StageLink, carries_grad
 from lightning_gpipe.memory import ActivationMeter
 from lightning_gpipe.microbatch import TensorOrTensors, Tensors, as_tuple, tensors_in
 from lightning_gpipe.rng import StageRandom
-from lightning_gpipe.timeline import Timeline
 from lightning_gpipe.schedule import Action, Phase, checkpoint_stop, fthenb
+from lightning_gpipe.timeline import Timeline
 
 __all__ = ["StageExecutor"]
 

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import numpy as np
-
 import torch
 from torch import Tensor
 

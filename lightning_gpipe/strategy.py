@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from functools import partial
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -30,9 +30,9 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning_utilities.core.apply_func import apply_to_collection
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -41,8 +41,8 @@ from lightning_gpipe.comm import StageLink
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
-from lightning_gpipe.observe import Reporter, StageReport
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
+from lightning_gpipe.observe import Reporter, StageReport
 from lightning_gpipe.partition import (
     BALANCE_RULES,
     Balance,

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import hydra
-import lightning as L
 import pytest
 import torch
 from _experiment_worker import ROOT, one_step

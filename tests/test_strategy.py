@@ -13,7 +13,6 @@ import pytest
 import torch
 from _model import Classifier, loaders
 from conftest import WORKER, reference_run, run_scenarios
-
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gpipe import GPipeStrategy
