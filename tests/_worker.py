@@ -75,7 +75,8 @@ def run(scenario: dict, out: Path) -> None:
                 batch_sums.append(float(batch[0].sum()))
 
         trainer.callbacks.append(RecordBatches())
-        trainer.fit(model, train, val)
+        resume = scenario.get("resume_from")
+        trainer.fit(model, train, val, ckpt_path=None if resume is None else out / f"{resume}.ckpt")
         result["batch_sums"] = batch_sums
         result["params"] = {k: v.clone() for k, v in model.state_dict().items()}
         result["logged"] = logger.records

@@ -41,6 +41,9 @@ K2 = [_scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES
     _scenario("shuffled_dropout", 2, 3, model={"dropout": 0.3}, data={"shuffle": True}, epochs=3),
     {**_scenario("unseeded_shuffle", 2, 3, data={"shuffle": True}), "seed": None},
     _scenario("summary_with_example", 2, 3, model={"example": True}, trainer={"enable_model_summary": True, "max_steps": 1}),
+    _scenario("resume_first_epoch", 2, 3, epochs=1, save=True),
+    _scenario("resumed", 2, 3, epochs=3, resume_from="resume_first_epoch"),
+    _scenario("uninterrupted", 2, 3, epochs=3),
     _scenario("bf16_always", 2, 3, "always", precision="bf16-mixed"),
     _scenario("bf16_never", 2, 3, "never", precision="bf16-mixed"),
     _error("balance_sum", 2, [3, 3]),
@@ -174,6 +177,14 @@ def test_every_stage_sees_the_same_shuffled_batches(k2):
     sorted_sums = [sum(first[i : i + 4]) for i in range(0, 12, 4)]  # each epoch covers the same samples
     assert sorted_sums == pytest.approx([sorted_sums[0]] * 3, abs=1e-4)
     assert first[:4] != first[4:8]  # and was shuffled
+
+
+def test_resume_continues_exactly(k2):
+    """Optimizer (SGD momentum) and LR-scheduler state, epoch and step come back from the checkpoint."""
+    resumed, uninterrupted = k2["resumed"], k2["uninterrupted"]
+    assert_same_params(_full_params(resumed), _full_params(uninterrupted), atol=1e-6)
+    later = [(step, metrics) for step, metrics in uninterrupted[0]["logged"] if metrics["epoch"] >= 1]
+    assert_same_logs(resumed[0]["logged"], later, atol=1e-6)
 
 
 def test_unseeded_runs_still_share_the_data_order(k2):
