@@ -357,8 +357,7 @@ class GPipeStrategy(ParallelStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._maybe_observe()
         with self.precision_plugin.train_step_context():
-            output = self._step("training_step", True, args, kwargs)
-        return output
+            return self._step("training_step", True, args, kwargs)
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
