@@ -8,6 +8,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from lightning_gpipe.balance import optimal_split
+
 __all__ = [
     "Balance",
     "BalanceError",
@@ -109,7 +111,7 @@ def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:
                     "balance='params' needs every layer, but this Sequential was already partitioned;"
                     " pass the balance as a list of layer counts"
                 )
-            return _split_evenly([sum(p.numel() for p in layer.parameters()) for layer in layers], k)
+            return optimal_split([sum(p.numel() for p in layer.parameters()) for layer in layers], k)
         raise BalanceError(f"balance must be one of {BALANCE_RULES} or a list of layer counts, got {balance!r}")
     counts = list(balance)
     if len(counts) != k:
@@ -163,39 +165,3 @@ def keep_stage(seq: nn.Sequential, layers: range) -> list[nn.Module]:
         else:
             seq._modules[name] = None
     return kept
-
-
-def _split_evenly(costs: Sequence[int], k: int) -> list[int]:
-    """Contiguous split of ``costs`` into ``k`` non-empty parts minimising the largest part's sum.
-
-    Binary search on the answer with a greedy feasibility check; among optimal splits, earlier
-    stages take as many layers as the optimum allows.
-    """
-
-    def parts_needed(limit: int) -> int:
-        parts, total = 1, 0
-        for c in costs:
-            if total + c > limit:
-                parts, total = parts + 1, 0
-            total += c
-        return parts
-
-    lo, hi = max(costs), sum(costs)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if parts_needed(mid) <= k:
-            hi = mid
-        else:
-            lo = mid + 1
-    # Fill greedily up to that limit, cutting early only to leave one layer for each stage still to come.
-    counts: list[int] = []
-    layers, total = 0, 0
-    for index, c in enumerate(costs):
-        stages_after = k - len(counts) - 1
-        if layers and (total + c > lo or len(costs) - index == stages_after):
-            counts.append(layers)
-            layers, total = 0, 0
-        layers += 1
-        total += c
-    counts.append(layers)
-    return counts

@@ -1,12 +1,8 @@
-import itertools
-import random
-
 import pytest
 from torch import nn
 
 from lightning_gpipe.partition import (
     BalanceError,
-    _split_evenly,
     check_unshared,
     find_sequential,
     keep_stage,
@@ -56,23 +52,6 @@ def test_resolve_balance():
         resolve_balance("uniform", seq, 6)
     with pytest.raises(BalanceError, match=r"balance must be one of \('uniform', 'params'\) or a list of layer counts, got 'time'"):
         resolve_balance("time", seq, 2)
-
-
-def test_split_evenly_is_optimal():
-    rng = random.Random(0)
-    for _ in range(300):
-        n = rng.randint(1, 8)
-        k = rng.randint(1, n)
-        costs = [rng.randint(0, 9) for _ in range(n)]
-        counts = _split_evenly(costs, k)
-        assert len(counts) == k and min(counts) >= 1 and sum(counts) == n
-        ends = list(itertools.accumulate(counts))
-        got = max(sum(costs[e - c : e]) for c, e in zip(counts, ends))
-        best = min(
-            max(sum(costs[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
-            for cuts in itertools.combinations(range(1, n), k - 1)
-        )
-        assert got == best, (costs, k, counts)
 
 
 def test_keep_stage_keeps_names():
