@@ -24,19 +24,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: What tells a process which process group it joins; a test process's own group must not leak into children.
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+
+
+def fresh_env() -> dict[str, str]:
+    """This process's environment for a child that starts a process group of its own, one thread per rank."""
+    return {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS}, "OMP_NUM_THREADS": "1"}
+
+
 def launch(k: int, argv: list[str], workdir: Path, timeout: float = 600.0) -> list[RankResult]:
     """Run ``python argv`` as ranks 0..k-1 of one process group; kill every rank past ``timeout`` seconds."""
     port = free_port()
     procs, logs = [], []
     for rank in range(k):
         env = {
-            **os.environ,
+            **fresh_env(),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "WORLD_SIZE": str(k),
             "NODE_RANK": "0",
             "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
         }
         log = open(workdir / f"rank{rank}.log", "w+")
         logs.append(log)

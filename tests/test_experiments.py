@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from _experiment_worker import ROOT, one_step
 from hydra import compose, initialize_config_dir
-from launch import launch
+from launch import fresh_env, launch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gpipe import GPipeStrategy
@@ -30,11 +29,6 @@ SMALL = {
 def _compose(overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)
-
-
-def _env() -> dict[str, str]:
-    drop = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize(
@@ -100,7 +94,7 @@ def _train(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.Compl
     return subprocess.run(
         [sys.executable, str(TRAIN), *args, "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run",
          f"hydra.sweep.dir={tmp_path}/sweep"],
-        capture_output=True, text=True, timeout=timeout, env=_env(), cwd=tmp_path,
+        capture_output=True, text=True, timeout=timeout, env=fresh_env(), cwd=tmp_path,
     )  # fmt: skip
 
 

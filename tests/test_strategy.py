@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pytest
 import torch
 from _model import Classifier, loaders
 from conftest import WORKER, reference_run, run_scenarios
+from launch import fresh_env
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gpipe import GPipeStrategy
@@ -232,12 +232,10 @@ def test_failure_on_one_rank_ends_all_ranks(failing_rank, tmp_path):
     scenario = _scenario("fault", 2, 2, fail_at={"rank": failing_rank, "batch": 1})
     spec = tmp_path / "fault.json"
     spec.write_text(json.dumps([scenario]))
-    # A fresh environment: none of the rendezvous variables of this test process's own process group.
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(spec), str(tmp_path)],
-        capture_output=True, text=True, timeout=180, env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=180, env=fresh_env(),
     )  # fmt: skip
     assert proc.returncode != 0
     assert f"RuntimeError: deliberate failure on rank {failing_rank} at batch 1" in proc.stderr
