@@ -47,10 +47,26 @@ class StageRandom:
             finally:
                 self._cpu, self._cuda = self._get()
 
+    def state_dict(self) -> dict[str, Optional[Tensor]]:
+        return {"cpu": self._cpu.clone(), "cuda": None if self._cuda is None else self._cuda.clone()}
+
+    def load_state_dict(self, state: dict[str, Optional[Tensor]]) -> None:
+        self._cpu = state["cpu"].clone()
+        if self._devices and state["cuda"] is not None:
+            self._cuda = state["cuda"].clone()
+
 
 def rank_random_state(device: torch.device) -> dict[str, Any]:
-    """The rank-wide random streams that data loading and user code draw from."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The rank-wide random streams that data loading and user code draw from.
+
+    Only tensors and plain Python values, so a checkpoint holding it loads with ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -59,6 +75,7 @@ def rank_random_state(device: torch.device) -> dict[str, Any]:
 def set_rank_random_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -56,6 +57,7 @@ from lightning_gpipe.partition import (
 )
 from lightning_gpipe.rng import rank_random_state, set_rank_random_state
 from lightning_gpipe.schedule import CHECKPOINT_MODES
+from lightning_gpipe.sharded import is_sharded, load_sharded, save_sharded
 from lightning_gpipe.state import gather_to_first, merge_optimizer_states, optimizer_state_by_name, optimizer_state_for
 
 __all__ = ["GPipeStrategy"]
@@ -65,6 +67,7 @@ log = logging.getLogger(__name__)
 #: Precision plugins every stage can apply on its own. ``16-mixed`` is not among them: its loss
 #: scaler decides per rank whether to skip a step, and stages must never disagree on that.
 _SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true", "16-true")
+STATE_DICT_TYPES = ("full", "sharded")
 
 
 class _StageFinished(BaseException):
@@ -134,6 +137,9 @@ class GPipeStrategy(ParallelStrategy):
         timeout: how long a rank waits on a collective before giving up.
         observe_every_n_steps: every this many optimizer steps, time each stage's work and measure its memory,
             and log the bubble, compute, waits and memory, the schedule picture and a Chrome trace; 0 turns it off.
+        state_dict_type: ``"full"`` saves one ordinary Lightning checkpoint file, gathered on global rank 0;
+            ``"sharded"`` saves a folder in which every stage writes its own tensors (see
+            :mod:`lightning_gpipe.sharded`). Either kind resumes with any K, M and balance.
     """
 
     strategy_name = "gpipe"
@@ -152,6 +158,7 @@ class GPipeStrategy(ParallelStrategy):
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         observe_every_n_steps: int = 0,
+        state_dict_type: str = "full",
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -172,6 +179,13 @@ class GPipeStrategy(ParallelStrategy):
             raise ValueError(
                 f"GPipeStrategy(observe_every_n_steps={observe_every_n_steps!r}): need a whole number, 0 to turn it off"
             )
+        if state_dict_type not in STATE_DICT_TYPES:
+            raise ValueError(
+                f"GPipeStrategy(state_dict_type={state_dict_type!r}): choose one of {', '.join(STATE_DICT_TYPES)}"
+            )
+        self._state_dict_type = state_dict_type
+        self._parameter_order: list[str] = []  # the unpartitioned module's parameter names
+        self._restored: Optional[dict[str, Any]] = None  # what a resumed checkpoint says about the saving pipeline
         self._microbatches = microbatches
         self._observe_every = observe_every_n_steps
         self._observed_step = -1
@@ -204,6 +218,16 @@ class GPipeStrategy(ParallelStrategy):
     def balance(self) -> Optional[list[int]]:
         """Layers per stage, once the model has been partitioned."""
         return None if self._balance is None else list(self._balance)
+
+    @property
+    def state_dict_type(self) -> str:
+        return self._state_dict_type
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Checkpoints load into the partitioned module: each stage reads only its own tensors.
+        return True
 
     @property
     def num_nodes(self) -> int:
@@ -319,6 +343,8 @@ class GPipeStrategy(ParallelStrategy):
         else:
             resolve_balance(self._balance, seq, k)  # the same checks against the module given now
         layers = list(seq._modules.values())
+        if not self._parameter_order:
+            self._parameter_order = [n for n, _ in module.named_parameters()]
         check_unshared(module, seq, self._balance)
         if fitting:
             _check_stages_have_parameters(self._balance, layers)
@@ -500,21 +526,64 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The unpartitioned module's state dict on global rank 0 (empty elsewhere): every stage sends its own."""
+        """The unpartitioned module's state dict on global rank 0 (empty elsewhere): every stage sends its own.
+
+        With ``state_dict_type="sharded"``, this stage's own entries: each stage writes them itself.
+        """
         assert self.lightning_module is not None
+        local = self.lightning_module.state_dict()
+        if self._state_dict_type == "sharded":
+            return local
         full: dict[str, Any] = {}
-        for part in gather_to_first(self.lightning_module.state_dict(), self.global_rank, self.world_size):
+        for part in gather_to_first(local, self.global_rank, self.world_size):
             full.update(part)
         return full
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """The optimizer state of all stages on global rank 0, keyed by parameter name (empty elsewhere)."""
+        """The optimizer state of all stages on global rank 0 (empty elsewhere), named and in the unpartitioned
+        module's order; with ``state_dict_type="sharded"``, this stage's own, by parameter name."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         assert self.lightning_module is not None
         local = optimizer_state_by_name(optimizer, self.lightning_module)
+        if self._state_dict_type == "sharded":
+            return local
         states = gather_to_first(local, self.global_rank, self.world_size)
-        return merge_optimizer_states(states) if states else {}
+        return merge_optimizer_states(states, self._parameter_order) if states else {}
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Union[str, Path], storage_options: Optional[Any] = None
+    ) -> None:
+        executor = self._executor
+        assert executor is not None
+        # Each stage's random stream, so dropout continues as if never interrupted (same K).
+        streams = gather_to_first(executor.random.state_dict(), self.global_rank, self.world_size)
+        checkpoint["gpipe"] = {
+            "k": self.world_size,
+            "balance": self.balance,
+            "microbatches": self._microbatches,
+            "stage_random": streams,
+            "rank_random": rank_random_state(self.root_device),
+        }
+        if self._state_dict_type == "sharded":
+            if storage_options is not None:
+                raise TypeError(f"GPipeStrategy(state_dict_type='sharded') takes no storage_options, got {storage_options!r}")
+            gather = partial(gather_to_first, stage=self.global_rank, k=self.world_size)
+            save_sharded(checkpoint, filepath, self.is_global_zero, self.barrier, gather)
+        elif self.is_global_zero:  # Lightning's checkpoint IO writes to a temporary file, then renames it
+            self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Union[str, Path], weights_only: Optional[bool] = None) -> dict[str, Any]:
+        module = self.lightning_module
+        assert module is not None
+        if is_sharded(checkpoint_path):
+            checkpoint = load_sharded(checkpoint_path, module.state_dict(), [n for n, _ in module.named_parameters()])
+        else:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._restored = checkpoint.get("gpipe")
+        return checkpoint
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -529,9 +598,33 @@ class GPipeStrategy(ParallelStrategy):
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         assert self.lightning_module is not None
-        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
-            optimizer.load_state_dict(optimizer_state_for(optimizer, self.lightning_module, saved))
+        saved_states = checkpoint["optimizer_states"]
+        if len(saved_states) != len(self.optimizers):
+            raise ValueError(
+                f"the checkpoint holds {len(saved_states)} optimizer states, configure_optimizers returned"
+                f" {len(self.optimizers)}"
+            )
+        for optimizer, saved in zip(self.optimizers, saved_states):
+            optimizer.load_state_dict(optimizer_state_for(optimizer, self.lightning_module, saved, self._parameter_order))
         _optimizers_to_device(self.optimizers, self.root_device)
+        # The last of the training state Lightning restores (loops, precision, optimizers, schedulers).
+        self._restore_random()
+
+    def _restore_random(self) -> None:
+        """Put the random streams where the saving run had them, last, right before the data is first iterated."""
+        restored, executor = self._restored, self._executor
+        self._restored = None
+        if restored is None or executor is None:
+            return
+        set_rank_random_state(restored["rank_random"], self.root_device)
+        if restored["k"] == self.world_size and restored["balance"] == self.balance:
+            executor.random.load_state_dict(restored["stage_random"][self.global_rank])
+        else:
+            rank_zero_info(
+                f"GPipeStrategy: the checkpoint was saved with {restored['k']} stages (balance {restored['balance']}),"
+                f" this run has {self.world_size} (balance {self.balance}): training continues from the same state,"
+                " but random draws inside the stages (dropout) differ from an uninterrupted run"
+            )
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -19,6 +20,7 @@ torch.set_num_threads(1)
 
 import lightning as L  # noqa: E402
 from _model import Classifier, RecordingLogger, loaders  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from lightning_gpipe import GPipeStrategy  # noqa: E402
 
@@ -40,6 +42,50 @@ def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
         num_sanity_val_steps=0,
     )
     return L.Trainer(**{**options, **scenario.get("trainer", {})})
+
+
+def kill_self(kill: dict, trainer: L.Trainer, model: L.LightningModule) -> None:
+    """SIGKILL this rank in training (``{"epoch", "batch"}``) or in the n-th checkpoint save (``{"save"}``)."""
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if "batch" in kill:
+        original = model.training_step
+
+        def step(batch, batch_idx):
+            if trainer.current_epoch == kill["epoch"] and batch_idx == kill["batch"]:
+                die()
+            return original(batch, batch_idx)
+
+        model.training_step = step
+        return
+    saves = [0]
+    if kill["rank"] != 0:  # other stages die while sending their state to rank 0
+        original_state = trainer.strategy.lightning_module_state_dict
+
+        def state_dict():
+            saves[0] += 1
+            if saves[0] == kill["save"]:
+                die()
+            return original_state()
+
+        trainer.strategy.lightning_module_state_dict = state_dict
+        return
+    # Rank 0 dies halfway through writing the file's bytes.
+    from fsspec.implementations.local import LocalFileOpener
+
+    original_write = LocalFileOpener.write
+
+    def write(self, data):
+        saves[0] += 1
+        if saves[0] == kill["save"]:
+            original_write(self, data[: len(data) // 2])
+            self.flush()
+            die()
+        return original_write(self, data)
+
+    LocalFileOpener.write = write
 
 
 def run(scenario: dict, out: Path) -> None:
@@ -75,8 +121,15 @@ def run(scenario: dict, out: Path) -> None:
                 batch_sums.append(float(batch[0].sum()))
 
         trainer.callbacks.append(RecordBatches())
+        if "model_checkpoint" in scenario:  # save_last=True and a folder, for ckpt_path="last"
+            trainer.callbacks.append(ModelCheckpoint(**scenario["model_checkpoint"]))
+        kill = scenario.get("kill")
+        if kill is not None and rank == kill["rank"]:
+            kill_self(kill, trainer, model)
         resume = scenario.get("resume_from")
-        trainer.fit(model, train, val, ckpt_path=None if resume is None else out / f"{resume}.ckpt")
+        if resume is not None and resume != "last" and not os.path.isabs(resume):
+            resume = out / f"{resume}.ckpt"
+        trainer.fit(model, train, val, ckpt_path=resume)
         result["batch_sums"] = batch_sums
         result["params"] = {k: v.clone() for k, v in model.state_dict().items()}
         result["logged"] = logger.records

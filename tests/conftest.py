@@ -15,6 +15,8 @@ from _model import Classifier, RecordingLogger, loaders  # noqa: E402
 from launch import launch  # noqa: E402
 
 WORKER = TESTS / "_worker.py"
+ATOL = 1e-5  # fp32: micro-batching changes only the order of a few floating-point sums
+CLIP = 0.05  # small enough to change the result (test_reference_clips_gradients), so stage norms would show
 
 
 @pytest.fixture(autouse=True)
@@ -35,20 +37,48 @@ def run_scenarios(k: int, scenarios: list[dict], workdir: Path, timeout: float =
     }
 
 
+def scenario(name: str, k: int, m: int, checkpoint: str = "except_last", **extra) -> dict:
+    """A worker scenario with the settings of :func:`reference_run`: clipping, accumulation, SGD momentum, StepLR."""
+    return {"name": name, "k": k, "strategy": {"microbatches": m, "checkpoint": checkpoint}, "clip": CLIP,
+            "accumulate": 2, **extra}  # fmt: skip
+
+
+def full_params(ranks: list[dict]) -> dict[str, torch.Tensor]:
+    """The unpartitioned module's parameters from every stage's own."""
+    full: dict[str, torch.Tensor] = {}
+    for rank in ranks:
+        assert not set(full) & set(rank["params"]), "two stages hold the same parameter"
+        full.update(rank["params"])
+    return full
+
+
+def assert_same_params(got: dict, expected: dict, atol: float = ATOL) -> None:
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol, msg=name)
+
+
+def assert_same_logs(got: list, expected: list, atol: float = ATOL) -> None:
+    assert [(step, sorted(m)) for step, m in got] == [(step, sorted(m)) for step, m in expected]
+    for (_, g), (_, e) in zip(got, expected):
+        for key in e:
+            assert g[key] == pytest.approx(e[key], abs=atol), key
+
+
 def reference_run(
-    clip: float | None = 0.05, accumulate: int = 2, precision: str = "32-true", trainer_kwargs: dict | None = None,
-    **model_kwargs,
+    clip: float | None = CLIP, accumulate: int = 2, precision: str = "32-true", trainer_kwargs: dict | None = None,
+    ckpt_path: str | None = None, **model_kwargs,
 ) -> dict:  # fmt: skip
-    """The same training with plain single-device Lightning."""
+    """The same training with plain single-device Lightning (resumed from ``ckpt_path`` if given)."""
     from _worker import trainer_for
 
     L.seed_everything(0, verbose=False)
     model = Classifier(**model_kwargs)
     train, val = loaders()
     logger = RecordingLogger()
-    scenario = {"clip": clip, "accumulate": accumulate, "precision": precision, "trainer": trainer_kwargs or {}}
-    trainer = trainer_for(scenario, "auto", logger)
-    trainer.fit(model, train, val)
+    options = {"clip": clip, "accumulate": accumulate, "precision": precision, "trainer": trainer_kwargs or {}}
+    trainer = trainer_for(options, "auto", logger)
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
     result = {"params": model.state_dict(), "logged": logger.records, "model": model, "trainer": trainer}
     result["predictions"] = trainer.predict(model, val)
     return result

@@ -90,9 +90,9 @@ def test_one_pipelined_step_equals_single_device(name, tmp_path):
     assert any(not torch.equal(before.state_dict()[k], expected[k]) for k in expected)
 
 
-def _train(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _train(tmp_path: Path, *args: str, timeout: float = 300, run: str = "run") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(TRAIN), *args, "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run",
+        [sys.executable, str(TRAIN), *args, "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/{run}",
          f"hydra.sweep.dir={tmp_path}/sweep"],
         capture_output=True, text=True, timeout=timeout, env=fresh_env(), cwd=tmp_path,
     )  # fmt: skip
@@ -115,6 +115,14 @@ def test_train_end_to_end_logs_to_tensorboard(tmp_path):
     assert len(scalars["train/loss_epoch"]) == 2 and scalars["train/loss_epoch"][1] < scalars["train/loss_epoch"][0]
     assert {"hp/val/loss", "hp/val/acc"} <= set(scalars)  # the HParams view's metrics
     assert [p.name for p in (tmp_path / "run").iterdir() if p.is_dir() and p.name != ".hydra"] == ["tensorboard"]
+
+    # ckpt_path continues from the run's last.ckpt, here with another K: one more epoch, the third.
+    last = logs / "checkpoints" / "last.ckpt"
+    resumed = _train(tmp_path, "k=1", "m=2", "model.depth=2", "trainer.max_epochs=3", "data.size=1152",
+                     f"ckpt_path={last}", run="resumed")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"Restoring states from the checkpoint path at {last}" in resumed.stdout + resumed.stderr
+    assert len(_scalars(tmp_path / "resumed" / "tensorboard")["train/loss_epoch"]) == 1
 
 
 def test_multirun_gives_one_run_per_value(tmp_path):
