@@ -1,0 +1,291 @@
+"""The benchmark's summary ratios, its goals, and what it writes: benchmark.json, benchmark.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+Key = tuple[str, int, int, str]  # impl, k, m, checkpoint
+#: The issue's goals: gpipe/torch_gpipe (and what it aims at), efficiency/theory, gpipe/executor,
+#: activation always/never and time always/never for stages of at least ``MIN_LAYERS`` layers.
+TORCH_GOAL, TORCH_AIM, EFFICIENCY_GOAL, OVERHEAD_GOAL = 1.0, 1.1, 0.9, 0.95
+MEMORY_GOAL, TIME_GOAL, MIN_LAYERS = 1 / 3, 1.35, 8
+
+
+def theoretical_efficiency(k: int, m: int) -> float:
+    """GPipe's busy fraction with equal stages and free communication: M / (M+K-1)."""
+    return m / (m + k - 1)
+
+
+def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
+    """Ratios between rows (see the module's goals) and whether each goal is met at every measured point."""
+    by: dict[Key, dict] = {(r["impl"], r["k"], r["m"], r["checkpoint"]): r for r in rows}
+    gpipe = sorted((r for r in rows if r["impl"] == "gpipe"), key=lambda r: (r["k"], r["m"], r["checkpoint"]))
+    never = [r for r in gpipe if r["checkpoint"] == "never"]
+
+    def versus(peer: str) -> list[dict]:
+        """gpipe's samples per second over ``peer``'s, at each (K, M) both measured, without re-materialization."""
+        pairs = [(r, by.get((peer, r["k"], r["m"], "never"))) for r in never]
+        return [_point(r, ratio=r["samples_per_s"] / p["samples_per_s"]) for r, p in pairs if p is not None]
+
+    efficiency = []
+    for r in gpipe:
+        measured, theory = 1 - r["bubble_measured"], theoretical_efficiency(r["k"], r["m"])
+        efficiency.append(_point(r, measured=measured, theory=theory, ratio=measured / theory))
+    memory = []
+    for r in never:
+        a = by.get(("gpipe", r["k"], r["m"], "always"))
+        if a is not None:
+            memory.append(
+                {
+                    "k": r["k"],
+                    "m": r["m"],
+                    "layers_per_stage": depth // r["k"],
+                    "activation_ratio": a["activation_bytes_max"] / r["activation_bytes_max"],
+                    "time_ratio": r["samples_per_s"] / a["samples_per_s"],
+                }
+            )
+    single = by.get(("single", 1, 1, "never"))
+    summary: dict[str, Any] = {
+        "gpipe_vs_torch_gpipe": versus("torch_gpipe"),
+        "gpipe_vs_torch_1f1b": versus("torch_1f1b"),
+        "gpipe_vs_executor": versus("executor"),
+        "efficiency_vs_theory": efficiency,
+        "checkpoint_always_vs_never": memory,
+        "gpipe_vs_single": [_point(r, ratio=r["samples_per_s"] / single["samples_per_s"]) for r in gpipe]
+        if single
+        else [],
+    }
+    judged = [e for e in memory if e["layers_per_stage"] >= MIN_LAYERS]
+    summary["goals"] = {
+        "gpipe_vs_torch_gpipe": _goal(
+            summary["gpipe_vs_torch_gpipe"],
+            lambda e: e["ratio"] >= TORCH_GOAL,
+            f"gpipe / torch_gpipe samples per second >= {TORCH_GOAL}, aiming at {TORCH_AIM}",
+            aim=lambda e: e["ratio"] >= TORCH_AIM,
+        ),
+        "efficiency_vs_theory": _goal(
+            efficiency,
+            lambda e: e["ratio"] >= EFFICIENCY_GOAL,
+            f"(1 - bubble measured) / (M / (M+K-1)) >= {EFFICIENCY_GOAL}",
+        ),
+        "lightning_overhead": _goal(
+            summary["gpipe_vs_executor"],
+            lambda e: e["ratio"] >= OVERHEAD_GOAL,
+            f"gpipe / executor samples per second >= {OVERHEAD_GOAL}",
+        ),
+        "checkpoint_memory": _goal(
+            judged,
+            lambda e: e["activation_ratio"] <= MEMORY_GOAL and e["time_ratio"] <= TIME_GOAL,
+            f"activation always / never <= 1/3 with step time always / never <= {TIME_GOAL},"
+            f" stages of >= {MIN_LAYERS} layers",
+        ),
+    }
+    return summary
+
+
+def _point(row: dict, **values: float) -> dict:
+    return {"k": row["k"], "m": row["m"], "checkpoint": row["checkpoint"], **values}
+
+
+def _goal(entries: list[dict], ok: Callable[[dict], bool], target: str, aim: Callable | None = None) -> dict:
+    goal: dict[str, Any] = {
+        "target": target,
+        "met": bool(entries) and all(ok(e) for e in entries),
+        "missed_at": [{key: e[key] for key in ("k", "m", "checkpoint") if key in e} for e in entries if not ok(e)],
+    }
+    if aim is not None:
+        goal["aim_met"] = bool(entries) and all(aim(e) for e in entries)
+    return goal
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor() or "unknown",
+        "python": platform.python_version(),
+        "torch": metadata.version("torch"),
+        "lightning": metadata.version("lightning"),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _mib(n: float | None) -> str:
+    return _fmt(None if n is None else n / 2**20, ".1f")
+
+
+def _met(flag: bool) -> str:
+    return "met" if flag else "**missed**"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg, mach = report["config"], report["machine"]
+    lines = [
+        "# Benchmark",
+        "",
+        (
+            f"Measured {mach['date']} on {mach['cpu']}, {cfg['cores']} cores, device {cfg['device']};"
+            f" torch {mach['torch']}, lightning {mach['lightning']}, Python {mach['python']}."
+            f" Whole run: {report['wall_s']:.0f} s."
+        ),
+        "",
+        (
+            f"Model: {cfg['depth']} blocks of Linear({cfg['width']}, {cfg['width']}) + ReLU, batch {cfg['batch']}, SGD,"
+            f" mean-squared error, stages of {cfg['depth']} / K blocks. Each row ran {cfg['rounds']} time(s) (rounds:"
+            f" all rows in turn, then again), {cfg['steps']} steps each time: {cfg['warmup']} warm-up, every step"
+            f" divisible by {cfg['observe_every']} observed (timeline and activation meter), the others timed."
+            " A round's step time is the median of its timed steps; samples/s = batch / the fastest round's"
+            " (other work on a shared machine only slows a round)."
+        ),
+        "",
+        *_rows_table(report["rows"]),
+        "",
+        *_ratios_table(report["summary"]),
+        "",
+        "| goal | target | result | missed at (K, M, checkpoint) |",
+        "|---|---|---|---|",
+    ]
+    for name, goal in report["summary"]["goals"].items():
+        result = _met(goal["met"]) + (f" (aim {'met' if goal['aim_met'] else 'missed'})" if "aim_met" in goal else "")
+        missed = ", ".join("(" + ", ".join(str(v) for v in e.values()) + ")" for e in goal["missed_at"])
+        lines.append(f"| {name} | {goal['target']} | {result} | {missed or '-'} |")
+    lines += [
+        "",
+        (
+            "bubble measured: the median over observed steps of the mean over stages of 1 - (compute time) / (the"
+            " step's makespan), from the executor's timeline; n/a where no timeline exists (torch.distributed.pipelining"
+            " exposes none). efficiency: 1 - bubble measured, over the theoretical M / (M+K-1). Throughput ratios"
+            " compare checkpoint=never rows, since torch.distributed.pipelining does no re-materialization."
+            " torch_1f1b refuses M < K."
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _rows_table(rows: list[dict]) -> list[str]:
+    lines = [
+        (
+            "| impl | K | M | checkpoint | micro-batch | threads | samples/s | step ms per round |"
+            " bubble measured | bubble theory | activation MiB (max stage) | peak RSS MiB (max process) |"
+        ),
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        rounds = ", ".join(f"{s * 1e3:.0f}" for s in r["step_s_rounds"])
+        lines.append(
+            f"| {r['impl']} | {r['k']} | {r['m']} | {r['checkpoint']} | {r['microbatch_size']} | {r['threads']} |"
+            f" {r['samples_per_s']:.0f} | {rounds} | {_fmt(r['bubble_measured'], '.3f')} |"
+            f" {r['bubble_theory']:.3f} | {_mib(r['activation_bytes_max'])} | {_mib(r['rss_max_bytes'])} |"
+        )
+    return lines
+
+
+def _ratios_table(summary: dict[str, Any]) -> list[str]:
+    lines = [
+        (
+            "| K | M | gpipe / torch_gpipe | gpipe / torch_1f1b | gpipe / executor | efficiency / theory: never, always |"
+            " activation always / never | time always / never |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pick(name: str, k: int, m: int, field: str = "ratio", mode: str = "never") -> str:
+        hits = [e[field] for e in summary[name] if (e["k"], e["m"], e.get("checkpoint", mode)) == (k, m, mode)]
+        return _fmt(hits[0] if hits else None, ".2f")
+
+    for k, m in sorted({(e["k"], e["m"]) for e in summary["efficiency_vs_theory"]}):
+        efficiency = f"{pick('efficiency_vs_theory', k, m)}, {pick('efficiency_vs_theory', k, m, mode='always')}"
+        lines.append(
+            f"| {k} | {m} | {pick('gpipe_vs_torch_gpipe', k, m)} | {pick('gpipe_vs_torch_1f1b', k, m)} |"
+            f" {pick('gpipe_vs_executor', k, m)} | {efficiency} |"
+            f" {pick('checkpoint_always_vs_never', k, m, 'activation_ratio')} |"
+            f" {pick('checkpoint_always_vs_never', k, m, 'time_ratio')} |"
+        )
+    return lines
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({r["k"] for r in rows if r["impl"] != "single"})
+    single = next((r for r in rows if r["impl"] == "single"), None)
+    series = [
+        ("gpipe", "never"),
+        ("gpipe", "always"),
+        ("executor", "never"),
+        ("torch_gpipe", "never"),
+        ("torch_1f1b", "never"),
+    ]
+
+    def line(impl: str, k: int, mode: str) -> list[dict]:
+        return sorted(
+            (r for r in rows if (r["impl"], r["k"], r["checkpoint"]) == (impl, k, mode)), key=lambda r: r["m"]
+        )
+
+    written = []
+    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for impl, mode in series:
+            rs = line(impl, k, mode)
+            if rs:
+                ax.plot([r["m"] for r in rs], [r["samples_per_s"] for r in rs], "o-", label=f"{impl} {mode}")
+        if single:
+            ax.axhline(single["samples_per_s"], color="black", linestyle=":", label="single (1 process)")
+        ax.set(xscale="log", xlabel="micro-batches M", ylabel="samples / s", title=f"Throughput, K={k}")
+        ax.legend(fontsize=7)
+    written.append(_save(fig, out / "throughput_vs_m.png"))
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for impl, mode in series[:3]:
+            rs = line(impl, k, mode)
+            ax.plot([r["m"] for r in rs], [r["bubble_measured"] for r in rs], "o-", label=f"{impl} {mode}")
+        rs = line("gpipe", k, "never")
+        ax.plot([r["m"] for r in rs], [r["bubble_theory"] for r in rs], "k--", label="theory (K-1)/(M+K-1)")
+        ax.set(xscale="log", xlabel="micro-batches M", ylabel="bubble fraction", ylim=(0, 1), title=f"Bubble, K={k}")
+        ax.legend(fontsize=7)
+    written.append(_save(fig, out / "bubble_vs_m.png"))
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for mode in ("never", "always"):
+            rs = line("gpipe", k, mode)
+            ax.plot([r["m"] for r in rs], [r["activation_bytes_max"] / 2**20 for r in rs], "o-", label=f"gpipe {mode}")
+        ax.set(
+            xscale="log", xlabel="micro-batches M", ylabel="activation MiB (largest stage)", title=f"Activations, K={k}"
+        )
+        ax.legend(fontsize=7)
+    written.append(_save(fig, out / "activation_memory.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_report(rows: list[dict], cfg: dict[str, Any], wall_s: float, out: Path) -> list[Path]:
+    """Write benchmark.json, benchmark.md and the plots into ``out``; returns their paths."""
+    for r in rows:
+        r["bubble_theory"] = (r["k"] - 1) / (r["m"] + r["k"] - 1)
+    summary = summarize(rows, cfg["depth"])
+    report = {"config": cfg, "machine": machine(), "wall_s": wall_s, "rows": rows, "summary": summary}
+    (out / "benchmark.json").write_text(json.dumps(report, indent=1))
+    (out / "benchmark.md").write_text(markdown(report))
+    return [out / "benchmark.json", out / "benchmark.md", *plot(rows, out)]

@@ -1,0 +1,238 @@
+"""Benchmark the pipeline against its theoretical limit and its peers: ``python experiments/benchmark.py --out DIR``.
+
+On one machine, with one model, batch and optimizer, measures ``single`` (plain Lightning, one process with
+all threads), ``gpipe`` (GPipeStrategy), ``executor`` (this project's executor without Lightning), and
+``torch_gpipe`` / ``torch_1f1b`` (torch.distributed.pipelining). Each K starts its K processes once and runs
+all of its rows in them. Written to DIR: ``benchmark.json``, ``benchmark.md``, three PNG plots, each rank's
+log under ``logs/`` and a Chrome trace per gpipe row under ``traces/``. ``--quick`` is the small CI preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.bench_report import write_report
+
+WORKER = Path(__file__).resolve().parent / "bench_worker.py"
+#: What tells a process which process group it joins; the caller's own must not leak into the ranks.
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK")
+
+
+@dataclass
+class Config:
+    """One benchmark run. Batch and width are chosen so that compute dominates gloo's ~1 ms per message."""
+
+    ks: list[int]
+    ms: list[int]
+    width: int  # features of every layer
+    depth: int  # Linear+ReLU blocks; every stage gets depth // K of them
+    batch: int
+    timed: int  # timed steps per row and round
+    rounds: int  # every row runs this many times, all rows in turn
+    device: str
+    cores: int
+    timeout: float  # seconds for one K group before its ranks are killed
+
+
+FULL = {"ks": [2, 4], "ms": [1, 2, 4, 8, 16], "width": 512, "depth": 32, "batch": 512, "timed": 4, "rounds": 2}
+QUICK = {"ks": [2], "ms": [1, 4], "width": 256, "depth": 16, "batch": 128, "timed": 2, "rounds": 2}
+WARMUP = 2  # untimed steps at the start of every row: first-call costs, allocator warm-up
+OBSERVE_EVERY = 3  # every third step measures the timeline and activations instead of being timed
+
+
+class BenchmarkError(ValueError):
+    """Settings the benchmark cannot run, reported without a traceback."""
+
+
+def parse(argv: list[str] | None = None) -> tuple[Config, Path]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON, the table and the plots")
+    parser.add_argument("--quick", action="store_true", help="the small preset CI runs (K=2, M in 1, 4; under 2 min)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (gloo, one process per stage) or cuda (NCCL, one GPU per stage)"
+    )
+    parser.add_argument(
+        "--k",
+        dest="ks",
+        type=int,
+        nargs="+",
+        help="stage counts (default 2 4 on CPU; on CUDA 1, or 2 4 up to the GPU count)",
+    )
+    parser.add_argument("--m", dest="ms", type=int, nargs="+", help="micro-batch counts (default 1 2 4 8 16)")
+    parser.add_argument("--width", type=int, help="layer width (default 512)")
+    parser.add_argument("--depth", type=int, help="Linear+ReLU blocks (default 32)")
+    parser.add_argument("--batch", type=int, help="samples per step (default 512)")
+    parser.add_argument("--timed", type=int, help="timed steps per row and round (default 4)")
+    parser.add_argument("--rounds", type=int, help="times every row runs, all rows in turn (default 2)")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds one K group may take (default 1200)")
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    values = {key: preset[key] if getattr(args, key) is None else getattr(args, key) for key in preset}
+    cfg = Config(**values, device=args.device, cores=len(os.sched_getaffinity(0)), timeout=args.timeout)
+    if args.ks is None and cfg.device == "cuda":
+        cfg.ks = _cuda_ks()
+    check(cfg)
+    return cfg, args.out
+
+
+def _cuda_ks() -> list[int]:
+    import torch
+
+    n = torch.cuda.device_count()
+    return [k for k in (2, 4, 8) if k <= n] or [1]
+
+
+def check(cfg: Config) -> None:
+    """Refuse settings that cannot give a fair comparison, naming the values."""
+    if cfg.device not in ("cpu", "cuda"):
+        raise BenchmarkError(f"--device {cfg.device!r}: choose cpu or cuda")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BenchmarkError(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine")
+        if max(cfg.ks) > torch.cuda.device_count():
+            raise BenchmarkError(f"--k {cfg.ks}: this machine has {torch.cuda.device_count()} GPUs, one per stage")
+    sizes = {"width": cfg.width, "depth": cfg.depth, "batch": cfg.batch, "timed": cfg.timed, "rounds": cfg.rounds}
+    for name, value in sizes.items():
+        if value < 1:
+            raise BenchmarkError(f"--{name} {value}: need at least 1")
+    for k in cfg.ks:
+        if k < 1 or cfg.depth % k:
+            raise BenchmarkError(
+                f"--k {k} with --depth {cfg.depth}: every stage must get the same number of blocks, so K must be"
+                " at least 1 and divide the depth"
+            )
+    for m in cfg.ms:
+        if m < 1 or cfg.batch % m:
+            raise BenchmarkError(
+                f"--m {m} with --batch {cfg.batch}: micro-batches must be equal (torch.distributed.pipelining"
+                " sizes its buffers once), so M must be at least 1 and divide the batch"
+            )
+
+
+def plan(cfg: Config) -> dict[int, list[dict]]:
+    """The rows of each process group, keyed by its process count; ``single`` runs alone in a group of 1.
+
+    For each M the implementations run back to back, so rows compared with each other run close in time.
+    ``torch_1f1b`` refuses M < K.
+    """
+    groups: dict[int, list[dict]] = {}
+    single = {"impl": "single", "k": 1, "m": 1, "checkpoint": "never"}
+    for k in cfg.ks:
+        rows = groups.setdefault(k, [single] if k == 1 else [])
+        for m in cfg.ms:
+            rows += [{"impl": "gpipe", "k": k, "m": m, "checkpoint": mode} for mode in ("never", "always")]
+            rows += [{"impl": impl, "k": k, "m": m, "checkpoint": "never"} for impl in ("executor", "torch_gpipe")]
+            if m >= k:
+                rows.append({"impl": "torch_1f1b", "k": k, "m": m, "checkpoint": "never"})
+    groups.setdefault(1, [single])
+    return dict(sorted(groups.items()))
+
+
+def steps_per_run(timed: int) -> int:
+    """Steps for ``timed`` timed ones after the warm-up, skipping the observed steps, and at least one observed."""
+    steps, counted = WARMUP, 0
+    while counted < timed or steps <= OBSERVE_EVERY:
+        counted += steps % OBSERVE_EVERY != 0
+        steps += 1
+    return steps
+
+
+def threads_per_process(cfg: Config, processes: int) -> int:
+    return max(1, cfg.cores // processes)
+
+
+def run_group(cfg: Config, k: int, rows: list[dict], out: Path) -> list[dict]:
+    """Start ``k`` ranks of the worker on ``rows`` and return rank 0's measurements."""
+    work, logs = out / "work", out / "logs"
+    work.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = threads_per_process(cfg, k)
+    spec = {
+        "rows": [{**row, "microbatch_size": cfg.batch // row["m"], "threads": threads} for row in rows],
+        "model": {"width": cfg.width, "depth": cfg.depth, "batch": cfg.batch},
+        "warmup": WARMUP, "observe_every": OBSERVE_EVERY, "steps": steps_per_run(cfg.timed), "rounds": cfg.rounds,
+        "device": cfg.device, "threads": threads,
+        "traces": str(out / "traces"), "result": str(work / f"rows_k{k}.json"),
+    }  # fmt: skip
+    (work / f"spec_k{k}.json").write_text(json.dumps(spec, indent=1))
+    env = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS}
+    env.update(OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(k),
+               NODE_RANK="0", PYTHONWARNINGS="ignore")  # fmt: skip
+    cmd = [sys.executable, str(WORKER), str(work / f"spec_k{k}.json")]
+    with ExitStack() as files:
+        procs = []
+        for rank in range(k):
+            log = files.enter_context(open(logs / f"k{k}_rank{rank}.log", "w"))
+            procs.append(
+                subprocess.Popen(cmd, env={**env, "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT)
+            )
+        _wait(procs, cfg.timeout, k, logs)
+    return json.loads(Path(spec["result"]).read_text())
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float, k: int, logs: Path) -> None:
+    """Wait for every rank; once one fails or time runs out, end them all and report the first failed rank's log."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.returncode not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    late = [p for p in procs if p.poll() is None]
+    for p in late:
+        p.kill()
+        p.wait()
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0 and p not in late]
+    if failed or late:
+        rank = failed[0] if failed else 0
+        why = f"rank {rank} exited {procs[rank].returncode}" if failed else f"it ran past --timeout {timeout:.0f} s"
+        raise RuntimeError(f"the K={k} group failed: {why}; its log ends:\n{_tail(logs / f'k{k}_rank{rank}.log')}")
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text()[-chars:] if path.exists() else f"(no log at {path})"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg, out = parse(argv)
+    except BenchmarkError as error:
+        sys.exit(f"benchmark.py: {error}")
+    out.mkdir(parents=True, exist_ok=True)
+    crowded = [k for k in cfg.ks if cfg.device == "cpu" and k > cfg.cores]
+    if crowded:
+        print(f"note: K={crowded} runs more processes than this machine's {cfg.cores} cores; they take turns on them")
+    start = time.perf_counter()
+    rows: list[dict] = []
+    for k, group in plan(cfg).items():
+        t = time.perf_counter()
+        rows += run_group(cfg, k, group, out)
+        print(f"{k} process(es): {len(group)} rows in {time.perf_counter() - t:.0f} s", flush=True)
+    wall = time.perf_counter() - start
+    settings = {**asdict(cfg), "warmup": WARMUP, "observe_every": OBSERVE_EVERY, "steps": steps_per_run(cfg.timed)}
+    for path in write_report(rows, settings, wall, out):
+        print(path)
+    print(f"benchmark took {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

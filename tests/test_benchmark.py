@@ -1,0 +1,131 @@
+"""experiments/benchmark.py --quick: every row measured, summary ratios that follow from the rows, files written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from launch import fresh_env
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.benchmark import BenchmarkError, parse
+
+# The --quick preset: K=2, M in {1, 4}, a 16-block MLP of width 256, batch 128, two rounds.
+K, MS, BATCH, ROUNDS = 2, (1, 4), 128, 2
+EXPECTED = {("single", 1, 1, "never")} | {
+    (impl, K, m, mode)
+    for m in MS
+    for impl, mode in [("gpipe", "never"), ("gpipe", "always"), ("executor", "never"), ("torch_gpipe", "never"),
+                       ("torch_1f1b", "never")]
+    if impl != "torch_1f1b" or m >= K  # PyTorch's 1F1B refuses M < K
+}  # fmt: skip
+ROW_KEYS = {"impl", "k", "m", "checkpoint", "samples_per_s", "bubble_measured", "bubble_theory", "activation_bytes_max"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("benchmark")
+    cmd = [sys.executable, str(ROOT / "experiments" / "benchmark.py"), "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=170, env=fresh_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "benchmark.json").read_text()), out
+
+
+def _rows(report: dict) -> dict[tuple, dict]:
+    return {(r["impl"], r["k"], r["m"], r["checkpoint"]): r for r in report["rows"]}
+
+
+def test_every_row_measured(quick):
+    report, _ = quick
+    assert sorted(_rows(report)) == sorted(EXPECTED) and len(report["rows"]) == len(EXPECTED)
+    for (impl, k, m, _), r in _rows(report).items():
+        assert ROW_KEYS <= set(r)
+        assert r["bubble_theory"] == (k - 1) / (m + k - 1)
+        assert r["samples_per_s"] > 0 and r["samples_per_s"] == pytest.approx(BATCH / r["step_s"])
+        assert len(r["step_s_rounds"]) == ROUNDS and r["step_s"] == min(r["step_s_rounds"])
+        assert r["microbatch_size"] == BATCH // m
+        assert r["activation_bytes_max"] > 0 and r["rss_max_bytes"] > 0
+        if impl in ("gpipe", "executor"):
+            assert 0 <= r["bubble_measured"] < 1
+        else:  # no timeline: torch.distributed.pipelining exposes none, and single has no pipeline
+            assert r["bubble_measured"] is None
+
+
+def test_rematerialization_holds_fewer_activations(quick):
+    rows = _rows(quick[0])
+    # At M=1 "always" keeps the stage input besides one full recompute, so it saves nothing there.
+    for m in MS[1:]:
+        assert (
+            rows[("gpipe", K, m, "always")]["activation_bytes_max"]
+            < rows[("gpipe", K, m, "never")]["activation_bytes_max"]
+        )
+    # Each stage holds half the model: its activations are about half of the single process's.
+    never = rows[("gpipe", K, 1, "never")]["activation_bytes_max"]
+    assert never == pytest.approx(rows[("single", 1, 1, "never")]["activation_bytes_max"] / K, rel=0.1)
+
+
+def test_summary_ratios_follow_from_rows(quick):
+    report, _ = quick
+    rows, summary = _rows(report), report["summary"]
+
+    def sps(impl: str, m: int, mode: str = "never") -> float:
+        return rows[(impl, K, m, mode)]["samples_per_s"]
+
+    for name, peer, ms in [("gpipe_vs_torch_gpipe", "torch_gpipe", MS), ("gpipe_vs_executor", "executor", MS),
+                           ("gpipe_vs_torch_1f1b", "torch_1f1b", [m for m in MS if m >= K])]:  # fmt: skip
+        assert [(e["k"], e["m"], e["checkpoint"]) for e in summary[name]] == [(K, m, "never") for m in ms]
+        for e in summary[name]:
+            assert e["ratio"] == pytest.approx(sps("gpipe", e["m"]) / sps(peer, e["m"]))
+    for e in summary["efficiency_vs_theory"]:
+        bubble = rows[("gpipe", e["k"], e["m"], e["checkpoint"])]["bubble_measured"]
+        assert e["ratio"] == pytest.approx((1 - bubble) / (e["m"] / (e["m"] + e["k"] - 1)))
+    assert len(summary["efficiency_vs_theory"]) == 2 * len(MS)
+    for e in summary["checkpoint_always_vs_never"]:
+        always, never = rows[("gpipe", K, e["m"], "always")], rows[("gpipe", K, e["m"], "never")]
+        assert e["activation_ratio"] == pytest.approx(always["activation_bytes_max"] / never["activation_bytes_max"])
+        assert e["time_ratio"] == pytest.approx(never["samples_per_s"] / always["samples_per_s"])
+    torch_goal = summary["goals"]["gpipe_vs_torch_gpipe"]
+    assert torch_goal["met"] == all(e["ratio"] >= 1.0 for e in summary["gpipe_vs_torch_gpipe"])
+    assert len(torch_goal["missed_at"]) == sum(e["ratio"] < 1.0 for e in summary["gpipe_vs_torch_gpipe"])
+    assert set(summary["goals"]) == {
+        "gpipe_vs_torch_gpipe",
+        "efficiency_vs_theory",
+        "lightning_overhead",
+        "checkpoint_memory",
+    }
+
+
+def test_table_and_plots_written(quick):
+    report, out = quick
+    table = (out / "benchmark.md").read_text()
+    assert report["machine"]["cpu"] in table and f"torch {report['machine']['torch']}" in table
+    for r in report["rows"]:
+        assert f"| {r['impl']} | {r['k']} | {r['m']} | {r['checkpoint']} | {r['microbatch_size']} |" in table
+    for name in ("throughput_vs_m.png", "bubble_vs_m.png", "activation_memory.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--k", "3"], "--k 3 with --depth 32"),
+        (["--quick", "--m", "3"], "--m 3 with --batch 128"),
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--timed", "0"], "--timed 0"),
+    ],
+)
+def test_bad_settings_are_refused_with_their_values(argv, message):
+    with pytest.raises(BenchmarkError, match=message):
+        parse(["--out", "unused", *argv])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_refused_without_a_gpu():
+    with pytest.raises(BenchmarkError, match="--device cuda: torch .* sees no CUDA device"):
+        parse(["--out", "unused", "--device", "cuda"])
