@@ -7,9 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_gpipe.balance import optimal_split
+from lightning_gpipe.profile import LayerCosts, predicted_efficiency
 from lightning_gpipe.timeline import COMPUTE, Event, bubble, chrome_trace, draw_schedule, theoretical_bubble
 
-__all__ = ["StageReport", "summarize", "Reporter"]
+__all__ = ["StageReport", "summarize", "Reporter", "BalanceReport"]
 
 
 @dataclass
@@ -73,3 +77,54 @@ class Reporter:
         folder.mkdir(parents=True, exist_ok=True)
         chrome_trace(self.steps, folder / "pipeline_trace.json")
         return scalars
+
+
+@dataclass
+class BalanceReport:
+    """The balance a measured rule chose, what each stage is predicted to cost, and the uniform split beside it."""
+
+    rule: str
+    balance: list[int]
+    stage_costs: list[float]  # seconds per micro-batch (time) or bytes (memory)
+    efficiency: float  # predicted from the measured times: M * sum(t) / (K * (M + K - 1) * max(t))
+    uniform: list[int]
+    uniform_costs: list[float]
+    uniform_efficiency: float
+    m: int
+
+    @classmethod
+    def of(cls, rule: str, layer_costs: Sequence[float], k: int, m: int, measured: LayerCosts) -> BalanceReport:
+        n = len(layer_costs)
+        uniform = [n // k + (1 if j < n % k else 0) for j in range(k)]
+        balance = optimal_split(layer_costs, k)
+
+        def per_stage(costs: Sequence[float], counts: Sequence[int]) -> list[float]:
+            starts = [sum(counts[:j]) for j in range(len(counts))]
+            return [sum(costs[a : a + c]) for a, c in zip(starts, counts)]
+
+        def efficiency(counts: Sequence[int]) -> float:
+            return predicted_efficiency(per_stage(measured.seconds, counts), m)
+
+        return cls(rule, balance, per_stage(layer_costs, balance), efficiency(balance),
+                   uniform, per_stage(layer_costs, uniform), efficiency(uniform), m)  # fmt: skip
+
+    def text(self) -> str:
+        if self.rule == "time":
+            unit, scale, what = "ms", 1e3, "forward+backward per micro-batch"
+        else:
+            unit, scale, what = "MiB", 1 / 2**20, "weights, gradients, optimizer state and activations"
+        show = lambda costs: ", ".join(f"{c * scale:.2f}" for c in costs)  # noqa: E731
+        return (
+            f"balance={self.rule!r} chose balance={self.balance}; copy it into balance=... to reuse it.\n"
+            f"Stage costs ({unit}, {what}): {show(self.stage_costs)}; predicted pipeline efficiency"
+            f" {self.efficiency:.2f} at M={self.m}.\n"
+            f"Uniform {self.uniform} would cost {show(self.uniform_costs)}, efficiency {self.uniform_efficiency:.2f}."
+        )
+
+    def publish(self, trainer: Any) -> None:
+        """Log the report, and put it in TensorBoard's text tab (call on global rank 0)."""
+        text = self.text()
+        rank_zero_info("GPipeStrategy: " + text.replace("\n", " "))
+        for logger in trainer.loggers:
+            if hasattr(getattr(logger, "experiment", None), "add_text"):
+                logger.experiment.add_text("pipeline/balance", text.replace("\n", "  \n"), 0)

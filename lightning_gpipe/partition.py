@@ -21,9 +21,11 @@ __all__ = [
     "stage_layers",
 ]
 
-#: Layer counts per stage, or a rule: ``"uniform"`` (by layer count) or ``"params"`` (by parameter count).
+#: Layer counts per stage, or a rule: ``"uniform"`` (by layer count), ``"params"`` (by parameter count),
+#: ``"time"`` or ``"memory"`` (by per-layer costs measured on a sample, see :mod:`lightning_gpipe.profile`).
 Balance = Union[str, Sequence[int]]
-BALANCE_RULES = ("uniform", "params")
+BALANCE_RULES = ("uniform", "params", "time", "memory")
+PROFILED_RULES = ("time", "memory")
 
 
 class BalanceError(ValueError):
@@ -112,7 +114,10 @@ def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:
                     " pass the balance as a list of layer counts"
                 )
             return optimal_split([sum(p.numel() for p in layer.parameters()) for layer in layers], k)
-        raise BalanceError(f"balance must be one of {BALANCE_RULES} or a list of layer counts, got {balance!r}")
+        raise BalanceError(
+            f"balance must be 'uniform', 'params' or a list of layer counts here ('time' and 'memory' are measured"
+            f" by GPipeStrategy), got {balance!r}"
+        )
     counts = list(balance)
     if len(counts) != k:
         raise BalanceError(f"balance {counts} has {len(counts)} stages, but the pipeline has {k} (devices x nodes)")

@@ -27,10 +27,12 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -43,9 +45,11 @@ from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
-from lightning_gpipe.observe import Reporter, StageReport
+from lightning_gpipe.profile import profile_layers
+from lightning_gpipe.observe import BalanceReport, Reporter, StageReport
 from lightning_gpipe.partition import (
     BALANCE_RULES,
+    PROFILED_RULES,
     Balance,
     BalanceError,
     check_forward,
@@ -129,7 +133,10 @@ class GPipeStrategy(ParallelStrategy):
 
     Args:
         microbatches: M, the number of micro-batches per batch (a smaller batch gives fewer).
-        balance: layers per stage as a list, or ``"uniform"`` (by layer count) or ``"params"`` (by parameter count).
+        balance: layers per stage as a list, or a rule: ``"uniform"`` (by layer count), ``"params"`` (by parameter
+            count), ``"time"`` (by each layer's measured forward plus backward time) or ``"memory"`` (by each layer's
+            measured weights, gradients, optimizer state and saved activations). Measured rules profile on a
+            sample micro-batch (``example_input_array`` or the first training batch) and report their choice.
         checkpoint: re-materialization: ``"always"``, ``"except_last"`` (all but the last micro-batch) or ``"never"``.
         sequential: attribute name of the ``nn.Sequential`` to pipeline; found automatically when the module
             has exactly one Sequential child holding all its parameters.
@@ -203,6 +210,7 @@ class GPipeStrategy(ParallelStrategy):
         self._executor: Optional[StageExecutor] = None
         self._sequential_name = ""
         self._forward_checked = False
+        self._balance_report: Optional[BalanceReport] = None
 
     # -- options ------------------------------------------------------------------------------
 
@@ -338,7 +346,9 @@ class GPipeStrategy(ParallelStrategy):
         name, seq = find_sequential(module, self._sequential)
         self._sequential_name = name
         k, stage = self.world_size, self.global_rank
-        if self._balance is None:
+        if self._balance is None and self._balance_request in PROFILED_RULES:
+            self._balance = self._profiled_balance(module, seq, fitting)
+        elif self._balance is None:
             self._balance = resolve_balance(self._balance_request, seq, k)
         else:
             resolve_balance(self._balance, seq, k)  # the same checks against the module given now
@@ -363,6 +373,53 @@ class GPipeStrategy(ParallelStrategy):
             f"GPipeStrategy: {k} stages of {name!r} with balance {self._balance},"
             f" microbatches={self._microbatches}, checkpoint={self._checkpoint!r}"
         )
+        if self._balance_report is not None and self.is_global_zero:
+            self._balance_report.publish(module.trainer)
+
+    def _profiled_balance(self, module: LightningModule, seq: nn.Sequential, fitting: bool) -> list[int]:
+        """Global rank 0 measures every layer on a sample micro-batch and splits; every rank takes its answer."""
+        report: Optional[BalanceReport] = None
+        if self.is_global_zero:
+            layers = list(seq._modules.values())
+            if len(layers) < self.world_size:
+                raise BalanceError(
+                    f"cannot cut {len(layers)} layers into {self.world_size} stages: a pipeline needs at least"
+                    " one layer per stage"
+                )
+            sample = self._sample_microbatch(module, fitting)
+            costs = profile_layers(layers, sample, self.root_device)
+            if self._balance_request == "time":
+                per_layer = costs.seconds
+            else:
+                held = self._microbatches if self._checkpoint == "never" else 1
+                per_layer = costs.memory(_optimizer_slots(module), held)
+            report = BalanceReport.of(self._balance_request, per_layer, self.world_size, self._microbatches, costs)
+        report = self.broadcast(report)
+        assert report is not None
+        self._balance_report = report
+        return report.balance
+
+    def _sample_microbatch(self, module: LightningModule, fitting: bool) -> Any:
+        """The first micro-batch of what ``self(x)`` gets: from ``example_input_array``, or when fitting, from
+        the first training batch passed through the user's ``training_step`` up to ``self(x)``.
+
+        Drawing it leaves every random stream as it was, so profiled runs shuffle as others do."""
+        x = module.example_input_array
+        if x is None and fitting:
+            trainer = module.trainer
+            random_state = rank_random_state(self.root_device)
+            try:
+                loader = CombinedLoader(trainer.fit_loop._data_source.dataloader(), "max_size_cycle")
+                batch, batch_idx, _ = next(iter(loader))
+                x = _input_of_step(module, self.batch_to_device(batch), batch_idx)
+            finally:
+                set_rank_random_state(random_state, self.root_device)
+        if x is None:
+            raise BalanceError(
+                f"GPipeStrategy(balance={self._balance_request!r}) profiles the layers on a sample input: set"
+                f" {type(module).__name__}.example_input_array, or pass the balance as a list of layer counts"
+            )
+        return split(x, self._microbatches)[0]
 
     @override
     @contextmanager
@@ -666,6 +723,42 @@ def _check_stages_have_parameters(balance: Sequence[int], layers: list[Optional[
                 f" so its optimizer would be empty; balance {list(balance)} needs changing so every stage holds"
                 " a layer with parameters"
             )
+
+
+class _StepInput(BaseException):
+    """Carries the input of ``self(x)`` out of a user's step that is only run to find it."""
+
+
+def _input_of_step(module: LightningModule, batch: Any, batch_idx: int) -> Any:
+    """What ``module.training_step(batch, batch_idx)`` passes to ``self(x)``, without running the rest."""
+
+    def capture(x: Any, *args: Any, **kwargs: Any) -> Any:
+        raise _StepInput(x)
+
+    with patched(module, "forward", capture), muted_logs(module):
+        try:
+            module.training_step(batch, batch_idx)
+        except _StepInput as found:
+            return found.args[0]
+    raise RuntimeError(
+        f"GPipeStrategy: {type(module).__name__}.training_step never called self(...), so balance cannot be"
+        " profiled on its input"
+    )
+
+
+def _optimizer_slots(module: LightningModule) -> float:
+    """How many parameter-sized tensors of state the module's optimizer keeps (Adam 2, SGD with momentum 1),
+    measured by stepping the same optimizer class, with the same settings, on a probe tensor."""
+    optimizers, _ = _init_optimizers_and_lr_schedulers(module)
+    slots = 0.0
+    for optimizer in optimizers:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        probe = torch.zeros(4096, requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        trial = type(optimizer)([probe], **optimizer.defaults)
+        trial.step()
+        slots = max(slots, optimizer_state_bytes(trial) / tensor_bytes([probe]))
+    return round(slots, 2)
 
 
 def _shared_output(hook: str, output: Any) -> Any:

@@ -1,9 +1,22 @@
 import itertools
 import random
+import statistics
+from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+from _model import Classifier, loaders
+from launch import launch
+from torch import nn
 
+from lightning_gpipe import BalanceError, GPipeStrategy
 from lightning_gpipe.balance import optimal_split
+from lightning_gpipe.observe import BalanceReport
+from lightning_gpipe.profile import LayerCosts, predicted_efficiency, profile_layers
+from lightning_gpipe.strategy import _optimizer_slots
+
+WORKER = Path(__file__).resolve().parent / "_balance_worker.py"
 
 
 def _largest_stage(costs, counts):
@@ -47,3 +60,94 @@ def test_bad_arguments():
         optimal_split([1, 2], 3)
     with pytest.raises(ValueError, match=r"layer costs must not be negative, got \[1, -2\]"):
         optimal_split([1, -2], 1)
+
+
+# -- measured balance ---------------------------------------------------------------------------
+
+
+def test_profiling_leaves_no_trace():
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)]
+    sample = torch.randn(8, 4)
+    before = {name: t.clone() for name, t in nn.Sequential(*layers).state_dict().items()}
+    random_state = torch.get_rng_state()
+    costs = profile_layers(layers, sample, torch.device("cpu"), repeats=2)
+    assert torch.equal(torch.get_rng_state(), random_state)
+    for name, value in nn.Sequential(*layers).state_dict().items():
+        assert torch.equal(value, before[name]), name  # weights and batch-norm statistics
+    assert all(p.grad is None for layer in layers for p in layer.parameters())
+    assert costs.param_bytes == [80, 32, 0, 40]
+    # Saved for backward, per micro-batch of 8: Linear its input; BatchNorm its input (and 2 statistics);
+    # Dropout its mask; the last Linear its input.
+    assert costs.activation_bytes[0] == 8 * 4 * 4 and costs.activation_bytes[3] == 8 * 4 * 4
+    assert costs.memory(optimizer_slots=2, held_microbatches=3)[3] == 40 * 4 + 3 * 128
+
+
+def test_an_expensive_layer_gets_a_stage_of_its_own():
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(32, 4096), nn.ReLU(), nn.Linear(4096, 32))
+    layers = [nn.Linear(32, 32), nn.Linear(32, 32), wide, nn.Linear(32, 32), nn.Linear(32, 32)]
+    costs = profile_layers(layers, torch.randn(64, 32), torch.device("cpu"))
+    assert optimal_split(costs.seconds, 3) == [2, 1, 2]
+
+
+def test_balance_report_names_the_choice_and_the_uniform_split():
+    measured = LayerCosts(seconds=[0.001, 0.001, 0.001, 0.006], param_bytes=[0] * 4, activation_bytes=[0] * 4)
+    report = BalanceReport.of("time", measured.seconds, 2, 4, measured)
+    assert report.text() == (
+        "balance='time' chose balance=[3, 1]; copy it into balance=... to reuse it.\n"
+        "Stage costs (ms, forward+backward per micro-batch): 3.00, 6.00; predicted pipeline efficiency 0.60 at M=4.\n"
+        "Uniform [2, 2] would cost 2.00, 7.00, efficiency 0.51."
+    )
+
+
+def test_predicted_efficiency_is_the_bubble_formula_for_equal_stages():
+    assert predicted_efficiency([1.0, 1.0, 1.0, 1.0], 8) == pytest.approx(8 / 11)
+    assert predicted_efficiency([1.0, 3.0], 4) == pytest.approx(4 * 4 / (2 * 5 * 3))
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory) -> list[dict]:
+    """The transformer experiment on K=2, under balance="uniform" and "time", every step observed."""
+    out = tmp_path_factory.mktemp("transformer")
+    overrides = ["experiment=transformer_text", "k=2", "m=4", "data.max_bytes=60000", "data.batch_size=32",
+                 "trainer.max_epochs=1", "+trainer.max_steps=7", "observe_every_n_steps=1"]  # fmt: skip
+    ranks = launch(2, [str(WORKER), str(out), "uniform", "time", "--", *overrides], out, timeout=300)
+    assert all(r.returncode == 0 for r in ranks), "\n".join(r.output[-3000:] for r in ranks)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _stage_compute(logged: list, k: int) -> list[list[float]]:
+    """Per observed step, each stage's measured compute seconds."""
+    return [[m[f"pipeline/compute_s_stage{j}"] for j in range(k)] for _, m in logged if "pipeline/compute_s_stage0" in m]
+
+
+def test_time_balance_shortens_the_slowest_stage_on_the_transformer(transformer):
+    first, second = transformer
+    assert first["time"]["balance"] == second["time"]["balance"]  # every rank runs the same split
+    assert first["uniform"]["balance"] == [5, 4]  # embedding + 4 blocks | 2 blocks, norm, head
+    assert first["time"]["balance"] != [5, 4]
+    # Measured on the observed steps' timelines (global rank 0 logs them), not predicted.
+    slowest = {rule: statistics.median(max(s) for s in _stage_compute(first[rule]["logged"], 2)) for rule in first}
+    assert len(_stage_compute(first["time"]["logged"], 2)) == 6
+    assert slowest["time"] < 0.9 * slowest["uniform"], slowest
+
+
+def test_measured_balance_needs_a_sample_outside_fit():
+    model = Classifier()
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=GPipeStrategy(balance="time"), logger=False)
+    with pytest.raises(BalanceError, match=r"GPipeStrategy\(balance='time'\) profiles the layers on a sample input: set"
+                       r" Classifier.example_input_array, or pass the balance as a list of layer counts"):  # fmt: skip
+        trainer.validate(model, loaders()[1], verbose=False)
+
+
+@pytest.mark.parametrize(("make", "slots"), [
+    (lambda p: torch.optim.Adam(p, lr=0.1), 2.0),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 1.0),
+    (lambda p: torch.optim.SGD(p, lr=0.1), 0.0),
+])  # fmt: skip
+def test_optimizer_slots_are_measured(make, slots):
+    model = Classifier()
+    model.configure_optimizers = lambda: make(model.parameters())
+    model.trainer = L.Trainer(logger=False)
+    assert _optimizer_slots(model) == slots

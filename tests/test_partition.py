@@ -50,7 +50,8 @@ def test_resolve_balance():
     assert resolve_balance([2, 3], seq, 2) == [2, 3]
     with pytest.raises(BalanceError, match="cannot cut 5 layers into 6 stages"):
         resolve_balance("uniform", seq, 6)
-    with pytest.raises(BalanceError, match=r"balance must be one of \('uniform', 'params'\) or a list of layer counts, got 'time'"):
+    with pytest.raises(BalanceError, match=r"balance must be 'uniform', 'params' or a list of layer counts here \('time' and 'memory' are"
+                       r" measured by GPipeStrategy\), got 'time'"):
         resolve_balance("time", seq, 2)
 
 

@@ -215,7 +215,7 @@ def test_failure_on_one_rank_ends_all_ranks(failing_rank, tmp_path):
         ({"microbatches": 0}, r"GPipeStrategy\(microbatches=0\): need an integer of at least 1"),
         ({"microbatches": 2.5}, r"GPipeStrategy\(microbatches=2.5\): need an integer of at least 1"),
         ({"checkpoint": "sometimes"}, r"GPipeStrategy\(checkpoint='sometimes'\): choose one of always, except_last, never"),
-        ({"balance": "time"}, r"GPipeStrategy\(balance='time'\): choose one of uniform, params or a list of layer counts"),
+        ({"balance": "fastest"}, r"GPipeStrategy\(balance='fastest'\): choose one of uniform, params, time, memory or a list"),
     ],
 )  # fmt: skip
 def test_bad_arguments(kwargs, message):

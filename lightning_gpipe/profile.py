@@ -1,0 +1,119 @@
+"""Measuring each layer's cost on a sample micro-batch, for ``balance="time"`` and ``balance="memory"``."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_gpipe.comm import carries_grad
+from lightning_gpipe.memory import ActivationMeter, tensor_bytes
+from lightning_gpipe.microbatch import _map, as_tuple
+
+__all__ = ["LayerCosts", "profile_layers", "predicted_efficiency"]
+
+
+@dataclass
+class LayerCosts:
+    """Per layer: forward plus backward seconds on the sample (median), and the bytes it holds in training."""
+
+    seconds: list[float]
+    param_bytes: list[int]  # trainable parameters, counted once each for the weights, the gradients ...
+    activation_bytes: list[int]  # ... and what autograd saves for backward for one sample micro-batch
+
+    def memory(self, optimizer_slots: float, held_microbatches: int) -> list[float]:
+        """Bytes per layer: weights, gradients, ``optimizer_slots`` optimizer copies, and the activations of
+        ``held_microbatches`` micro-batches (M without re-materialization, 1 with it)."""
+        return [
+            p * (2 + optimizer_slots) + a * held_microbatches for p, a in zip(self.param_bytes, self.activation_bytes)
+        ]
+
+
+def profile_layers(layers: Sequence[nn.Module], sample: Any, device: torch.device, repeats: int = 5) -> LayerCosts:
+    """Time and meter each layer's forward and backward in training mode, one layer at a time on ``device``.
+
+    Each layer gets the previous layer's output on ``sample``. Layers go back where they were, with their
+    gradients, buffers (batch-norm statistics) and every random stream as before: profiling changes nothing.
+    """
+    if repeats < 1:
+        raise ValueError(f"profiling needs at least 1 repetition, got {repeats}")
+    seconds, params, activations = [], [], []
+    x = _to(sample, device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        for layer in layers:
+            with _visiting(layer, device):
+                runs = [_forward_backward(layer, x, device) for _ in range(repeats + 1)]  # the first warms up
+                seconds.append(statistics.median(runs[1:]))
+                activations.append(_saved_bytes(layer, x))
+                params.append(tensor_bytes(p for p in layer.parameters() if p.requires_grad))
+                with torch.no_grad():
+                    x = layer(x)
+    return LayerCosts(seconds, params, activations)
+
+
+def predicted_efficiency(stage_seconds: Sequence[float], m: int) -> float:
+    """The share of the K devices' time spent computing when the slowest stage paces an F-then-B step of M
+    micro-batches: ``M * sum(t) / (K * (M + K - 1) * max(t))``, which is M/(M+K-1) for equal stages."""
+    k = len(stage_seconds)
+    return m * sum(stage_seconds) / (k * (m + k - 1) * max(stage_seconds))
+
+
+@contextmanager
+def _visiting(layer: nn.Module, device: torch.device) -> Iterator[None]:
+    """``layer`` on ``device`` for the block; then back, with its gradients and buffers as they were."""
+    home = next((t.device for t in [*layer.parameters(), *layer.buffers()]), device)
+    grads = {p: p.grad for p in layer.parameters()}
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+    training = layer.training
+    layer.to(device).train()
+    try:
+        yield
+    finally:
+        layer.to(home).train(training)
+        for p, grad in grads.items():
+            p.grad = grad
+        state = dict(layer.named_buffers())
+        with torch.no_grad():
+            for name, value in buffers.items():
+                state[name].copy_(value)
+
+
+def _forward_backward(layer: nn.Module, x: Any, device: torch.device) -> float:
+    x = _leaves(x)
+    _sync(device)
+    start = time.perf_counter()
+    outputs = [t for t in as_tuple(layer(x)) if t.requires_grad]
+    if outputs:
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _saved_bytes(layer: nn.Module, x: Any) -> int:
+    meter = ActivationMeter()
+    meter.start(layer.parameters())
+    with meter.saving():
+        outputs = layer(_leaves(x))
+    del outputs
+    return meter.stop()
+
+
+def _leaves(x: Any) -> Any:
+    """Fresh leaves of ``x`` that collect gradients, as a stage's received input does."""
+    return _map(x, lambda t: t.detach().requires_grad_(carries_grad(t)))
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return _map(x, lambda t: t.to(device))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
