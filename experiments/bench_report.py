@@ -150,17 +150,16 @@ def markdown(report: dict[str, Any]) -> str:
             " (other work on a shared machine only slows a round)."
         ),
         "",
-        *_rows_table(report["rows"]),
+        *_overview_table(report["rows"]),
         "",
         *_ratios_table(report["summary"]),
         "",
-        "| goal | target | result | missed at (K, M, checkpoint) |",
-        "|---|---|---|---|",
+        *_goals_table(report["summary"]["goals"]),
+        "",
+        "All rows:",
+        "",
+        *_rows_table(report["rows"]),
     ]
-    for name, goal in report["summary"]["goals"].items():
-        result = _met(goal["met"]) + (f" (aim {'met' if goal['aim_met'] else 'missed'})" if "aim_met" in goal else "")
-        missed = ", ".join("(" + ", ".join(str(v) for v in e.values()) + ")" for e in goal["missed_at"])
-        lines.append(f"| {name} | {goal['target']} | {result} | {missed or '-'} |")
     lines += [
         "",
         (
@@ -172,6 +171,52 @@ def markdown(report: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _overview_table(rows: list[dict]) -> list[str]:
+    """Samples per second of every implementation, bubble and activation memory, one line per (K, M)."""
+    by = {(r["impl"], r["k"], r["m"], r["checkpoint"]): r for r in rows}
+    single = by.get(("single", 1, 1, "never"))
+    lines = []
+    if single:
+        lines += [
+            (
+                f"single (one process, {single['threads']} threads): {single['samples_per_s']:.0f} samples/s,"
+                f" activations {_mib(single['activation_bytes_max'])} MiB."
+            ),
+            "",
+        ]
+    lines += [
+        (
+            "| K | M | micro-batch | samples/s: gpipe never | gpipe always | executor | torch_gpipe | torch_1f1b |"
+            " bubble: gpipe never | theory | activation MiB (max stage): never | always |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, m in sorted({(r["k"], r["m"]) for r in rows if r["impl"] == "gpipe"}):
+
+        def get(impl: str, field: str, mode: str = "never", k: int = k, m: int = m) -> float | None:
+            row = by.get((impl, k, m, mode))
+            return None if row is None else row[field]
+
+        speeds = [("gpipe", "never"), ("gpipe", "always"), ("executor", "never"), ("torch_gpipe", "never")]
+        lines.append(
+            f"| {k} | {m} | {get('gpipe', 'microbatch_size')} |"
+            + "".join(f" {_fmt(get(impl, 'samples_per_s', mode), '.0f')} |" for impl, mode in speeds)
+            + f" {_fmt(get('torch_1f1b', 'samples_per_s'), '.0f')} | {_fmt(get('gpipe', 'bubble_measured'), '.3f')} |"
+            f" {_fmt(get('gpipe', 'bubble_theory'), '.3f')} | {_mib(get('gpipe', 'activation_bytes_max'))} |"
+            f" {_mib(get('gpipe', 'activation_bytes_max', 'always'))} |"
+        )
+    return lines
+
+
+def _goals_table(goals: dict[str, dict]) -> list[str]:
+    lines = ["| goal | target | result | missed at (K, M, checkpoint) |", "|---|---|---|---|"]
+    for name, goal in goals.items():
+        result = _met(goal["met"]) + (f" (aim {'met' if goal['aim_met'] else 'missed'})" if "aim_met" in goal else "")
+        missed = ", ".join("(" + ", ".join(str(v) for v in e.values()) + ")" for e in goal["missed_at"])
+        lines.append(f"| {name} | {goal['target']} | {result} | {missed or '-'} |")
+    return lines
 
 
 def _rows_table(rows: list[dict]) -> list[str]:
@@ -246,7 +291,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                 ax.plot([r["m"] for r in rs], [r["samples_per_s"] for r in rs], "o-", label=f"{impl} {mode}")
         if single:
             ax.axhline(single["samples_per_s"], color="black", linestyle=":", label="single (1 process)")
-        ax.set(xscale="log", xlabel="micro-batches M", ylabel="samples / s", title=f"Throughput, K={k}")
+        ax.set(ylabel="samples / s", title=f"Throughput, K={k}")
+        _m_axis(ax, rows)
         ax.legend(fontsize=7)
     written.append(_save(fig, out / "throughput_vs_m.png"))
 
@@ -257,7 +303,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             ax.plot([r["m"] for r in rs], [r["bubble_measured"] for r in rs], "o-", label=f"{impl} {mode}")
         rs = line("gpipe", k, "never")
         ax.plot([r["m"] for r in rs], [r["bubble_theory"] for r in rs], "k--", label="theory (K-1)/(M+K-1)")
-        ax.set(xscale="log", xlabel="micro-batches M", ylabel="bubble fraction", ylim=(0, 1), title=f"Bubble, K={k}")
+        ax.set(ylabel="bubble fraction", ylim=(0, 1), title=f"Bubble, K={k}")
+        _m_axis(ax, rows)
         ax.legend(fontsize=7)
     written.append(_save(fig, out / "bubble_vs_m.png"))
 
@@ -266,12 +313,19 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         for mode in ("never", "always"):
             rs = line("gpipe", k, mode)
             ax.plot([r["m"] for r in rs], [r["activation_bytes_max"] / 2**20 for r in rs], "o-", label=f"gpipe {mode}")
-        ax.set(
-            xscale="log", xlabel="micro-batches M", ylabel="activation MiB (largest stage)", title=f"Activations, K={k}"
-        )
+        ax.set(ylabel="activation MiB (largest stage)", ylim=(0, None), title=f"Activations, K={k}")
+        _m_axis(ax, rows)
         ax.legend(fontsize=7)
     written.append(_save(fig, out / "activation_memory.png"))
     return written
+
+
+def _m_axis(ax: Any, rows: list[dict]) -> None:
+    ms = sorted({r["m"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.minorticks_off()
+    ax.set_xlabel("micro-batches M")
 
 
 def _save(fig: Any, path: Path) -> Path:
