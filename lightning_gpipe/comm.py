@@ -9,8 +9,9 @@ as NCCL requires; gloo additionally gets a distinct tag per message kind and mic
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from lightning_gpipe.microbatch import Tensors
 
-__all__ = ["StageLink", "carries_grad"]
+__all__ = ["StageLink", "ObjectBroadcast", "carries_grad"]
 
 _DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -147,3 +148,36 @@ def _decode_header(header: Tensor) -> list[tuple[list[int], torch.dtype]]:
         specs.append((fields[pos + 2 : pos + 2 + ndim], dtype))
         pos += 2 + ndim
     return specs
+
+
+class ObjectBroadcast:
+    """A picklable object from one rank to all, without the sender waiting for the receivers.
+
+    The last stage shares what its step produced this way: it goes on to its backward at once, while
+    the other stages, idle until their gradients arrive anyway, take the object in.
+    """
+
+    def __init__(self, device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.device, self.group = device, group
+        self._pending: list[tuple[dist.Work, Tensor]] = []
+
+    def send(self, obj: Any) -> None:
+        self.wait()
+        data = pickle.dumps(obj)
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        src = dist.get_rank()
+        self._pending = [(dist.broadcast(t, src, group=self.group, async_op=True), t) for t in (size, payload)]
+
+    def receive(self, src: int) -> Any:
+        size = torch.empty(1, dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src, group=self.group)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+        dist.broadcast(payload, src, group=self.group)
+        return pickle.loads(payload.cpu().numpy().tobytes())
+
+    def wait(self) -> None:
+        """Until the receivers have everything sent so far."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending = []

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_gpipe.comm import StageLink
+from lightning_gpipe.comm import ObjectBroadcast, StageLink
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
@@ -211,6 +211,7 @@ class GPipeStrategy(ParallelStrategy):
         self._sequential_name = ""
         self._forward_checked = False
         self._balance_report: Optional[BalanceReport] = None
+        self._sharing: Optional[ObjectBroadcast] = None  # the last stage's step results, to the other stages
 
     # -- options ------------------------------------------------------------------------------
 
@@ -367,6 +368,7 @@ class GPipeStrategy(ParallelStrategy):
             )
         kept = keep_stage(seq, stage_layers(self._balance, stage))
         link = StageLink(stage, k, self.root_device) if k > 1 else None
+        self._sharing = ObjectBroadcast(self.root_device) if k > 1 else None
         self._executor = StageExecutor(kept, stage, k, self.root_device, link, self._checkpoint)
         log.debug("stage %d of %d runs %s.%s", stage, k, name, stage_layers(self._balance, stage))
         rank_zero_info(
@@ -378,26 +380,29 @@ class GPipeStrategy(ParallelStrategy):
 
     def _profiled_balance(self, module: LightningModule, seq: nn.Sequential, fitting: bool) -> list[int]:
         """Global rank 0 measures every layer on a sample micro-batch and splits; every rank takes its answer."""
-        report: Optional[BalanceReport] = None
+        outcome: Union[BalanceReport, Exception, None] = None
         if self.is_global_zero:
-            layers = list(seq._modules.values())
-            if len(layers) < self.world_size:
-                raise BalanceError(
-                    f"cannot cut {len(layers)} layers into {self.world_size} stages: a pipeline needs at least"
-                    " one layer per stage"
-                )
-            sample = self._sample_microbatch(module, fitting)
-            costs = profile_layers(layers, sample, self.root_device)
-            if self._balance_request == "time":
-                per_layer = costs.seconds
-            else:
-                held = self._microbatches if self._checkpoint == "never" else 1
-                per_layer = costs.memory(_optimizer_slots(module), held)
-            report = BalanceReport.of(self._balance_request, per_layer, self.world_size, self._microbatches, costs)
-        report = self.broadcast(report)
-        assert report is not None
-        self._balance_report = report
-        return report.balance
+            try:
+                outcome = self._measure_balance(module, seq, fitting)
+            except Exception as error:  # every rank raises it, instead of waiting for an answer
+                outcome = error
+        outcome = self.broadcast(outcome)
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert outcome is not None
+        self._balance_report = outcome
+        return outcome.balance
+
+    def _measure_balance(self, module: LightningModule, seq: nn.Sequential, fitting: bool) -> BalanceReport:
+        layers = list(seq._modules.values())
+        resolve_balance("uniform", seq, self.world_size)  # enough layers for K stages
+        costs = profile_layers(layers, self._sample_microbatch(module, fitting), self.root_device)
+        if self._balance_request == "time":
+            per_layer = costs.seconds
+        else:
+            held = self._microbatches if self._checkpoint == "never" else 1
+            per_layer = costs.memory(_optimizer_slots(module), held)
+        return BalanceReport.of(self._balance_request, per_layer, self.world_size, self._microbatches, costs)
 
     def _sample_microbatch(self, module: LightningModule, fitting: bool) -> Any:
         """The first micro-batch of what ``self(x)`` gets: from ``example_input_array``, or when fitting, from
@@ -485,11 +490,12 @@ class GPipeStrategy(ParallelStrategy):
             return output
         # Code after self(x) ran on the last stage alone; what it changed that the other ranks read
         # travels from there: its logs, the loss or predictions, and the rank-wide random state.
+        assert self._sharing is not None
         if executor.is_last:
             shared["random"] = rank_random_state(self.root_device)
-        shared = self.broadcast(shared, src=executor.k - 1)
-        if executor.is_last:
+            self._sharing.send(shared)
             return output
+        shared = self._sharing.receive(src=executor.k - 1)
         set_rank_random_state(shared["random"], self.root_device)
         replay_logs(module, shared["records"], self.root_device)
         return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.root_device))
@@ -505,6 +511,8 @@ class GPipeStrategy(ParallelStrategy):
             self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         # ... which drive each micro-batch's backward, in reverse, through every stage.
         executor.backward()
+        if self._sharing is not None:
+            self._sharing.wait()
         if self._observing:
             self._report()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
@@ -697,6 +705,8 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
+        if self._sharing is not None:
+            self._sharing.wait()
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
         if self._example_input_array is not None and self.lightning_module is not None:
             self.lightning_module.example_input_array = self._example_input_array

@@ -43,6 +43,7 @@ K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES]
 K4 = [scenario(f"m{m}_{mode}", 4, m, mode) for m, mode in ((1, "never"), (3, "always"), (4, "except_last"))] + [
     scenario("predict_and_save", 4, 4, predict=True, save=True),
     _error("too_few_layers", 4, "uniform", model={"depth": 1}),
+    _error("time_too_few_layers", 4, "time", model={"depth": 1}),  # rank 0 measures, every rank raises
     _error("stage_without_parameters", 4, [1, 1, 1, 6]),
 ]
 
@@ -176,6 +177,7 @@ def test_bf16_mixed(k2, reference):
         (2, "balance_zero", "BalanceError: balance [0, 9] must hold positive integers: every stage needs at least one layer"),
         (2, "balance_length", "BalanceError: balance [9] has 1 stages, but the pipeline has 2 (devices x nodes)"),
         (4, "too_few_layers", "BalanceError: cannot cut 3 layers into 4 stages: a pipeline needs at least one layer per stage"),
+        (4, "time_too_few_layers", "BalanceError: cannot cut 3 layers into 4 stages: a pipeline needs at least one layer per stage"),
         (4, "stage_without_parameters", "BalanceError: stage 1 (layers 1..1: Tanh) has no trainable parameters,"
          " so its optimizer would be empty; balance [1, 1, 1, 6] needs changing so every stage holds a layer with parameters"),
     ],
