@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from lightning_gpipe.comm import carries_grad
-from lightning_gpipe.memory import ActivationMeter, tensor_bytes
+from lightning_gpipe.logs import muted_logs, patched
+from lightning_gpipe.memory import ActivationMeter, optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import _map, as_tuple
 
-__all__ = ["LayerCosts", "profile_layers", "predicted_efficiency"]
+__all__ = ["LayerCosts", "profile_layers", "predicted_efficiency", "input_of_step", "optimizer_slots"]
 
 
 @dataclass
@@ -63,6 +64,42 @@ def predicted_efficiency(stage_seconds: Sequence[float], m: int) -> float:
     micro-batches: ``M * sum(t) / (K * (M + K - 1) * max(t))``, which is M/(M+K-1) for equal stages."""
     k = len(stage_seconds)
     return m * sum(stage_seconds) / (k * (m + k - 1) * max(stage_seconds))
+
+
+class _StepInput(BaseException):
+    """Carries the input of ``self(x)`` out of a user's step that is only run to find it."""
+
+
+def input_of_step(module: Any, batch: Any, batch_idx: int) -> Any:
+    """What the LightningModule's ``training_step(batch, batch_idx)`` passes to ``self(x)``; the rest of the
+    step does not run, and nothing it logs is kept."""
+
+    def capture(x: Any, *args: Any, **kwargs: Any) -> Any:
+        raise _StepInput(x)
+
+    with patched(module, "forward", capture), muted_logs(module):
+        try:
+            module.training_step(batch, batch_idx)
+        except _StepInput as found:
+            return found.args[0]
+    raise RuntimeError(
+        f"GPipeStrategy: {type(module).__name__}.training_step never called self(...), so balance cannot be"
+        " profiled on its input"
+    )
+
+
+def optimizer_slots(optimizers: Sequence[torch.optim.Optimizer]) -> float:
+    """How many parameter-sized tensors of state the optimizers keep (Adam 2, SGD with momentum 1), measured
+    by stepping the same optimizer class, with the same settings, on a probe tensor."""
+    slots = 0.0
+    for optimizer in optimizers:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        probe = torch.zeros(4096, requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        trial = type(optimizer)([probe], **optimizer.defaults)
+        trial.step()
+        slots = max(slots, optimizer_state_bytes(trial) / tensor_bytes([probe]))
+    return round(slots, 2)
 
 
 @contextmanager

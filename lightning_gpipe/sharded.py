@@ -25,7 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
 
-from lightning_gpipe.state import merge_optimizer_states
+from lightning_gpipe.state import Layout, merge_optimizer_states
 
 __all__ = ["META", "is_sharded", "save_sharded", "load_sharded", "to_full_checkpoint"]
 
@@ -46,19 +46,22 @@ def _local_path(path: str | os.PathLike) -> Path:
 def save_sharded(
     checkpoint: dict[str, Any],
     path: str | os.PathLike,
+    layouts: Sequence[Layout],
     is_zero: bool,
     barrier: Callable[[], None],
     gather: Callable[[Any], list[Any]],
+    broadcast: Callable[[Any], Any],
 ) -> None:
     """Write this stage's part of ``checkpoint`` (its ``state_dict`` and by-name ``optimizer_states``) into ``path``.
 
-    Called on every rank. ``gather`` brings each stage's small metadata to global rank 0.
+    Called on every rank. ``layouts`` number each optimizer's parameters as a single-device run does;
+    ``gather`` brings each stage's small metadata to global rank 0, and ``broadcast`` its outcome back.
     """
     path = _local_path(path)
     partial = path.with_name(path.name + ".partial")
     tensors: dict[str, Tensor] = {_MODEL + name: t for name, t in checkpoint["state_dict"].items()}
-    layouts, loose = [], []  # per optimizer: the by-name groups; non-tensor per-parameter values
-    for i, state in enumerate(checkpoint["optimizer_states"]):
+    layouts_by_name, loose = [], []  # per optimizer: the by-name groups; non-tensor per-parameter values
+    for i, state in enumerate(checkpoint.get("optimizer_states", [])):  # none in a weights-only checkpoint
         values: dict[str, dict[str, Any]] = {}
         for name, param_state in state["state"].items():
             for key, value in param_state.items():
@@ -66,24 +69,37 @@ def save_sharded(
                     tensors[f"{_OPTIMIZER}{i}.{name}.{key}"] = value
                 else:
                     values.setdefault(name, {})[key] = value
-        layouts.append({"state": {}, "param_groups": state["param_groups"]})
+        layouts_by_name.append({"state": {}, "param_groups": state["param_groups"]})
         loose.append(values)
-    stages = gather({"layouts": layouts, "loose": loose, "keys": list(checkpoint["state_dict"])})
+    stages = gather({"layouts": layouts_by_name, "loose": loose, "keys": list(checkpoint["state_dict"])})
     if is_zero:
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
     barrier()
     dcp.save(tensors, checkpoint_id=partial)
+    failure = None
     if is_zero:
-        meta = {key: value for key, value in checkpoint.items() if key not in ("state_dict", "optimizer_states")}
-        meta["state_dict_keys"] = [key for stage in stages for key in stage["keys"]]
+        try:
+            _finish(checkpoint, partial, path, layouts, stages)
+        except Exception as error:  # every rank learns of it, instead of waiting
+            failure = f"{type(error).__name__}: {error}"
+    failure = broadcast(failure)
+    if failure is not None:
+        raise RuntimeError(f"writing the sharded checkpoint {str(path)!r} failed on global rank 0: {failure}")
+
+
+def _finish(checkpoint: dict[str, Any], partial: Path, path: Path, layouts: Sequence[Layout], stages: list[Any]) -> None:
+    """Global rank 0 adds everything but the tensors to the folder, then puts it in place."""
+    meta = {key: value for key, value in checkpoint.items() if key not in ("state_dict", "optimizer_states")}
+    meta["state_dict_keys"] = [key for stage in stages for key in stage["keys"]]
+    if "optimizer_states" in checkpoint:
         meta["optimizer_states"] = [
-            {**merge_optimizer_states([stage["layouts"][i] for stage in stages], meta["state_dict_keys"]),
+            {**merge_optimizer_states([stage["layouts"][i] for stage in stages], layouts[i]),
+             "param_names": layouts[i],
              "loose": {name: v for stage in stages for name, v in stage["loose"][i].items()}}
             for i in range(len(layouts))
         ]  # fmt: skip
-        torch.save(meta, partial / META)
-        _publish(partial, path)
-    barrier()
+    torch.save(meta, partial / META)
+    _publish(partial, path)
 
 
 def _publish(partial: Path, path: Path) -> None:
@@ -111,9 +127,7 @@ def load_sharded(
     meta = torch.load(path / META, weights_only=False)
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     wanted: dict[str, Tensor] = {}
-    for name, t in state_dict.items():
-        if _MODEL + name not in stored:
-            raise KeyError(f"the sharded checkpoint {str(path)!r} has no tensor for {name!r}")
+    for name, t in state_dict.items():  # a missing one fails in dcp.load, on every rank
         wanted[_MODEL + name] = torch.empty_like(t, device="cpu")
     mine = None if optimizer_names is None else set(optimizer_names)
     for key, info in stored.items():
@@ -126,9 +140,11 @@ def load_sharded(
         dcp.load(wanted, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
     checkpoint = {key: value for key, value in meta.items() if key not in ("optimizer_states", "state_dict_keys")}
     checkpoint["state_dict"] = {name: wanted[_MODEL + name] for name in state_dict}
-    checkpoint["optimizer_states"] = []
-    for i, saved in enumerate(meta["optimizer_states"]):
-        names = {n: index for group in saved["param_groups"] for n, index in zip(group["param_names"], group["params"])}
+    if "optimizer_states" in meta:
+        checkpoint["optimizer_states"] = []
+    for i, saved in enumerate(meta.get("optimizer_states", [])):
+        names = {n: index for group, layout in zip(saved["param_groups"], saved["param_names"])
+                 for n, index in zip(layout, group["params"])}  # fmt: skip
         state: dict[int, dict[str, Any]] = {}
         for name, values in saved["loose"].items():
             if mine is None or name in mine:

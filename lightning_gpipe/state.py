@@ -1,22 +1,33 @@
 """Model and optimizer state across stages, keyed by parameter name so it does not depend on K.
 
 Optimizer states travel between stages by name (``{"state": {name: ...}, "param_groups": [{..., "params":
-[names]}]}``) and are stored in PyTorch's own layout: parameters numbered per group in the unpartitioned
-module's order, with their names beside them in each group's ``param_names``. A plain Lightning run loads
-that by position; GPipeStrategy loads it by name, whatever K and balance wrote it.
+[names]}]}``) and are stored in PyTorch's own layout, numbered exactly as the optimizer that
+``configure_optimizers`` builds on the unpartitioned module numbers its parameters. A plain Lightning run
+loads that by position; GPipeStrategy loads it by name, with the names saved beside it, whatever K and
+balance wrote it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-__all__ = ["gather_to_first", "optimizer_state_by_name", "merge_optimizer_states", "optimizer_state_for"]
+__all__ = [
+    "Layout",
+    "gather_to_first",
+    "optimizer_layouts",
+    "optimizer_state_by_name",
+    "merge_optimizer_states",
+    "optimizer_state_for",
+]
+
+#: Per parameter group, the names of its parameters in the optimizer's order.
+Layout = list[list[str]]
 
 
 def gather_to_first(local: Any, stage: int, k: int) -> list[Any]:
@@ -50,65 +61,69 @@ def optimizer_state_by_name(optimizer: Optimizer, module: nn.Module) -> dict[str
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
-def merge_optimizer_states(states: Sequence[dict[str, Any]], order: Sequence[str]) -> dict[str, Any]:
-    """One optimizer state in PyTorch's layout from the stages' by-name states.
+def optimizer_layouts(optimizers: Sequence[Optimizer], module: nn.Module) -> list[Layout]:
+    """Per optimizer, per parameter group, the names of its parameters in the optimizer's own order.
 
-    Group ``g`` of every stage joins group ``g``; within a group, parameters follow ``order`` (the
-    unpartitioned module's parameter names), as an optimizer built from ``module.parameters()`` has them.
+    Taken from the optimizers ``configure_optimizers`` builds on the unpartitioned module, it is the
+    numbering a single-device run's checkpoint uses.
     """
-    rank = {name: i for i, name in enumerate(order)}
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [
+        [[names[id(p)] for p in group["params"]] for group in getattr(o, "_optimizer", o).param_groups]
+        for o in optimizers
+    ]
+
+
+def merge_optimizer_states(states: Sequence[dict[str, Any]], layout: Layout) -> dict[str, Any]:
+    """One optimizer state in PyTorch's own layout, numbered as ``layout`` says, from the stages' by-name states."""
     by_name: dict[str, Any] = {}
-    groups: list[dict[str, Any]] = []
+    members: list[set[str]] = [set() for _ in layout]
+    hypers: list[Optional[dict[str, Any]]] = [None] * len(layout)
     for state in states:
         by_name.update(state["state"])
+        if len(state["param_groups"]) != len(layout):
+            raise ValueError(
+                f"a stage's optimizer has {len(state['param_groups'])} parameter groups, the unpartitioned module's"
+                f" has {len(layout)}: configure_optimizers must build the same groups on every stage"
+            )
         for g, group in enumerate(state["param_groups"]):
-            if g == len(groups):
-                groups.append({**group, "params": []})
-            groups[g]["params"] += group["params"]
-    numbered, index = {}, 0
-    for group in groups:
-        names = sorted(group["params"], key=rank.__getitem__)
-        group["params"], group["param_names"] = list(range(index, index + len(names))), names
+            members[g].update(group["params"])
+            hypers[g] = hypers[g] or {key: value for key, value in group.items() if key != "params"}
+    groups, numbered, index = [], {}, 0
+    for g, names in enumerate(layout):
+        if members[g] != set(names):
+            raise ValueError(
+                f"parameter group {g} holds {sorted(members[g])} over the stages but {sorted(names)} on the"
+                " unpartitioned module: configure_optimizers must group parameters by name alone"
+            )
+        groups.append({**(hypers[g] or {}), "params": list(range(index, index + len(names)))})
         numbered.update({index + i: by_name[name] for i, name in enumerate(names) if name in by_name})
         index += len(names)
     return {"state": numbered, "param_groups": groups}
 
 
-def optimizer_state_for(optimizer: Optimizer, module: nn.Module, saved: dict[str, Any], order: Sequence[str]) -> dict[str, Any]:
-    """The part of a saved optimizer state that belongs to ``optimizer`` (this stage's), in its own numbering.
-
-    ``saved`` is in PyTorch's layout. With ``param_names`` (written by GPipeStrategy, any K) parameters are
-    matched by name; without (a plain Lightning checkpoint), one group's positions are matched to
-    ``order``, the unpartitioned module's parameters.
-    """
+def optimizer_state_for(optimizer: Optimizer, module: nn.Module, saved: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    """The part of a saved optimizer state (PyTorch's layout, numbered as ``layout`` names) that belongs to
+    ``optimizer``, this stage's, in its own numbering."""
     saved_groups = saved["param_groups"]
-    if len(saved_groups) != len(optimizer.param_groups):
+    sizes, expected = [len(group["params"]) for group in saved_groups], [len(names) for names in layout]
+    if sizes != expected or len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(
-            f"the saved optimizer state has {len(saved_groups)} parameter groups, the optimizer has"
-            f" {len(optimizer.param_groups)}: configure_optimizers must build the same groups as the saved run"
-        )
-    if all("param_names" in group for group in saved_groups):
-        where = {name: i for group in saved_groups for name, i in zip(group["param_names"], group["params"])}
-    elif len(saved_groups) == 1 and len(saved_groups[0]["params"]) == len(order):
-        where = dict(zip(order, saved_groups[0]["params"]))
-    else:
-        counts = [len(group["params"]) for group in saved_groups]
-        raise ValueError(
-            f"the saved optimizer state numbers its parameters by position without names ({counts} per group),"
-            f" which only matches the module's {len(order)} parameters for a single group of all of them."
-            " Resume it on the strategy that saved it, or save it with GPipeStrategy."
+            f"the saved optimizer state has parameter groups of {sizes} parameters; {expected} were expected and"
+            f" this stage's optimizer has {len(optimizer.param_groups)} groups: configure_optimizers must build"
+            " the same groups as in the run that saved it"
         )
     names = {id(p): name for name, p in module.named_parameters()}
     groups, state, index = [], {}, 0
     for g, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved_groups)):
-        members = set(saved_group.get("param_names", order))
+        where = dict(zip(layout[g], saved_group["params"]))
         params = []
         for p in group["params"]:
             name = names[id(p)]
-            if name not in where or name not in members:
-                raise KeyError(f"the saved optimizer state has no entry for parameter {name!r} in group {g}")
+            if name not in where:
+                raise KeyError(f"parameter {name!r} is not in group {g} of the saved optimizer state, which holds {layout[g]}")
             if where[name] in saved["state"]:
-                state[index] = saved["state"][where[name]]
+                state[index] = _checked(saved["state"][where[name]], p, name)
             params.append(index)
             index += 1
         hyper = {key: value for key, value in saved_group.items() if key not in ("params", "param_names")}
@@ -116,3 +131,13 @@ def optimizer_state_for(optimizer: Optimizer, module: nn.Module, saved: dict[str
         if "param_names" in group:  # an optimizer built from named parameters keeps its own names
             groups[-1]["param_names"] = list(group["param_names"])
     return {"state": state, "param_groups": groups}
+
+
+def _checked(param_state: dict[str, Any], p: Tensor, name: str) -> dict[str, Any]:
+    for key, value in param_state.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+            raise ValueError(
+                f"the saved optimizer state {key!r} of {name!r} has shape {list(value.shape)}, the parameter"
+                f" {list(p.shape)}: the checkpoint's optimizer groups its parameters differently"
+            )
+    return param_state

@@ -6,6 +6,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -45,7 +46,7 @@ from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
-from lightning_gpipe.profile import profile_layers
+from lightning_gpipe.profile import input_of_step, optimizer_slots, profile_layers
 from lightning_gpipe.observe import BalanceReport, Reporter, StageReport
 from lightning_gpipe.partition import (
     BALANCE_RULES,
@@ -62,7 +63,14 @@ from lightning_gpipe.partition import (
 from lightning_gpipe.rng import rank_random_state, set_rank_random_state
 from lightning_gpipe.schedule import CHECKPOINT_MODES
 from lightning_gpipe.sharded import is_sharded, load_sharded, save_sharded
-from lightning_gpipe.state import gather_to_first, merge_optimizer_states, optimizer_state_by_name, optimizer_state_for
+from lightning_gpipe.state import (
+    Layout,
+    gather_to_first,
+    merge_optimizer_states,
+    optimizer_layouts,
+    optimizer_state_by_name,
+    optimizer_state_for,
+)
 
 __all__ = ["GPipeStrategy"]
 
@@ -191,7 +199,7 @@ class GPipeStrategy(ParallelStrategy):
                 f"GPipeStrategy(state_dict_type={state_dict_type!r}): choose one of {', '.join(STATE_DICT_TYPES)}"
             )
         self._state_dict_type = state_dict_type
-        self._parameter_order: list[str] = []  # the unpartitioned module's parameter names
+        self._optimizer_layouts: list[Layout] = []  # how a single-device run numbers each optimizer's parameters
         self._restored: Optional[dict[str, Any]] = None  # what a resumed checkpoint says about the saving pipeline
         self._microbatches = microbatches
         self._observe_every = observe_every_n_steps
@@ -347,15 +355,17 @@ class GPipeStrategy(ParallelStrategy):
         name, seq = find_sequential(module, self._sequential)
         self._sequential_name = name
         k, stage = self.world_size, self.global_rank
+        optimizers: list[Optimizer] = []
+        if fitting and not self._optimizer_layouts:  # a throwaway build on the whole module, before it is cut
+            optimizers = _init_optimizers_and_lr_schedulers(module)[0]
+            self._optimizer_layouts = optimizer_layouts(optimizers, module)
         if self._balance is None and self._balance_request in PROFILED_RULES:
-            self._balance = self._profiled_balance(module, seq, fitting)
+            self._balance = self._profiled_balance(module, seq, fitting, optimizers)
         elif self._balance is None:
             self._balance = resolve_balance(self._balance_request, seq, k)
         else:
             resolve_balance(self._balance, seq, k)  # the same checks against the module given now
         layers = list(seq._modules.values())
-        if not self._parameter_order:
-            self._parameter_order = [n for n, _ in module.named_parameters()]
         check_unshared(module, seq, self._balance)
         if fitting:
             _check_stages_have_parameters(self._balance, layers)
@@ -378,52 +388,62 @@ class GPipeStrategy(ParallelStrategy):
         if self._balance_report is not None and self.is_global_zero:
             self._balance_report.publish(module.trainer)
 
-    def _profiled_balance(self, module: LightningModule, seq: nn.Sequential, fitting: bool) -> list[int]:
+    def _profiled_balance(
+        self, module: LightningModule, seq: nn.Sequential, fitting: bool, optimizers: list[Optimizer]
+    ) -> list[int]:
         """Global rank 0 measures every layer on a sample micro-batch and splits; every rank takes its answer."""
-        outcome: Union[BalanceReport, Exception, None] = None
+        resolve_balance("uniform", seq, self.world_size)  # enough layers for K stages, checked on every rank
+        if self.world_size == 1:
+            return [len(seq)]
+        # Every rank draws the sample, so whatever drawing it does to the data loader, it does everywhere.
+        sample = self._sample_microbatch(module, fitting)
+        outcome: Union[BalanceReport, _Failure, None] = None
         if self.is_global_zero:
             try:
-                outcome = self._measure_balance(module, seq, fitting)
+                outcome = self._measure_balance(seq, sample, optimizers)
             except Exception as error:  # every rank raises it, instead of waiting for an answer
-                outcome = error
+                outcome = _Failure.of(error)
         outcome = self.broadcast(outcome)
-        if isinstance(outcome, Exception):
-            raise outcome
+        if isinstance(outcome, _Failure):
+            raise outcome.error
         assert outcome is not None
         self._balance_report = outcome
         return outcome.balance
 
-    def _measure_balance(self, module: LightningModule, seq: nn.Sequential, fitting: bool) -> BalanceReport:
-        layers = list(seq._modules.values())
-        resolve_balance("uniform", seq, self.world_size)  # enough layers for K stages
-        costs = profile_layers(layers, self._sample_microbatch(module, fitting), self.root_device)
+    def _measure_balance(self, seq: nn.Sequential, sample: Any, optimizers: list[Optimizer]) -> BalanceReport:
+        with self.precision_plugin.train_step_context():  # autocast, as in training
+            costs = profile_layers(list(seq._modules.values()), sample, self.root_device)
         if self._balance_request == "time":
             per_layer = costs.seconds
         else:
             held = self._microbatches if self._checkpoint == "never" else 1
-            per_layer = costs.memory(_optimizer_slots(module), held)
+            per_layer = costs.memory(optimizer_slots(optimizers), held)
         return BalanceReport.of(self._balance_request, per_layer, self.world_size, self._microbatches, costs)
 
     def _sample_microbatch(self, module: LightningModule, fitting: bool) -> Any:
-        """The first micro-batch of what ``self(x)`` gets: from ``example_input_array``, or when fitting, from
-        the first training batch passed through the user's ``training_step`` up to ``self(x)``.
+        """The first micro-batch of what ``self(x)`` gets. When fitting: the first training batch passed through
+        the user's ``training_step`` up to ``self(x)``; otherwise ``example_input_array``.
 
-        Drawing it leaves every random stream as it was, so profiled runs shuffle as others do."""
-        x = module.example_input_array
-        if x is None and fitting:
-            trainer = module.trainer
-            random_state = rank_random_state(self.root_device)
-            try:
-                loader = CombinedLoader(trainer.fit_loop._data_source.dataloader(), "max_size_cycle")
-                batch, batch_idx, _ = next(iter(loader))
-                x = _input_of_step(module, self.batch_to_device(batch), batch_idx)
-            finally:
-                set_rank_random_state(random_state, self.root_device)
-        if x is None:
-            raise BalanceError(
-                f"GPipeStrategy(balance={self._balance_request!r}) profiles the layers on a sample input: set"
-                f" {type(module).__name__}.example_input_array, or pass the balance as a list of layer counts"
-            )
+        Random streams, including the data loaders' own generators, are left as they were, so a profiled run
+        shuffles as any other does."""
+        if not fitting:
+            x = module.example_input_array
+            if x is None:
+                raise BalanceError(
+                    f"GPipeStrategy(balance={self._balance_request!r}) profiles the layers on a sample input: set"
+                    f" {type(module).__name__}.example_input_array, or pass the balance as a list of layer counts"
+                )
+            return split(x, self._microbatches)[0]
+        loaders = module.trainer.fit_loop._data_source.dataloader()
+        random_state = rank_random_state(self.root_device)
+        generators = [(g, g.get_state()) for g in _generators(loaders)]
+        try:
+            batch, batch_idx, _ = next(iter(CombinedLoader(loaders, "max_size_cycle")))
+            x = input_of_step(module, self.batch_to_device(batch), batch_idx)
+        finally:
+            set_rank_random_state(random_state, self.root_device)
+            for generator, state in generators:
+                generator.set_state(state)
         return split(x, self._microbatches)[0]
 
     @override
@@ -614,7 +634,10 @@ class GPipeStrategy(ParallelStrategy):
         if self._state_dict_type == "sharded":
             return local
         states = gather_to_first(local, self.global_rank, self.world_size)
-        return merge_optimizer_states(states, self._parameter_order) if states else {}
+        if not states:
+            return {}
+        index = [getattr(o, "_optimizer", o) for o in self.optimizers].index(optimizer)
+        return merge_optimizer_states(states, self._optimizer_layouts[index])
 
     @override
     def save_checkpoint(
@@ -630,12 +653,15 @@ class GPipeStrategy(ParallelStrategy):
             "microbatches": self._microbatches,
             "stage_random": streams,
             "rank_random": rank_random_state(self.root_device),
+            "optimizer_param_names": self._optimizer_layouts,  # how optimizer_states numbers the parameters
         }
         if self._state_dict_type == "sharded":
             if storage_options is not None:
                 raise TypeError(f"GPipeStrategy(state_dict_type='sharded') takes no storage_options, got {storage_options!r}")
             gather = partial(gather_to_first, stage=self.global_rank, k=self.world_size)
-            save_sharded(checkpoint, filepath, self.is_global_zero, self.barrier, gather)
+            save_sharded(
+                checkpoint, filepath, self._optimizer_layouts, self.is_global_zero, self.barrier, gather, self.broadcast
+            )
         elif self.is_global_zero:  # Lightning's checkpoint IO writes to a temporary file, then renames it
             self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
@@ -667,10 +693,13 @@ class GPipeStrategy(ParallelStrategy):
         if len(saved_states) != len(self.optimizers):
             raise ValueError(
                 f"the checkpoint holds {len(saved_states)} optimizer states, configure_optimizers returned"
-                f" {len(self.optimizers)}"
+                f" {len(self.optimizers)}: return as many optimizers as the run that saved it"
             )
-        for optimizer, saved in zip(self.optimizers, saved_states):
-            optimizer.load_state_dict(optimizer_state_for(optimizer, self.lightning_module, saved, self._parameter_order))
+        # Saved by GPipeStrategy, the names come with the checkpoint; a plain Lightning run numbered its
+        # parameters as configure_optimizers builds them on the whole module.
+        layouts = checkpoint.get("gpipe", {}).get("optimizer_param_names") or self._optimizer_layouts
+        for optimizer, saved, layout in zip(self.optimizers, saved_states, layouts):
+            optimizer.load_state_dict(optimizer_state_for(optimizer, self.lightning_module, saved, layout))
         _optimizers_to_device(self.optimizers, self.root_device)
         # The last of the training state Lightning restores (loops, precision, optimizers, schedulers).
         self._restore_random()
@@ -735,40 +764,35 @@ def _check_stages_have_parameters(balance: Sequence[int], layers: list[Optional[
             )
 
 
-class _StepInput(BaseException):
-    """Carries the input of ``self(x)`` out of a user's step that is only run to find it."""
+def _generators(loaders: Any) -> list[torch.Generator]:
+    """The random generators of data loaders (and their samplers), wherever they sit in ``loaders``."""
+    if isinstance(loaders, Mapping):
+        return [g for value in loaders.values() for g in _generators(value)]
+    if isinstance(loaders, (list, tuple)):
+        return [g for value in loaders for g in _generators(value)]
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(loaders, "batch_sampler", None)
+    for owner in (loaders, getattr(loaders, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
 
-def _input_of_step(module: LightningModule, batch: Any, batch_idx: int) -> Any:
-    """What ``module.training_step(batch, batch_idx)`` passes to ``self(x)``, without running the rest."""
+@dataclass
+class _Failure:
+    """An error on one rank, in a form every rank can raise (its type may not be picklable)."""
 
-    def capture(x: Any, *args: Any, **kwargs: Any) -> Any:
-        raise _StepInput(x)
+    kind: str
+    message: str
 
-    with patched(module, "forward", capture), muted_logs(module):
-        try:
-            module.training_step(batch, batch_idx)
-        except _StepInput as found:
-            return found.args[0]
-    raise RuntimeError(
-        f"GPipeStrategy: {type(module).__name__}.training_step never called self(...), so balance cannot be"
-        " profiled on its input"
-    )
+    @classmethod
+    def of(cls, error: Exception) -> _Failure:
+        return cls(type(error).__name__, str(error))
 
-
-def _optimizer_slots(module: LightningModule) -> float:
-    """How many parameter-sized tensors of state the module's optimizer keeps (Adam 2, SGD with momentum 1),
-    measured by stepping the same optimizer class, with the same settings, on a probe tensor."""
-    optimizers, _ = _init_optimizers_and_lr_schedulers(module)
-    slots = 0.0
-    for optimizer in optimizers:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)
-        probe = torch.zeros(4096, requires_grad=True)
-        probe.grad = torch.ones_like(probe)
-        trial = type(optimizer)([probe], **optimizer.defaults)
-        trial.step()
-        slots = max(slots, optimizer_state_bytes(trial) / tensor_bytes([probe]))
-    return round(slots, 2)
+    @property
+    def error(self) -> Exception:
+        return BalanceError(self.message) if self.kind == "BalanceError" else RuntimeError(f"{self.kind}: {self.message}")
 
 
 def _shared_output(hook: str, output: Any) -> Any:

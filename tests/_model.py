@@ -52,13 +52,16 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-def loaders(n_train: int = 34, n_val: int = 12, width: int = 8, classes: int = 3, batch_size: int = 10, shuffle=False):
+def loaders(n_train: int = 34, n_val: int = 12, width: int = 8, classes: int = 3, batch_size: int = 10, shuffle=False,
+            generator_seed: int | None = None):  # fmt: skip
+    """Random data; ``generator_seed`` shuffles with a generator of the loader's own instead of the global one."""
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n_train + n_val, width, generator=g)
     y = torch.randint(0, classes, (n_train + n_val,), generator=g)
     train = TensorDataset(x[:n_train], y[:n_train])
     val = TensorDataset(x[n_train:], y[n_train:])
-    return DataLoader(train, batch_size=batch_size, shuffle=shuffle), DataLoader(val, batch_size=5)
+    own = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
+    return DataLoader(train, batch_size=batch_size, shuffle=shuffle, generator=own), DataLoader(val, batch_size=5)
 
 
 class RecordingLogger(Logger):

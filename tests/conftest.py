@@ -67,14 +67,14 @@ def assert_same_logs(got: list, expected: list, atol: float = ATOL) -> None:
 
 def reference_run(
     clip: float | None = CLIP, accumulate: int = 2, precision: str = "32-true", trainer_kwargs: dict | None = None,
-    ckpt_path: str | None = None, **model_kwargs,
+    ckpt_path: str | None = None, data: dict | None = None, **model_kwargs,
 ) -> dict:  # fmt: skip
     """The same training with plain single-device Lightning (resumed from ``ckpt_path`` if given)."""
     from _worker import trainer_for
 
     L.seed_everything(0, verbose=False)
     model = Classifier(**model_kwargs)
-    train, val = loaders()
+    train, val = loaders(**(data or {}))
     logger = RecordingLogger()
     options = {"clip": clip, "accumulate": accumulate, "precision": precision, "trainer": trainer_kwargs or {}}
     trainer = trainer_for(options, "auto", logger)

@@ -14,7 +14,7 @@ from launch import fresh_env
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchmark import BenchmarkError, parse
+from experiments.benchmark import BenchmarkError, parse  # noqa: E402
 
 # The --quick preset: K=2, M in {1, 4}, a 16-block MLP of width 256, batch 128, two rounds.
 K, MS, BATCH, ROUNDS = 2, (1, 4), 128, 2

@@ -1,4 +1,4 @@
-"""Optimizer state by parameter name, and the sharded checkpoint's all-or-nothing publishing."""
+"""Optimizer state between partitionings: merged by name into the single-device numbering, and back."""
 
 from __future__ import annotations
 
@@ -7,62 +7,84 @@ import torch
 from torch import nn
 
 from lightning_gpipe.sharded import _publish
-from lightning_gpipe.state import merge_optimizer_states, optimizer_state_by_name, optimizer_state_for
+from lightning_gpipe.state import merge_optimizer_states, optimizer_layouts, optimizer_state_by_name, optimizer_state_for
 
 
-def _trained(module: nn.Module, groups) -> torch.optim.Optimizer:
-    optimizer = torch.optim.Adam(groups, lr=0.1)
-    module(torch.randn(3, 2)).sum().backward()
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1))
+    model[1].bias.requires_grad_(False)  # frozen, so left out of the optimizer
+    return model
+
+
+def _groups(model: nn.Module) -> list[dict]:
+    """Weights in an order of their own (not the module's), then the trainable biases with another lr."""
+    named = dict(model.named_parameters())
+    weights = [named[n] for n in ("2.weight", "0.weight", "1.weight") if n in named]
+    biases = [p for n, p in named.items() if n.endswith("bias") and p.requires_grad]
+    return [{"params": weights}, {"params": biases, "lr": 0.5}]
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model(torch.randn(4, 2)).sum().backward()
     optimizer.step()
-    return optimizer
 
 
 def _stage(full: nn.Sequential, keep: range) -> nn.Sequential:
-    """A copy of ``full`` holding only the layers in ``keep``, the others freed as the strategy frees them."""
-    stage = nn.Sequential(*[layer for layer in full])
+    """``full`` with only the layers in ``keep``, the others freed as the strategy frees them."""
+    stage = nn.Sequential(*full)
     for i in range(len(full)):
         if i not in keep:
             stage._modules[str(i)] = None
     return stage
 
 
-def test_stage_states_merge_into_the_single_device_layout():
-    torch.manual_seed(0)
-    full = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
-    order = [n for n, _ in full.named_parameters()]
-    # Two groups whose members are spread over both stages.
-    def groups(m):
-        return [{"params": [p for n, p in m.named_parameters() if n.endswith("weight")]},
-                {"params": [p for n, p in m.named_parameters() if n.endswith("bias")], "lr": 0.5}]  # fmt: skip
-
-    single = _trained(full, groups(full)).state_dict()
-    first, second = _stage(full, range(0, 1)), _stage(full, range(1, 3))
+def test_stages_save_and_load_in_the_single_device_numbering():
+    model = _model()
+    single = torch.optim.Adam(_groups(model), lr=0.1)
+    _step(model, single)
+    expected = single.state_dict()
+    layout = optimizer_layouts([single], model)[0]
+    assert layout == [["2.weight", "0.weight", "1.weight"], ["0.bias", "2.bias"]]
+    # Each stage loads its part of the single-device state, by position, then saves it by name.
     states = []
-    for stage in (first, second):  # each stage's optimizer over its own parameters, same values
-        optimizer = torch.optim.Adam(groups(stage), lr=0.1)
-        optimizer.load_state_dict(optimizer_state_for(optimizer, stage, {**single, "param_groups": [
-            {**g, "param_names": [n for n in order if n.endswith(s)]} for g, s in zip(single["param_groups"], ("weight", "bias"))
-        ]}, order))  # fmt: skip
+    for keep in (range(0, 1), range(1, 3)):
+        stage = _stage(model, keep)
+        optimizer = torch.optim.Adam(_groups(stage), lr=0.1)
+        optimizer.load_state_dict(optimizer_state_for(optimizer, stage, expected, layout))
         states.append(optimizer_state_by_name(optimizer, stage))
-    merged = merge_optimizer_states(states, order)
-    assert [g["params"] for g in merged["param_groups"]] == [[0, 1, 2], [3, 4, 5]]
-    assert merged["param_groups"][1]["param_names"] == ["0.bias", "1.bias", "2.bias"]
-    assert merged["param_groups"][1]["lr"] == 0.5
-    for i, state in single["state"].items():
-        assert torch.equal(merged["state"][i]["exp_avg"], state["exp_avg"])
+    assert sorted(states[0]["state"]) == ["0.bias", "0.weight"]
+    merged = merge_optimizer_states(states, layout)
+    assert merged["param_groups"] == expected["param_groups"]
+    assert sorted(merged["state"]) == sorted(expected["state"])
+    for i, state in expected["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(merged["state"][i][key], state[key]), (i, key)
 
 
-def test_positional_state_without_names_needs_one_group_of_every_parameter():
-    full = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
-    order = [n for n, _ in full.named_parameters()]
-    optimizer = torch.optim.SGD(full.parameters(), lr=0.1)
-    saved = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}, {"lr": 0.1, "params": [2, 3]}]}
-    with pytest.raises(ValueError, match=r"the saved optimizer state has 2 parameter groups, the optimizer has 1"):
-        optimizer_state_for(optimizer, full, saved, order)
-    saved = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1, 2]}]}
-    with pytest.raises(ValueError, match=r"numbers its parameters by position without names \(\[3\] per group\), which"
-                       r" only matches the module's 4 parameters for a single group of all of them"):  # fmt: skip
-        optimizer_state_for(optimizer, full, saved, order)
+def test_loading_checks_groups_and_shapes():
+    model = _model()
+    optimizer = torch.optim.Adam(_groups(model), lr=0.1)
+    _step(model, optimizer)
+    saved, layout = optimizer.state_dict(), optimizer_layouts([optimizer], model)[0]
+    with pytest.raises(ValueError, match=r"the saved optimizer state has parameter groups of \[3, 2\] parameters;"
+                       r" \[3, 3\] were expected and this stage's optimizer has 2 groups"):  # fmt: skip
+        optimizer_state_for(optimizer, model, saved, [layout[0], [*layout[1], "1.bias"]])
+    swapped = [["0.weight", "2.weight", "1.weight"], layout[1]]  # the saving run ordered its weights otherwise
+    with pytest.raises(ValueError, match=r"the saved optimizer state 'exp_avg' of '2.weight' has shape \[3, 2\],"
+                       r" the parameter \[1, 3\]"):  # fmt: skip
+        optimizer_state_for(optimizer, model, saved, swapped)
+    with pytest.raises(KeyError, match=r"parameter '0.bias' is not in group 1 of the saved optimizer state"):
+        optimizer_state_for(optimizer, model, saved, [layout[0], ["2.bias", "1.bias"]])
+
+
+def test_merging_refuses_groups_that_differ_between_stages_and_module():
+    model = _model()
+    optimizer = torch.optim.Adam(_groups(model), lr=0.1)
+    state = optimizer_state_by_name(optimizer, model)
+    with pytest.raises(ValueError, match=r"parameter group 1 holds \['0.bias', '2.bias'\] over the stages but"
+                       r" \['0.bias'\] on the unpartitioned module"):  # fmt: skip
+        merge_optimizer_states([state], [["2.weight", "0.weight", "1.weight"], ["0.bias"]])
 
 
 def test_publish_replaces_the_old_checkpoint_only_when_the_new_one_is_whole(tmp_path):

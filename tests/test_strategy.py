@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning_gpipe import GPipeStrategy
 
 MODES = ("always", "except_last", "never")
+SHUFFLED = {"shuffle": True, "generator_seed": 7}
 
 
 def _error(name: str, k: int, balance, **extra) -> dict:
@@ -29,6 +30,7 @@ K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES]
     scenario("steps_and_val_interval", 2, 3, trainer={"max_steps": 3, "val_check_interval": 2}),
     {**scenario("balance_params", 2, 2), "strategy": {"microbatches": 2, "balance": "params"}},
     {**scenario("balance_list", 2, 2), "strategy": {"microbatches": 2, "balance": [3, 6]}},
+    {**scenario("balance_time_shuffled", 2, 2, data=SHUFFLED), "strategy": {"microbatches": 2, "balance": "time"}},
     scenario("dropout_always", 2, 3, "always", model={"dropout": 0.3}),
     scenario("dropout_never", 2, 3, "never", model={"dropout": 0.3}),
     scenario("shuffled_dropout", 2, 3, model={"dropout": 0.3}, data={"shuffle": True}, epochs=3),
@@ -109,6 +111,14 @@ def test_each_rank_keeps_only_its_stage(k2, k4):
     assert sorted(k4["m1_never"][3]["params"]) == ["body.8.bias", "body.8.weight"]
 
 
+def test_measured_balance_leaves_training_unchanged(k2):
+    """Profiling draws the first training batch on every rank; data order (a loader's own generator included),
+    weights and logs stay those of single-device training."""
+    ranks = k2["balance_time_shuffled"]
+    assert ranks[0]["batch_sums"] == ranks[1]["batch_sums"]
+    _check_against_reference(ranks, reference_run(data=SHUFFLED), 2)
+
+
 def test_balance_params_evens_out_parameter_counts(k2):
     # Four Linear(8, 8) layers (72 parameters each) and a Linear(8, 3) (27), with Tanh between them:
     # the most even contiguous split is 144 | 171; stage 0 also takes the parameter-free Tanh after it.
@@ -128,10 +138,12 @@ def test_checkpoint_and_predictions_equal_single_device(k, k2, k4, reference):
     with torch.no_grad():
         assert torch.equal(torch.cat([model(x).argmax(-1) for x, _ in val]), torch.cat(ranks[0]["predictions"]))
     # The optimizer state in PyTorch's own layout, numbered as the single-device optimizer numbers it.
-    optimizer_state = torch.load(ranks[0]["checkpoint"], weights_only=False)["optimizer_states"][0]
+    checkpoint = torch.load(ranks[0]["checkpoint"], weights_only=False)
+    optimizer_state = checkpoint["optimizer_states"][0]
     expected_state = reference["trainer"].optimizers[0].state_dict()
     assert [g["params"] for g in optimizer_state["param_groups"]] == [g["params"] for g in expected_state["param_groups"]]
-    assert optimizer_state["param_groups"][0]["param_names"] == [n for n, _ in reference["model"].named_parameters()]
+    assert checkpoint["gpipe"]["optimizer_param_names"] == [[[n for n, _ in reference["model"].named_parameters()]]]
+    assert "param_names" not in optimizer_state["param_groups"][0]  # a plain optimizer could not add groups then
     assert sorted(optimizer_state["state"]) == sorted(expected_state["state"])
     for i, param_state in optimizer_state["state"].items():  # SGD momentum
         torch.testing.assert_close(param_state["momentum_buffer"], expected_state["state"][i]["momentum_buffer"], rtol=0, atol=ATOL)
