@@ -14,6 +14,7 @@ __all__ = [
     "Balance",
     "BalanceError",
     "check_forward",
+    "check_stages_have_parameters",
     "check_unshared",
     "find_sequential",
     "keep_stage",
@@ -170,3 +171,19 @@ def keep_stage(seq: nn.Sequential, layers: range) -> list[nn.Module]:
         else:
             seq._modules[name] = None
     return kept
+
+
+def check_stages_have_parameters(balance: Sequence[int], layers: list[Optional[nn.Module]]) -> None:
+    """Raise if a stage would hold no trainable parameter: its optimizer would be empty."""
+    for stage in range(len(balance)):
+        indices = stage_layers(balance, stage)
+        stage_modules = [layers[i] for i in indices]
+        if any(layer is None for layer in stage_modules):
+            continue  # partitioned earlier: another rank holds these layers
+        if not any(p.requires_grad for layer in stage_modules for p in layer.parameters()):  # type: ignore[union-attr]
+            kinds = ", ".join(type(layer).__name__ for layer in stage_modules)
+            raise BalanceError(
+                f"stage {stage} (layers {indices.start}..{indices.stop - 1}: {kinds}) has no trainable parameters,"
+                f" so its optimizer would be empty; balance {list(balance)} needs changing so every stage holds"
+                " a layer with parameters"
+            )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +16,9 @@ from lightning_gpipe.comm import carries_grad
 from lightning_gpipe.logs import muted_logs, patched
 from lightning_gpipe.memory import ActivationMeter, optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import _map, as_tuple
+from lightning_gpipe.rng import rank_random_state, set_rank_random_state
 
-__all__ = ["LayerCosts", "profile_layers", "predicted_efficiency", "input_of_step", "optimizer_slots"]
+__all__ = ["LayerCosts", "profile_layers", "predicted_efficiency", "input_of_step", "optimizer_slots", "untouched_random"]
 
 
 @dataclass
@@ -100,6 +101,34 @@ def optimizer_slots(optimizers: Sequence[torch.optim.Optimizer]) -> float:
         trial.step()
         slots = max(slots, optimizer_state_bytes(trial) / tensor_bytes([probe]))
     return round(slots, 2)
+
+
+@contextmanager
+def untouched_random(loaders: Any, device: torch.device) -> Iterator[None]:
+    """Every random stream, the data loaders' own generators included, as it was before the block."""
+    state = rank_random_state(device)
+    generators = [(g, g.get_state()) for g in _generators(loaders)]
+    try:
+        yield
+    finally:
+        set_rank_random_state(state, device)
+        for generator, saved in generators:
+            generator.set_state(saved)
+
+
+def _generators(loaders: Any) -> list[torch.Generator]:
+    """The random generators of data loaders (and their samplers), wherever they sit in ``loaders``."""
+    if isinstance(loaders, Mapping):
+        return [g for value in loaders.values() for g in _generators(value)]
+    if isinstance(loaders, (list, tuple)):
+        return [g for value in loaders for g in _generators(value)]
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(loaders, "batch_sampler", None)
+    for owner in (loaders, getattr(loaders, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
 
 @contextmanager

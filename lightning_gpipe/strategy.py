@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,7 +46,7 @@ from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
-from lightning_gpipe.profile import input_of_step, optimizer_slots, profile_layers
+from lightning_gpipe.profile import input_of_step, optimizer_slots, profile_layers, untouched_random
 from lightning_gpipe.observe import BalanceReport, Reporter, StageReport
 from lightning_gpipe.partition import (
     BALANCE_RULES,
@@ -54,6 +54,7 @@ from lightning_gpipe.partition import (
     Balance,
     BalanceError,
     check_forward,
+    check_stages_have_parameters,
     check_unshared,
     find_sequential,
     keep_stage,
@@ -368,7 +369,7 @@ class GPipeStrategy(ParallelStrategy):
         layers = list(seq._modules.values())
         check_unshared(module, seq, self._balance)
         if fitting:
-            _check_stages_have_parameters(self._balance, layers)
+            check_stages_have_parameters(self._balance, layers)
         if self._microbatches > 1 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for layer in layers if layer is not None for m in layer.modules()
         ):
@@ -435,15 +436,9 @@ class GPipeStrategy(ParallelStrategy):
                 )
             return split(x, self._microbatches)[0]
         loaders = module.trainer.fit_loop._data_source.dataloader()
-        random_state = rank_random_state(self.root_device)
-        generators = [(g, g.get_state()) for g in _generators(loaders)]
-        try:
+        with untouched_random(loaders, self.root_device):
             batch, batch_idx, _ = next(iter(CombinedLoader(loaders, "max_size_cycle")))
             x = input_of_step(module, self.batch_to_device(batch), batch_idx)
-        finally:
-            set_rank_random_state(random_state, self.root_device)
-            for generator, state in generators:
-                generator.set_state(state)
         return split(x, self._microbatches)[0]
 
     @override
@@ -749,34 +744,10 @@ class GPipeStrategy(ParallelStrategy):
         )
 
 
-def _check_stages_have_parameters(balance: Sequence[int], layers: list[Optional[nn.Module]]) -> None:
-    for stage in range(len(balance)):
-        indices = stage_layers(balance, stage)
-        stage_modules = [layers[i] for i in indices]
-        if any(layer is None for layer in stage_modules):
-            continue  # partitioned earlier: another rank holds these layers
-        if not any(p.requires_grad for layer in stage_modules for p in layer.parameters()):  # type: ignore[union-attr]
-            kinds = ", ".join(type(layer).__name__ for layer in stage_modules)
-            raise BalanceError(
-                f"stage {stage} (layers {indices.start}..{indices.stop - 1}: {kinds}) has no trainable parameters,"
-                f" so its optimizer would be empty; balance {list(balance)} needs changing so every stage holds"
-                " a layer with parameters"
-            )
 
 
-def _generators(loaders: Any) -> list[torch.Generator]:
-    """The random generators of data loaders (and their samplers), wherever they sit in ``loaders``."""
-    if isinstance(loaders, Mapping):
-        return [g for value in loaders.values() for g in _generators(value)]
-    if isinstance(loaders, (list, tuple)):
-        return [g for value in loaders for g in _generators(value)]
-    found: list[torch.Generator] = []
-    batch_sampler = getattr(loaders, "batch_sampler", None)
-    for owner in (loaders, getattr(loaders, "sampler", None), getattr(batch_sampler, "sampler", None)):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
-    return found
+
+
 
 
 @dataclass
