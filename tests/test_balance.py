@@ -121,15 +121,21 @@ def _stage_compute(logged: list, k: int) -> list[list[float]]:
     return [[m[f"pipeline/compute_s_stage{j}"] for j in range(k)] for _, m in logged if "pipeline/compute_s_stage0" in m]
 
 
-def test_time_balance_shortens_the_slowest_stage_on_the_transformer(transformer):
+def test_time_balance_evens_out_the_stages_on_the_transformer(transformer):
     first, second = transformer
     assert first["time"]["balance"] == second["time"]["balance"]  # every rank runs the same split
     assert first["uniform"]["balance"] == [5, 4]  # embedding + 4 blocks | 2 blocks, norm, head
     assert first["time"]["balance"] == [4, 5]  # embedding + 3 blocks | 3 blocks, norm, head
-    # Measured on the observed steps' timelines (global rank 0 logs them), not predicted.
-    slowest = {rule: statistics.median(max(s) for s in _stage_compute(first[rule]["logged"], 2)) for rule in first}
-    assert len(_stage_compute(first["time"]["logged"], 2)) == 6
-    assert slowest["time"] < 0.9 * slowest["uniform"], slowest
+    # Measured on the observed steps' timelines (global rank 0 logs them), not predicted. The slowest stage's
+    # share of the step's compute, rather than its seconds: on this 2-core machine two stages computing at
+    # once each run about 20% slower than one alone, which a balanced split makes them do more often.
+    steps = {rule: _stage_compute(first[rule]["logged"], 2) for rule in first}
+    assert len(steps["time"]) == len(steps["uniform"]) == 6
+    share = {rule: statistics.median(max(s) / sum(s) for s in steps[rule]) for rule in steps}
+    assert share["time"] < 0.9 * share["uniform"], share  # measured: 0.51 against 0.64 to 0.66
+    bubble = {rule: statistics.median(m["pipeline/bubble_measured"] for _, m in first[rule]["logged"]
+                                      if "pipeline/bubble_measured" in m) for rule in first}  # fmt: skip
+    assert bubble["time"] < bubble["uniform"], bubble  # measured: 0.23 to 0.28 against 0.34
 
 
 def test_measured_balance_needs_a_sample_outside_fit():
