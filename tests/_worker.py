@@ -12,6 +12,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -45,7 +46,8 @@ def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
 
 
 def kill_self(kill: dict, trainer: L.Trainer, model: L.LightningModule) -> None:
-    """SIGKILL this rank in training (``{"epoch", "batch"}``) or in the n-th checkpoint save (``{"save"}``)."""
+    """SIGKILL this rank in training (``{"epoch", "batch"}``), in the n-th checkpoint save (``{"save"}``), or
+    right after the n-th sharded save wrote its tensors (``{"after_tensors"}``)."""
 
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -61,6 +63,20 @@ def kill_self(kill: dict, trainer: L.Trainer, model: L.LightningModule) -> None:
         model.training_step = step
         return
     saves = [0]
+    if "after_tensors" in kill:  # a sharded save dies once its tensors are written, before they are published
+        import lightning_gpipe.sharded as sharded
+
+        original_save = sharded.dcp.save
+
+        def save(*args, **kwargs):
+            result = original_save(*args, **kwargs)
+            saves[0] += 1
+            if saves[0] == kill["after_tensors"]:
+                die()
+            return result
+
+        sharded.dcp = SimpleNamespace(save=save, load=sharded.dcp.load, FileSystemReader=sharded.dcp.FileSystemReader)
+        return
     if kill["rank"] != 0:  # other stages die while sending their state to rank 0
         original_state = trainer.strategy.lightning_module_state_dict
 

@@ -68,7 +68,18 @@ CRASHES = {  # SIGKILL in training, in rank 1's send of its stage, in rank 0's w
     "in_training": {"rank": 1, "epoch": 1, "batch": 1},
     "sending_state": {"rank": 1, "save": 3},
     "writing_file": {"rank": 0, "save": 4},
+    "sharded_unpublished": {"rank": 0, "after_tensors": 4},  # last.ckpt is a sharded folder here
 }
+SHARDED = {"microbatches": 3, "state_dict_type": "sharded"}
+
+
+def _crash_options(name: str) -> dict:
+    return {"strategy": SHARDED} if name.startswith("sharded") else {}
+
+
+def _load(path: Path) -> dict:
+    """A full checkpoint, or a sharded one's metadata."""
+    return torch.load(path / META if path.is_dir() else path, weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +88,10 @@ def crashed(tmp_path_factory) -> dict[str, tuple[Path, list, dict]]:
     runs = {}
     for name, kill in CRASHES.items():
         out = tmp_path_factory.mktemp(name)
-        (out / "spec.json").write_text(json.dumps([_crash_scenario(name, out / "checkpoints", kill=kill)]))
+        crash = _crash_scenario(name, out / "checkpoints", kill=kill, **_crash_options(name))
+        (out / "spec.json").write_text(json.dumps([crash]))
         ranks = launch(2, [str(WORKER), str(out / "spec.json"), str(out)], out, timeout=240)
-        runs[name] = (out, ranks, torch.load(out / "checkpoints" / "last.ckpt", weights_only=False))
+        runs[name] = (out, ranks, _load(out / "checkpoints" / "last.ckpt"))
     return runs
 
 
@@ -91,7 +103,10 @@ def k2_resumed(k4, crashed, single_e1, tmp_path_factory) -> dict:
         scenario("from_k4", 2, 2, epochs=EPOCHS, resume_from=str(k4[0] / "e1.ckpt")),
         scenario("from_single", 2, 3, epochs=EPOCHS, resume_from=str(single_e1)),
     ]
-    scenarios += [_crash_scenario(name, folder / "checkpoints", resume_from="last") for name, (folder, _, _) in crashed.items()]
+    scenarios += [
+        _crash_scenario(name, folder / "checkpoints", resume_from="last", **_crash_options(name))
+        for name, (folder, _, _) in crashed.items()
+    ]
     return run_scenarios(2, scenarios, out)
 
 
