@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
     ReduceOp,
@@ -666,6 +666,9 @@ class GPipeStrategy(ParallelStrategy):
         assert module is not None
         if is_sharded(checkpoint_path):
             checkpoint = load_sharded(checkpoint_path, module.state_dict(), [n for n, _ in module.named_parameters()])
+        elif type(self.checkpoint_io) is TorchCheckpointIO and Path(checkpoint_path).is_file():
+            # Memory-mapped on the CPU: each rank reads only its own stage's tensors, not K copies of the model.
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=weights_only)
         else:
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self._restored = checkpoint.get("gpipe")
