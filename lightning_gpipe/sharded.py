@@ -115,16 +115,19 @@ def _publish(partial: Path, path: Path) -> None:
 
 
 def load_sharded(
-    path: str | os.PathLike, state_dict: dict[str, Tensor], optimizer_names: Optional[Sequence[str]] = None
+    path: str | os.PathLike,
+    state_dict: dict[str, Tensor],
+    optimizer_names: Optional[Sequence[str]] = None,
+    weights_only: Optional[bool] = None,
 ) -> dict[str, Any]:
     """The Lightning checkpoint in ``path`` restricted to one stage.
 
     ``state_dict`` is the stage's own (its keys and shapes are read); optimizer state is read for the
     parameters in ``optimizer_names`` (all of them when None, as in a single process without a
-    process group). Called on every rank.
+    process group). ``weights_only`` is passed to ``torch.load`` for ``meta.pt``. Called on every rank.
     """
     path = _local_path(path)
-    meta = torch.load(path / META, weights_only=False)
+    meta = torch.load(path / META, weights_only=weights_only)
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     wanted: dict[str, Tensor] = {}
     for name, t in state_dict.items():  # a missing one fails in dcp.load, on every rank
@@ -164,7 +167,7 @@ def to_full_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     Runs in one process, no pipeline needed; the result loads with ``MyModule.load_from_checkpoint(out)``
     and resumes with any strategy.
     """
-    meta = torch.load(_local_path(path) / META, weights_only=False)
+    meta = torch.load(_local_path(path) / META)
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     shapes = {name: stored[_MODEL + name] for name in meta["state_dict_keys"]}
     template = {name: torch.empty(info.size, dtype=info.properties.dtype) for name, info in shapes.items()}

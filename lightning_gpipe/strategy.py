@@ -665,7 +665,8 @@ class GPipeStrategy(ParallelStrategy):
         module = self.lightning_module
         assert module is not None
         if is_sharded(checkpoint_path):
-            checkpoint = load_sharded(checkpoint_path, module.state_dict(), [n for n, _ in module.named_parameters()])
+            names = [n for n, _ in module.named_parameters()]
+            checkpoint = load_sharded(checkpoint_path, module.state_dict(), names, weights_only=weights_only)
         elif type(self.checkpoint_io) is TorchCheckpointIO and Path(checkpoint_path).is_file():
             # Memory-mapped on the CPU: each rank reads only its own stage's tensors, not K copies of the model.
             checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=weights_only)
