@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["optimal_split"]
+__all__ = ["optimal_split", "uniform_split"]
+
+
+def uniform_split(n: int, k: int) -> list[int]:
+    """Layer counts per stage for ``n`` layers by count alone, the earlier stages taking the remainder."""
+    return [n // k + (1 if j < n % k else 0) for j in range(k)]
 
 
 def optimal_split(costs: Sequence[float], k: int) -> list[int]:

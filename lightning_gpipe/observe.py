@@ -9,7 +9,8 @@ from typing import Any, Optional
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_gpipe.balance import optimal_split
+from lightning_gpipe.balance import optimal_split, uniform_split
+from lightning_gpipe.partition import stage_layers
 from lightning_gpipe.profile import LayerCosts, predicted_efficiency
 from lightning_gpipe.timeline import COMPUTE, Event, bubble, chrome_trace, draw_schedule, theoretical_bubble
 
@@ -94,13 +95,11 @@ class BalanceReport:
 
     @classmethod
     def of(cls, rule: str, layer_costs: Sequence[float], k: int, m: int, measured: LayerCosts) -> BalanceReport:
-        n = len(layer_costs)
-        uniform = [n // k + (1 if j < n % k else 0) for j in range(k)]
+        uniform = uniform_split(len(layer_costs), k)
         balance = optimal_split(layer_costs, k)
 
         def per_stage(costs: Sequence[float], counts: Sequence[int]) -> list[float]:
-            starts = [sum(counts[:j]) for j in range(len(counts))]
-            return [sum(costs[a : a + c]) for a, c in zip(starts, counts)]
+            return [sum(costs[i] for i in stage_layers(counts, j)) for j in range(len(counts))]
 
         def efficiency(counts: Sequence[int]) -> float:
             return predicted_efficiency(per_stage(measured.seconds, counts), m)

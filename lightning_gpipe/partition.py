@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_gpipe.balance import optimal_split
+from lightning_gpipe.balance import optimal_split, uniform_split
 
 __all__ = [
     "Balance",
@@ -106,7 +106,7 @@ def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:
         raise BalanceError(f"cannot cut {n} layers into {k} stages: a pipeline needs at least one layer per stage")
     if isinstance(balance, str):
         if balance == "uniform":
-            return [n // k + (1 if j < n % k else 0) for j in range(k)]
+            return uniform_split(n, k)
         if balance == "params":
             layers = list(seq._modules.values())
             if any(layer is None for layer in layers):

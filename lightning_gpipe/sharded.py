@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from lightning.fabric.utilities.cloud_io import _atomic_save
 from torch import Tensor
 
 from lightning_gpipe.state import Layout, merge_optimizer_states
@@ -172,11 +173,8 @@ def to_full_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     shapes = {name: stored[_MODEL + name] for name in meta["state_dict_keys"]}
     template = {name: torch.empty(info.size, dtype=info.properties.dtype) for name, info in shapes.items()}
     checkpoint = load_sharded(path, template)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
-    return out
+    _atomic_save(checkpoint, out)  # Lightning's own: whole or absent
+    return Path(out)
 
 
 def _main(argv: Sequence[str]) -> None:

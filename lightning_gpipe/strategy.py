@@ -46,7 +46,6 @@ from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
-from lightning_gpipe.profile import input_of_step, optimizer_slots, profile_layers, untouched_random
 from lightning_gpipe.observe import BalanceReport, Reporter, StageReport
 from lightning_gpipe.partition import (
     BALANCE_RULES,
@@ -61,6 +60,7 @@ from lightning_gpipe.partition import (
     resolve_balance,
     stage_layers,
 )
+from lightning_gpipe.profile import input_of_step, optimizer_slots, profile_layers, untouched_random
 from lightning_gpipe.rng import rank_random_state, set_rank_random_state
 from lightning_gpipe.schedule import CHECKPOINT_MODES
 from lightning_gpipe.sharded import is_sharded, load_sharded, save_sharded
@@ -746,12 +746,6 @@ class GPipeStrategy(ParallelStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="GPipe pipeline parallelism (lightning-gpipe)", override=True
         )
-
-
-
-
-
-
 
 
 @dataclass

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_gpipe.partition import keep_stage
 from lightning_gpipe.sharded import _publish
 from lightning_gpipe.state import merge_optimizer_states, optimizer_layouts, optimizer_state_by_name, optimizer_state_for
 
@@ -33,9 +34,7 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 def _stage(full: nn.Sequential, keep: range) -> nn.Sequential:
     """``full`` with only the layers in ``keep``, the others freed as the strategy frees them."""
     stage = nn.Sequential(*full)
-    for i in range(len(full)):
-        if i not in keep:
-            stage._modules[str(i)] = None
+    keep_stage(stage, keep)
     return stage
 
 
