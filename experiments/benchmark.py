@@ -22,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.bench_report import write_report
+from experiments.processes import free_port, without_rendezvous
 
 WORKER = Path(__file__).resolve().parent / "bench_worker.py"
-#: What tells a process which process group it joins; the caller's own must not leak into the ranks.
-RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK")
 
 
 @dataclass
@@ -167,8 +166,8 @@ def run_group(cfg: Config, k: int, rows: list[dict], out: Path) -> list[dict]:
         "traces": str(out / "traces"), "result": str(work / f"rows_k{k}.json"),
     }  # fmt: skip
     (work / f"spec_k{k}.json").write_text(json.dumps(spec, indent=1))
-    env = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS}
-    env.update(OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(k),
+    env = without_rendezvous()
+    env.update(OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(k),
                NODE_RANK="0", PYTHONWARNINGS="ignore")  # fmt: skip
     cmd = [sys.executable, str(WORKER), str(work / f"spec_k{k}.json")]
     with ExitStack() as files:
@@ -202,14 +201,6 @@ def _wait(procs: list[subprocess.Popen], timeout: float, k: int, logs: Path) -> 
 
 def _tail(path: Path, chars: int = 4000) -> str:
     return path.read_text()[-chars:] if path.exists() else f"(no log at {path})"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

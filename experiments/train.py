@@ -14,6 +14,7 @@ from omegaconf import DictConfig, read_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `experiments.*` targets import
 
+from experiments.processes import RENDEZVOUS  # noqa: E402
 from lightning_gpipe.partition import find_sequential  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def _forget_process_group() -> None:
     """Close this job's process group so the next job of a sweep starts its own ranks afresh."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
+    for key in RENDEZVOUS:
         os.environ.pop(key, None)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.processes import free_port, without_rendezvous  # noqa: E402
 
 
 @dataclass
@@ -18,19 +20,9 @@ class RankResult:
     output: str
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-#: What tells a process which process group it joins; a test process's own group must not leak into children.
-RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-
-
 def fresh_env() -> dict[str, str]:
     """This process's environment for a child that starts a process group of its own, one thread per rank."""
-    return {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS}, "OMP_NUM_THREADS": "1"}
+    return {**without_rendezvous(), "OMP_NUM_THREADS": "1"}
 
 
 def launch(k: int, argv: list[str], workdir: Path, timeout: float = 600.0) -> list[RankResult]:
