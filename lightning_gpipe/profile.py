@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -97,7 +98,9 @@ def optimizer_slots(optimizers: Sequence[torch.optim.Optimizer]) -> float:
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         probe = torch.zeros(4096, requires_grad=True)
         probe.grad = torch.ones_like(probe)
-        trial = type(optimizer)([probe], **optimizer.defaults)
+        # ``defaults`` may hold settings the constructor does not take (AdamW's decoupled_weight_decay).
+        accepted = inspect.signature(type(optimizer)).parameters
+        trial = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
         trial.step()
         slots = max(slots, optimizer_state_bytes(trial) / tensor_bytes([probe]))
     return round(slots, 2)

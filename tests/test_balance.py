@@ -149,6 +149,7 @@ def test_measured_balance_needs_a_sample_outside_fit():
 
 @pytest.mark.parametrize(("make", "slots"), [
     (lambda p: torch.optim.Adam(p, lr=0.1), 2.0),
+    (lambda p: torch.optim.AdamW(p, lr=0.1), 2.0),  # its defaults hold a setting its constructor does not take
     (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 1.0),
     (lambda p: torch.optim.SGD(p, lr=0.1), 0.0),
 ])  # fmt: skip
