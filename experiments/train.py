@@ -10,12 +10,12 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, ListConfig, read_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `experiments.*` targets import
 
 from experiments.processes import RENDEZVOUS  # noqa: E402
-from lightning_gpipe.partition import find_sequential  # noqa: E402
+from lightning_gpipe.partition import BALANCE_RULES, BalanceError, find_sequential, resolve_balance  # noqa: E402
 
 
 class ConfigError(ValueError):
@@ -70,11 +70,21 @@ def _check_model(cfg: DictConfig, model: L.LightningModule, datamodule: L.Lightn
             " inputs; pick a matching pair (see conf/experiment/ for presets)"
         )
     _, seq = find_sequential(model)
-    if isinstance(cfg.strategy, DictConfig) and cfg.strategy._target_.endswith("GPipeStrategy") and cfg.k > len(seq):
+    if not (isinstance(cfg.strategy, DictConfig) and cfg.strategy._target_.endswith("GPipeStrategy")):
+        return
+    if cfg.k > len(seq):
         raise ConfigError(
             f"k={cfg.k} stages, but {type(model).__name__}'s Sequential has {len(seq)} layers:"
             " lower k or make the model deeper"
         )
+    balance = cfg.strategy.get("balance")
+    if isinstance(balance, str) and balance not in BALANCE_RULES:
+        raise ConfigError(f"balance={balance}: choose one of {', '.join(BALANCE_RULES)} or a list of layer counts")
+    if isinstance(balance, ListConfig):
+        try:
+            resolve_balance(list(balance), seq, cfg.k)
+        except BalanceError as error:
+            raise ConfigError(f"balance={list(balance)}: {error}") from None
 
 
 def _children_run_this_job_only() -> None:

@@ -143,6 +143,9 @@ def test_multirun_gives_one_run_per_value(tmp_path):
         (["model=transformer"], "train.py: model Transformer reads tokens inputs, but data SyntheticDataModule"
                                 " yields vector inputs; pick a matching pair (see conf/experiment/ for presets)"),
         (["model=resnet"], "Could not find 'model/resnet'"),
+        (["balance=[1,2]"], "train.py: balance=[1, 2]: balance [1, 2] has 2 stages, but the pipeline has 4 (devices x nodes)"),
+        (["k=2", "balance=[1,2]"], "train.py: balance=[1, 2]: balance [1, 2] sums to 3, but the Sequential has 19 layers"),
+        (["balance=fastest"], "train.py: balance=fastest: choose one of uniform, params, time, memory or a list of layer counts"),
     ],
 )  # fmt: skip
 def test_bad_input_gives_a_clear_message(args, message, tmp_path):
