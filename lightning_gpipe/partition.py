@@ -11,13 +11,17 @@ from torch import nn
 from lightning_gpipe.balance import optimal_split, uniform_split
 
 __all__ = [
+    "AbsentLayer",
+    "AbsentLayerError",
     "Balance",
     "BalanceError",
     "check_forward",
     "check_stages_have_parameters",
+    "check_stages_optimized",
     "check_unshared",
     "find_sequential",
     "keep_stage",
+    "live_layers",
     "resolve_balance",
     "stage_layers",
 ]
@@ -31,6 +35,47 @@ PROFILED_RULES = ("time", "memory")
 
 class BalanceError(ValueError):
     """The requested split of layers into stages is impossible."""
+
+
+class AbsentLayerError(AttributeError):
+    """User code reached for a layer that another stage of the pipeline holds.
+
+    An ``AttributeError``, so ``hasattr`` and ``getattr(..., default)`` keep working on a partitioned module.
+    """
+
+
+class AbsentLayer(nn.Module):
+    """Stands in for a layer that another stage runs: it holds nothing, and using it raises an error that says so.
+
+    It keeps the layer's place in the Sequential, so the kept layers keep their names (``"5.weight"``) and
+    ``state_dict`` keys stay those of the unpartitioned module.
+    """
+
+    def __init__(self, index: int, kind: str, stage: int) -> None:
+        super().__init__()
+        self.index, self.kind, self.stage = index, kind, stage
+
+    def message(self, what: str) -> str:
+        return (
+            f"GPipeStrategy: {what} layer {self.index} ({self.kind}) of the pipelined Sequential, which stage"
+            f" {self.stage} holds, not this process. Each process holds only its own stage's layers while a run is"
+            " under way; the step's `self(x)` runs the whole pipeline, and after a run the whole model is on global"
+            " rank 0 (GPipeStrategy(gather_model=True))."
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise AbsentLayerError(
+            self.message("the code called") + " In a step, call the module (`self(x)`) rather than its layers."
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            raise AbsentLayerError(self.message(f"the code read {name!r} of")) from None
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} on stage {self.stage}"
 
 
 def find_sequential(module: nn.Module, name: Optional[str] = None) -> tuple[str, nn.Sequential]:
@@ -109,7 +154,7 @@ def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:
             return uniform_split(n, k)
         if balance == "params":
             layers = list(seq._modules.values())
-            if any(layer is None for layer in layers):
+            if any(isinstance(layer, AbsentLayer) for layer in layers):
                 raise BalanceError(
                     "balance='params' needs every layer, but this Sequential was already partitioned;"
                     " pass the balance as a list of layer counts"
@@ -136,7 +181,7 @@ def check_unshared(module: nn.Module, seq: nn.Sequential, balance: Sequence[int]
     layers = list(seq._modules.values())
     for stage in range(len(balance)):
         for index in stage_layers(balance, stage):
-            if layers[index] is not None:
+            if not isinstance(layers[index], AbsentLayer):
                 for p in layers[index].parameters():
                     owners.setdefault(id(p), set()).add(stage)
     shared = {names.get(pid, "?"): sorted(stages) for pid, stages in owners.items() if len(stages) > 1}
@@ -154,36 +199,55 @@ def stage_layers(balance: Sequence[int], stage: int) -> range:
     return range(start, start + balance[stage])
 
 
-def keep_stage(seq: nn.Sequential, layers: range) -> list[nn.Module]:
-    """Free every layer of ``seq`` outside ``layers``, in place, and return the kept ones in order.
+def keep_stage(seq: nn.Sequential, balance: Sequence[int], stage: int) -> list[nn.Module]:
+    """Free every layer of ``seq`` that ``stage`` does not run, in place, and return the kept ones in order.
 
-    The freed slots stay as ``None`` so the kept layers keep their names (``"5.weight"``) and
-    ``state_dict`` keys stay those of the unpartitioned module.
+    Each freed layer is replaced by an :class:`AbsentLayer` that names the stage holding it.
     """
-    names = list(seq._modules)
+    layers = stage_layers(balance, stage)
+    owners = [s for s, count in enumerate(balance) for _ in range(count)]
     kept = []
-    for index, name in enumerate(names):
+    for index, (name, layer) in enumerate(list(seq._modules.items())):
         if index in layers:
-            layer = seq._modules[name]
-            if layer is None:
+            if isinstance(layer, AbsentLayer):
                 raise BalanceError(f"layer {index} belongs to this stage, but an earlier partitioning freed it here")
             kept.append(layer)
-        else:
-            seq._modules[name] = None
+        elif not isinstance(layer, AbsentLayer):
+            seq._modules[name] = AbsentLayer(index, type(layer).__name__, owners[index])
     return kept
 
 
-def check_stages_have_parameters(balance: Sequence[int], layers: list[Optional[nn.Module]]) -> None:
+def live_layers(seq: nn.Sequential) -> list[tuple[int, nn.Module]]:
+    """The layers of ``seq`` this process holds, with their indices."""
+    return [(i, layer) for i, layer in enumerate(seq._modules.values()) if not isinstance(layer, AbsentLayer)]
+
+
+def check_stages_have_parameters(balance: Sequence[int], layers: list[nn.Module]) -> None:
     """Raise if a stage would hold no trainable parameter: its optimizer would be empty."""
     for stage in range(len(balance)):
         indices = stage_layers(balance, stage)
         stage_modules = [layers[i] for i in indices]
-        if any(layer is None for layer in stage_modules):
-            continue  # partitioned earlier: another rank holds these layers
-        if not any(p.requires_grad for layer in stage_modules for p in layer.parameters()):  # type: ignore[union-attr]
+        if not any(p.requires_grad for layer in stage_modules for p in layer.parameters()):
             kinds = ", ".join(type(layer).__name__ for layer in stage_modules)
             raise BalanceError(
                 f"stage {stage} (layers {indices.start}..{indices.stop - 1}: {kinds}) has no trainable parameters,"
                 f" so its optimizer would be empty; balance {list(balance)} needs changing so every stage holds"
                 " a layer with parameters"
+            )
+
+
+def check_stages_optimized(balance: Sequence[int], seq_name: str, layers: list[nn.Module], optimized: set[str]) -> None:
+    """Raise if ``configure_optimizers`` (which optimizes the parameters named in ``optimized``) gives some stage
+    none of its parameters: that stage's optimizer would be empty."""
+    for stage in range(len(balance)):
+        indices = stage_layers(balance, stage)
+        names = {f"{seq_name}.{i}.{n}" for i in indices for n, _ in layers[i].named_parameters()}
+        if not names & optimized:
+            shown = sorted(optimized)
+            listed = ", ".join(shown[:4]) + (", ..." if len(shown) > 4 else "")
+            raise BalanceError(
+                f"configure_optimizers optimizes {len(shown)} parameters ({listed}), none of them in stage {stage}"
+                f" (layers {indices.start}..{indices.stop - 1}), so that stage's optimizer would be empty; with"
+                f" balance {list(balance)}, every stage must hold a parameter the optimizer trains: choose another"
+                " balance or optimize more of the model"
             )

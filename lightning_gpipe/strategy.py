@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -28,7 +29,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
@@ -41,7 +42,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_gpipe.assemble import fill_from_first, gather_layers
 from lightning_gpipe.comm import ObjectBroadcast, StageLink
+from lightning_gpipe.contract import frozen_summaries, parameters_refused, seed_workers_alike
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
@@ -54,6 +57,7 @@ from lightning_gpipe.partition import (
     BalanceError,
     check_forward,
     check_stages_have_parameters,
+    check_stages_optimized,
     check_unshared,
     find_sequential,
     keep_stage,
@@ -96,6 +100,7 @@ class _PipelineCall:
         self.executor, self.microbatches, self.train = executor, microbatches, train
         self.check = check  # called with the first input, to verify the module's forward contract
         self.calls = 0
+        self.returned = False  # whether the pipeline ran to the end and handed the step its output
         self.samples = self.n = 0  # batch size and micro-batch count, once called
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -124,6 +129,7 @@ class _PipelineCall:
         if not executor.is_last:
             raise _StageFinished
         assert outputs is not None
+        self.returned = True
         return merge(outputs)
 
 
@@ -156,6 +162,10 @@ class GPipeStrategy(ParallelStrategy):
         state_dict_type: ``"full"`` saves one ordinary Lightning checkpoint file, gathered on global rank 0;
             ``"sharded"`` saves a folder in which every stage writes its own tensors (see
             :mod:`lightning_gpipe.sharded`). Either kind resumes with any K, M and balance.
+        gather_model: when a run (``fit``, ``validate``, ...) ends, move every stage's layers to global rank 0,
+            so that the module there is the whole trained model, as after single-device training. That needs the
+            whole model's host memory on global rank 0; with ``False`` every rank keeps only its stage, and the
+            module cannot be used in another run.
     """
 
     strategy_name = "gpipe"
@@ -175,6 +185,7 @@ class GPipeStrategy(ParallelStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         observe_every_n_steps: int = 0,
         state_dict_type: str = "full",
+        gather_model: bool = True,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -200,6 +211,7 @@ class GPipeStrategy(ParallelStrategy):
                 f"GPipeStrategy(state_dict_type={state_dict_type!r}): choose one of {', '.join(STATE_DICT_TYPES)}"
             )
         self._state_dict_type = state_dict_type
+        self._gather_model = gather_model
         self._optimizer_layouts: list[Layout] = []  # how a single-device run numbers each optimizer's parameters
         self._restored: Optional[dict[str, Any]] = None  # what a resumed checkpoint says about the saving pipeline
         self._microbatches = microbatches
@@ -218,7 +230,9 @@ class GPipeStrategy(ParallelStrategy):
         self._balance: Optional[list[int]] = None
         self._executor: Optional[StageExecutor] = None
         self._sequential_name = ""
-        self._forward_checked = False
+        self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
+        self._run_patches = ExitStack()  # undone when the run ends
+        self._failed = False  # this run raised: no collective may wait on other ranks any more
         self._balance_report: Optional[BalanceReport] = None
         self._sharing: Optional[ObjectBroadcast] = None  # the last stage's step results, to the other stages
 
@@ -313,24 +327,31 @@ class GPipeStrategy(ParallelStrategy):
         module = self.lightning_module
         assert module is not None
         self._check_supported(trainer, module)
+        self._failed = False
+        fitting = trainer.state.fn == TrainerFn.FITTING
         if self.world_size > 1:  # every rank draws the same shuffles and augmentations, seeded or not
             set_rank_random_state(self.broadcast(rank_random_state(self.root_device)), self.root_device)
-        self._partition(module, fitting=trainer.state.fn == TrainerFn.FITTING)
+        name, seq = find_sequential(module, self._sequential)
+        if self.world_size > 1:  # an earlier run may have left the module cut: start from the whole model
+            fill_from_first(seq, self.global_rank, self.world_size, self._all_gather_object)
+        if fitting:  # Lightning's summary, taken of the whole module (one rank runs the example input)
+            self._run_patches.enter_context(frozen_summaries(trainer, module, example_input=self.is_global_zero))
+        self._partition(module, name, seq, fitting)
         if module.example_input_array is not None:
             # Lightning's model summary would run forward on this rank's stage alone.
             self._example_input_array = module.example_input_array
             module.example_input_array = None
         self.model = self.precision_plugin.convert_module(module)
         self.model_to_device()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
+        if fitting:  # a configure_optimizers that fails on one stage fails on all
+            self._together(partial(self.setup_optimizers, trainer))
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
         # Every stage logs the last stage's values, so Lightning's advice to sync them across ranks does not apply.
         warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level", category=PossibleUserWarning)
         # Norm clipping must see the norm over all stages' gradients, not this stage's alone.
-        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm  # type: ignore[method-assign]
+        self._run_patches.enter_context(patched(self.precision_plugin, "clip_grad_by_norm", self._clip_grad_by_global_norm))
 
     def _check_supported(self, trainer: Trainer, module: LightningModule) -> None:
         precision = self.precision_plugin
@@ -346,19 +367,19 @@ class GPipeStrategy(ParallelStrategy):
         if not module.automatic_optimization:
             raise ValueError(
                 "GPipeStrategy runs the pipeline's backward inside Lightning's automatic optimization;"
-                f" {type(module).__name__}.automatic_optimization is False. Manual optimization is not supported."
+                f" {type(module).__name__}.automatic_optimization is False. Manual optimization is not supported,"
+                " and with it neither are several optimizers: use one optimizer with parameter groups."
             )
         if self._layer_sync is not None:
             raise ValueError("Trainer(sync_batchnorm=True) synchronises across data-parallel replicas; GPipeStrategy has none")
 
-    def _partition(self, module: LightningModule, fitting: bool) -> None:
-        """Cut the Sequential into stages and keep only this rank's layers."""
-        name, seq = find_sequential(module, self._sequential)
+    def _partition(self, module: LightningModule, name: str, seq: nn.Sequential, fitting: bool) -> None:
+        """Cut the Sequential ``name`` of the whole ``module`` into stages and keep only this rank's layers."""
         self._sequential_name = name
         k, stage = self.world_size, self.global_rank
         optimizers: list[Optimizer] = []
         if fitting and not self._optimizer_layouts:  # a throwaway build on the whole module, before it is cut
-            optimizers = _init_optimizers_and_lr_schedulers(module)[0]
+            optimizers = _whole_module_optimizers(module)
             self._optimizer_layouts = optimizer_layouts(optimizers, module)
         if self._balance is None and self._balance_request in PROFILED_RULES:
             self._balance = self._profiled_balance(module, seq, fitting, optimizers)
@@ -370,14 +391,16 @@ class GPipeStrategy(ParallelStrategy):
         check_unshared(module, seq, self._balance)
         if fitting:
             check_stages_have_parameters(self._balance, layers)
+            optimized = {n for layout in self._optimizer_layouts for group in layout for n in group}
+            check_stages_optimized(self._balance, name, layers, optimized)
         if self._microbatches > 1 and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for layer in layers if layer is not None for m in layer.modules()
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for layer in layers for m in layer.modules()
         ):
             rank_zero_warn(
                 "GPipeStrategy: batch normalization computes its statistics per micro-batch, so training differs"
                 f" from single-device training with microbatches={self._microbatches}"
             )
-        kept = keep_stage(seq, stage_layers(self._balance, stage))
+        kept = keep_stage(seq, self._balance, stage)
         link = StageLink(stage, k, self.root_device) if k > 1 else None
         self._sharing = ObjectBroadcast(self.root_device) if k > 1 else None
         self._executor = StageExecutor(kept, stage, k, self.root_device, link, self._checkpoint)
@@ -482,41 +505,73 @@ class GPipeStrategy(ParallelStrategy):
         module, executor = self.lightning_module, self._executor
         assert module is not None and executor is not None
         check = None
-        if not self._forward_checked:
-            self._forward_checked = True
+        if module.training not in self._checked_modes:  # forward may branch on self.training: check both
+            self._checked_modes.add(module.training)
             check = partial(check_forward, module, self._sequential_name)
         call = self._call = _PipelineCall(executor, self._microbatches, train, check)
         # The last stage logs for real; the others drop their own calls and replay its records below.
         logging = record_logs(module) if executor.is_last else muted_logs(module)
-        shared: dict[str, Any] = {}
-        with patched(module, "forward", call), logging as records:
+        where = f"{type(module).__name__}.{hook}"
+        refusal = parameters_refused(module, where) if executor.k > 1 else nullcontext()
+        with patched(module, "forward", call), logging as records, refusal:
             try:
                 output = getattr(module, hook)(*args, **kwargs)
                 if call.calls == 0:
                     raise RuntimeError(
-                        f"GPipeStrategy: {type(module).__name__}.{hook} never called self(...). The pipeline runs"
-                        " when the step calls the module on its input, e.g. `logits = self(x)`."
+                        f"GPipeStrategy: {where} never called self(...). The pipeline runs when the step calls the"
+                        " module on its input, e.g. `logits = self(x)`."
                     )
-                if executor.is_last:
-                    shared = {"records": records, "output": _shared_output(hook, output)}
             except _StageFinished:
                 output = None
+            except Exception as error:
+                if call.returned and executor.k > 1:  # the other stages wait for this one's results: send them the error
+                    self._share(_Failure.of(error))
+                raise
         if executor.k == 1:
             return output
-        # Code after self(x) ran on the last stage alone; what it changed that the other ranks read
-        # travels from there: its logs, the loss or predictions, and the rank-wide random state.
-        assert self._sharing is not None
+        # Code after self(x) ran on the last stage alone; what it changed that the other ranks read travels from
+        # there: its logs, its output (the loss, logged values, predictions), trainer.should_stop, and the
+        # rank-wide random state.
         if executor.is_last:
-            shared["random"] = rank_random_state(self.root_device)
-            self._sharing.send(shared)
+            self._share(
+                {
+                    "records": records,
+                    "output": apply_to_collection(output, Tensor, lambda t: t.detach().cpu()),
+                    "should_stop": module.trainer.should_stop,
+                    "random": rank_random_state(self.root_device),
+                }
+            )
             return output
+        assert self._sharing is not None
         shared = self._sharing.receive(src=executor.k - 1)
+        if isinstance(shared, _Failure):
+            raise shared.error
         set_rank_random_state(shared["random"], self.root_device)
+        module.trainer.should_stop = shared["should_stop"]
         replay_logs(module, shared["records"], self.root_device)
         return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.root_device))
 
+    def _share(self, results: Any) -> None:
+        assert self._sharing is not None
+        self._sharing.send(results)
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        # The hooks around the optimizer step (on_before_optimizer_step, on_before_zero_grad, gradient clipping,
+        # and every callback's) run on each stage, where self.parameters() is the stage's alone.
+        with self._parameters_refused("code run around the optimizer step (on_before_optimizer_step, a callback's hook)"):
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def _parameters_refused(self, where: str) -> Any:
+        module = self.lightning_module
+        return parameters_refused(module, where) if module is not None and self.world_size > 1 else nullcontext()
+
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        with self._parameters_refused("code run around the backward (on_before_backward, on_after_backward)"):
+            return self._backward(closure_loss, optimizer, *args, **kwargs)
+
+    def _backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
         module, executor = self.lightning_module, self._executor
         assert module is not None and executor is not None
         self.pre_backward(closure_loss)
@@ -544,7 +599,7 @@ class GPipeStrategy(ParallelStrategy):
         self._observed_step, self._observing = step, True
         if self.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.root_device)
-        executor.meter.start(module.parameters())
+        executor.meter.start(nn.Module.parameters(module))  # the method itself: the step refuses the user's call
         self.barrier()  # a common start, so the stages' timelines line up
         executor.timeline.start()
 
@@ -557,7 +612,7 @@ class GPipeStrategy(ParallelStrategy):
             stage=executor.stage,
             events=executor.timeline.stop(),
             activation_bytes_peak=executor.meter.stop(),
-            param_bytes=tensor_bytes(module.parameters()),
+            param_bytes=tensor_bytes(nn.Module.parameters(module)),
             optimizer_bytes=sum(optimizer_state_bytes(getattr(o, "_optimizer", o)) for o in self.optimizers),
             cuda_max_allocated=torch.cuda.max_memory_allocated(self.root_device) if self.root_device.type == "cuda" else None,
         )
@@ -595,6 +650,28 @@ class GPipeStrategy(ParallelStrategy):
         box = [obj]
         dist.broadcast_object_list(box, src)
         return box[0]
+
+    def _all_gather_object(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order, on every rank."""
+        if not _distributed_is_initialized():
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def _together(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on every rank; if it raised on any, raise on all, so no rank goes on to wait for the others."""
+        failure = None
+        try:
+            fn()
+        except Exception as error:
+            failure = error
+        failures = self._all_gather_object(None if failure is None else _Failure.of(failure))
+        if failure is not None:
+            raise failure
+        first = next((f for f in failures if f is not None), None)
+        if first is not None:
+            raise first.error
 
     @override
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean") -> Any:
@@ -722,7 +799,13 @@ class GPipeStrategy(ParallelStrategy):
     # -- lifecycle ------------------------------------------------------------------------------
 
     @override
+    def process_dataloader(self, dataloader: object) -> object:
+        # Seeded workers (seed_everything(workers=True)) draw as data-parallel rank 0 on every stage.
+        return seed_workers_alike(dataloader, rank=0)
+
+    @override
     def on_exception(self, exception: BaseException) -> None:
+        self._failed = True
         message = str(exception)
         if self.world_size > 1 and ("Connection closed by peer" in message or "Connection reset by peer" in message):
             log.error(
@@ -733,12 +816,16 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        if self._sharing is not None:
+        if self._sharing is not None and not self._failed:
             self._sharing.wait()
-        self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
-        if self._example_input_array is not None and self.lightning_module is not None:
-            self.lightning_module.example_input_array = self._example_input_array
-        super().teardown()
+        self._run_patches.close()
+        module = self.lightning_module
+        if self._example_input_array is not None and module is not None:
+            module.example_input_array = self._example_input_array
+        super().teardown()  # the module moves to the CPU
+        if self._gather_model and not self._failed and self.world_size > 1 and self._executor is not None:
+            assert module is not None
+            gather_layers(module.get_submodule(self._sequential_name), self.global_rank, self.world_size)
 
     @classmethod
     @override
@@ -750,25 +837,32 @@ class GPipeStrategy(ParallelStrategy):
 
 @dataclass
 class _Failure:
-    """An error on one rank, in a form every rank can raise (its type may not be picklable)."""
+    """An error on one rank, in a form every rank can raise: the error itself where it pickles, else its text."""
 
     kind: str
     message: str
+    exception: Optional[Exception] = None
 
     @classmethod
     def of(cls, error: Exception) -> _Failure:
-        return cls(type(error).__name__, str(error))
+        try:
+            copy = pickle.loads(pickle.dumps(error))
+        except Exception:
+            copy = None
+        return cls(type(error).__name__, str(error), copy)
 
     @property
     def error(self) -> Exception:
-        return BalanceError(self.message) if self.kind == "BalanceError" else RuntimeError(f"{self.kind}: {self.message}")
+        return self.exception if self.exception is not None else RuntimeError(f"{self.kind}: {self.message}")
 
 
-def _shared_output(hook: str, output: Any) -> Any:
-    """What the last stage's step output is shared as: the loss in training, the predictions in predict."""
-    if hook == "training_step":
-        loss = output["loss"] if isinstance(output, Mapping) else output
-        return None if loss is None else loss.detach().cpu()
-    if hook == "predict_step":
-        return apply_to_collection(output, Tensor, lambda t: t.detach().cpu())
-    return None
+def _whole_module_optimizers(module: LightningModule) -> list[Optimizer]:
+    """The optimizers ``configure_optimizers`` builds on the whole module; exactly one is supported."""
+    optimizers = _configure_optimizers(module.configure_optimizers())[0]
+    if len(optimizers) != 1:
+        raise ValueError(
+            f"GPipeStrategy trains with one optimizer; {type(module).__name__}.configure_optimizers returned"
+            f" {len(optimizers)}. Several optimizers need Lightning's manual optimization, which the pipeline cannot"
+            " run (its backward runs inside automatic optimization): use one optimizer with parameter groups."
+        )
+    return optimizers

@@ -52,16 +52,145 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
+class Augmented(TensorDataset):
+    """Adds fresh noise to every sample it serves: a random augmentation, drawn in the loader's workers."""
+
+    def __getitem__(self, index):
+        x, y = super().__getitem__(index)
+        return x + 0.5 * torch.randn_like(x), y
+
+
 def loaders(n_train: int = 34, n_val: int = 12, width: int = 8, classes: int = 3, batch_size: int = 10, shuffle=False,
-            generator_seed: int | None = None):  # fmt: skip
-    """Random data; ``generator_seed`` shuffles with a generator of the loader's own instead of the global one."""
+            generator_seed: int | None = None, augment: bool = False, num_workers: int = 0):  # fmt: skip
+    """Random data; ``generator_seed`` shuffles with a generator of the loader's own instead of the global one;
+    ``augment`` adds noise to each training sample as it is served, in ``num_workers`` worker processes."""
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n_train + n_val, width, generator=g)
     y = torch.randint(0, classes, (n_train + n_val,), generator=g)
-    train = TensorDataset(x[:n_train], y[:n_train])
+    train = (Augmented if augment else TensorDataset)(x[:n_train], y[:n_train])
     val = TensorDataset(x[n_train:], y[n_train:])
     own = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
-    return DataLoader(train, batch_size=batch_size, shuffle=shuffle, generator=own), DataLoader(val, batch_size=5)
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=shuffle, generator=own, num_workers=num_workers)
+    return train_loader, DataLoader(val, batch_size=5)
+
+
+# -- what users write, which the pipeline must run exactly or refuse (tests/test_contract.py) -----------------
+
+
+class PenaltyAfter(Classifier):
+    """A parameter penalty in the loss, summed after ``self(x)``."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y) + 0.05 * sum(p.pow(2).sum() for p in self.parameters())
+
+
+class PenaltyBefore(Classifier):
+    """The same penalty, summed before ``self(x)``."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        penalty = sum(p.pow(2).sum() for p in self.parameters())
+        return F.cross_entropy(self(x), y) + 0.05 * penalty
+
+
+class LastLayerPenalty(Classifier):
+    """A penalty on the last layer alone, which the last stage holds: the pipeline computes it exactly."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.05 * self.body[-1].weight.pow(2).sum()
+
+
+class LightningGradNorm(Classifier):
+    """Lightning's documented gradient-norm logging."""
+
+    def on_before_optimizer_step(self, optimizer):
+        from lightning.pytorch.utilities import grad_norm
+
+        self.log_dict(grad_norm(self, norm_type=2))
+
+
+class PipelineGradNorm(Classifier):
+    """The same with lightning_gpipe's grad_norm, which covers every stage (and is Lightning's elsewhere)."""
+
+    def on_before_optimizer_step(self, optimizer):
+        from lightning_gpipe import grad_norm
+
+        self.log_dict(grad_norm(self, norm_type=2))
+
+
+class SoftmaxInEval(Classifier):
+    """A forward that does more than the Sequential, in evaluation only."""
+
+    def forward(self, x):
+        logits = self.body(x)
+        return logits if self.training else logits.softmax(-1)
+
+
+class StopsOnSecondBatch(Classifier):
+    """Stops training from the step, after ``self(x)``, as stop-on-NaN code does."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == 1:
+            self.trainer.should_stop = True
+        return loss
+
+
+class DictOutputs(Classifier):
+    """Steps that return dictionaries, which callbacks read."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return {"val_acc": (self(x).argmax(-1) == y).float().mean(), "batch": batch_idx}
+
+
+class FirstLayerOptimized(Classifier):
+    """Optimizes the first layer alone, which stage 0 holds."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.body[0].parameters(), lr=0.1)
+
+
+class CallsLayers(Classifier):
+    """Calls the Sequential itself in the step instead of ``self(x)``."""
+
+    def training_step(self, batch, batch_idx):
+        return self.body(batch[0]).sum()
+
+
+class TwoOptimizers(Classifier):
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.body[:5].parameters(), lr=0.1), torch.optim.SGD(self.body[5:].parameters(), lr=0.1)]
+
+
+class StepRecorder(L.Callback):
+    """Keeps each training batch's input sum and what the steps returned, as callbacks receive it (tensors as floats)."""
+
+    def __init__(self):
+        self.batch_sums: list[float] = []
+        self.train: list = []
+        self.val: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch_sums.append(float(batch[0].sum()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train.append(_floats(outputs))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.val.append(_floats(outputs))
+
+
+def _floats(outputs):
+    if isinstance(outputs, dict):
+        return {key: _floats(value) for key, value in outputs.items()}
+    return float(outputs) if isinstance(outputs, torch.Tensor) else outputs
 
 
 class RecordingLogger(Logger):

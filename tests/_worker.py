@@ -19,9 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
 
+import _model  # noqa: E402
 import lightning as L  # noqa: E402
-from _model import Classifier, RecordingLogger, loaders  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from _model import StepRecorder, RecordingLogger, loaders  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary  # noqa: E402
 
 from lightning_gpipe import GPipeStrategy  # noqa: E402
 
@@ -109,8 +110,8 @@ def run(scenario: dict, out: Path) -> None:
     result: dict = {}
     try:
         if scenario.get("seed", 0) is not None:
-            L.seed_everything(scenario.get("seed", 0), verbose=False)
-        model = Classifier(**scenario.get("model", {}))
+            L.seed_everything(scenario.get("seed", 0), verbose=False, workers=scenario.get("seed_workers", False))
+        model = getattr(_model, scenario.get("model_class", "Classifier"))(**scenario.get("model", {}))
         train, val = loaders(**scenario.get("data", {}))
         strategy = GPipeStrategy(**scenario.get("strategy", {}))
         logger = RecordingLogger()
@@ -130,13 +131,19 @@ def run(scenario: dict, out: Path) -> None:
                 return original(batch, batch_idx)
 
             model.training_step = failing
-        batch_sums: list[float] = []
 
-        class RecordBatches(L.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                batch_sums.append(float(batch[0].sum()))
+        class RecordStage(L.Callback):
+            def on_fit_start(self, trainer, pl_module):
+                for callback in trainer.callbacks:  # the summary Lightning's callback is about to print
+                    if isinstance(callback, ModelSummary) and callback._max_depth:
+                        summary = callback._summary(trainer, pl_module)
+                        result["summary"] = (summary.total_parameters, summary._get_summary_data())
 
-        trainer.callbacks.append(RecordBatches())
+            def on_train_end(self, trainer, pl_module):
+                result["stage_params"] = sorted(pl_module.state_dict())  # what this rank holds while training
+
+        steps = StepRecorder()
+        trainer.callbacks += [RecordStage(), steps]
         if "model_checkpoint" in scenario:  # save_last=True and a folder, for ckpt_path="last"
             trainer.callbacks.append(ModelCheckpoint(**scenario["model_checkpoint"]))
         kill = scenario.get("kill")
@@ -145,13 +152,25 @@ def run(scenario: dict, out: Path) -> None:
         resume = scenario.get("resume_from")
         if resume is not None and resume != "last" and not os.path.isabs(resume):
             resume = out / f"{resume}.ckpt"
+        if scenario.get("validate_first"):
+            trainer.validate(model, val, verbose=False)
         trainer.fit(model, train, val, ckpt_path=resume)
-        result["batch_sums"] = batch_sums
+        result["batch_sums"] = steps.batch_sums
+        result["outputs"] = {"train": steps.train, "val": steps.val}
         result["params"] = {k: v.clone() for k, v in model.state_dict().items()}
         result["logged"] = logger.records
         result["callback_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if scenario.get("use_after_fit"):  # the module itself, as user code after fit uses it
+            try:
+                with torch.no_grad():
+                    result["after_fit"] = torch.cat([model(x) for x, _ in val])
+            except Exception as e:
+                result["after_fit"] = f"{type(e).__name__}: {e}"
         if scenario.get("predict"):
             result["predictions"] = trainer.predict(model, val)
+        if "fresh_strategy" in scenario:  # a new Trainer and strategy on the trained model
+            fresh = trainer_for({**scenario, "trainer": {}}, GPipeStrategy(**scenario["fresh_strategy"]), False)
+            result["fresh_predictions"] = fresh.predict(model, val)
         if scenario.get("save"):
             path = out / f"{scenario['name']}.ckpt"
             trainer.save_checkpoint(path)

@@ -11,7 +11,7 @@ import torch
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from _model import Classifier, RecordingLogger, loaders  # noqa: E402
+from _model import StepRecorder, RecordingLogger, loaders  # noqa: E402
 from launch import launch  # noqa: E402
 
 WORKER = TESTS / "_worker.py"
@@ -44,11 +44,13 @@ def scenario(name: str, k: int, m: int, checkpoint: str = "except_last", **extra
 
 
 def full_params(ranks: list[dict]) -> dict[str, torch.Tensor]:
-    """The unpartitioned module's parameters from every stage's own."""
-    full: dict[str, torch.Tensor] = {}
-    for rank in ranks:
-        assert not set(full) & set(rank["params"]), "two stages hold the same parameter"
-        full.update(rank["params"])
+    """The whole model's parameters, which global rank 0's module holds after the run; the other ranks keep their
+    own stage's, the very same tensors."""
+    full = ranks[0]["params"]
+    for rank in ranks[1:]:
+        assert set(rank["params"]) < set(full), "rank 0 lacks parameters of another stage"
+        for name, value in rank["params"].items():
+            assert torch.equal(value, full[name]), name
     return full
 
 
@@ -67,18 +69,24 @@ def assert_same_logs(got: list, expected: list, atol: float = ATOL) -> None:
 
 def reference_run(
     clip: float | None = CLIP, accumulate: int = 2, precision: str = "32-true", trainer_kwargs: dict | None = None,
-    ckpt_path: str | None = None, data: dict | None = None, **model_kwargs,
+    ckpt_path: str | None = None, data: dict | None = None, model_class: str = "Classifier",
+    seed_workers: bool = False, **model_kwargs,
 ) -> dict:  # fmt: skip
     """The same training with plain single-device Lightning (resumed from ``ckpt_path`` if given)."""
+    import _model
     from _worker import trainer_for
 
-    L.seed_everything(0, verbose=False)
-    model = Classifier(**model_kwargs)
+    L.seed_everything(0, verbose=False, workers=seed_workers)
+    model = getattr(_model, model_class)(**model_kwargs)
     train, val = loaders(**(data or {}))
     logger = RecordingLogger()
     options = {"clip": clip, "accumulate": accumulate, "precision": precision, "trainer": trainer_kwargs or {}}
     trainer = trainer_for(options, "auto", logger)
+    steps = StepRecorder()
+    trainer.callbacks.append(steps)
     trainer.fit(model, train, val, ckpt_path=ckpt_path)
     result = {"params": model.state_dict(), "logged": logger.records, "model": model, "trainer": trainer}
+    result["outputs"] = {"train": steps.train, "val": steps.val}
+    result["batch_sums"] = steps.batch_sums
     result["predictions"] = trainer.predict(model, val)
     return result

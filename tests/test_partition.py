@@ -1,11 +1,16 @@
+import re
+
 import pytest
+import torch
 from torch import nn
 
 from lightning_gpipe.partition import (
+    AbsentLayerError,
     BalanceError,
     check_unshared,
     find_sequential,
     keep_stage,
+    live_layers,
     resolve_balance,
 )
 
@@ -57,12 +62,28 @@ def test_resolve_balance():
 
 def test_keep_stage_keeps_names():
     seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
-    kept = keep_stage(seq, range(1, 3))
+    kept = keep_stage(seq, [1, 2], 1)
     assert [type(m) for m in kept] == [nn.ReLU, nn.Linear]
     assert list(seq.state_dict()) == ["2.weight", "2.bias"]
     assert len(seq) == 3
+    assert [i for i, _ in live_layers(seq)] == [1, 2]
     with pytest.raises(BalanceError, match="layer 0 belongs to this stage, but an earlier partitioning freed it here"):
-        keep_stage(seq, range(0, 1))
+        keep_stage(seq, [1, 2], 0)
+
+
+def test_absent_layers_say_where_they_are():
+    seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    keep_stage(seq, [1, 2], 1)
+    where = (
+        "layer 0 (Linear) of the pipelined Sequential, which stage 0 holds, not this process. Each process holds"
+        " only its own stage's layers while a run is under way"
+    )
+    with pytest.raises(AbsentLayerError, match=re.escape(f"GPipeStrategy: the code called {where}") + ".* In a step, call the module"):
+        seq(torch.zeros(1, 2))
+    with pytest.raises(AbsentLayerError, match=re.escape(f"GPipeStrategy: the code read 'weight' of {where}")):
+        seq[0].weight
+    assert not hasattr(seq[0], "weight")  # an AttributeError: getattr with a default and hasattr still work
+    assert list(seq[0].parameters()) == [] and "Linear on stage 0" in repr(seq)
 
 
 def test_weights_shared_across_stages_are_refused():

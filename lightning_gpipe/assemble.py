@@ -1,0 +1,64 @@
+"""Moving whole layers between ranks: the whole model onto global rank 0 when a run ends, and back out before the next.
+
+After a run, global rank 0 holds the whole trained model, so user code after ``trainer.fit`` (``model(x)``,
+``model.state_dict()``, ``torch.save``) sees what single-device training would have left; the other ranks keep
+their own stage, with :class:`~lightning_gpipe.partition.AbsentLayer` in place of the rest. Before the next run
+(``validate`` after ``fit``, a second ``fit``, a new Trainer on the same model), every rank takes the layers it
+lacks from global rank 0, so partitioning always starts from the whole model.
+
+Layers travel pickled, as ``torch.save`` stores modules: their parameters, all their buffers (non-persistent
+ones too) and their attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.distributed as dist
+from torch import nn
+
+from lightning_gpipe.partition import AbsentLayer, live_layers
+from lightning_gpipe.state import gather_to_first
+
+__all__ = ["gather_layers", "fill_from_first"]
+
+
+def gather_layers(seq: nn.Sequential, stage: int, k: int) -> None:
+    """Put every stage's layers into ``seq`` on global rank 0 (the pipeline's ranks are 0..k-1, stage = rank)."""
+    parts = gather_to_first(live_layers(seq), stage, k)
+    for part in parts[1:]:
+        _insert(seq, part)
+
+
+def fill_from_first(seq: nn.Sequential, stage: int, k: int, gather: Callable[[Any], list[Any]]) -> None:
+    """Give every rank the layers of ``seq`` it lacks, from global rank 0, which must hold them all.
+
+    ``gather`` is an all-gather of a small object over the pipeline's ranks. Raises the same error on every
+    rank when rank 0 lacks layers.
+    """
+    absent = [i for i, layer in enumerate(seq._modules.values()) if isinstance(layer, AbsentLayer)]
+    wanted: list[list[int]] = gather(absent)
+    if not any(wanted):
+        return
+    if wanted[0]:
+        raise RuntimeError(
+            f"GPipeStrategy: the module was left partitioned by an earlier run, and global rank 0 lacks layers"
+            f" {wanted[0]} of its Sequential, so it cannot be cut again. Runs gather the whole model on global"
+            " rank 0 when they end unless GPipeStrategy(gather_model=False): keep the default to use the module"
+            " in another run."
+        )
+    if stage == 0:
+        layers = list(seq._modules.values())
+        for rank in range(1, k):
+            if wanted[rank]:
+                dist.send_object_list([[(i, layers[i]) for i in wanted[rank]]], dst=rank)
+    elif absent:
+        box: list[Any] = [None]
+        dist.recv_object_list(box, src=0)
+        _insert(seq, box[0])
+
+
+def _insert(seq: nn.Sequential, layers: list[tuple[int, nn.Module]]) -> None:
+    names = list(seq._modules)
+    for index, layer in layers:
+        seq._modules[names[index]] = layer

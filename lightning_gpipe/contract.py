@@ -1,0 +1,143 @@
+"""What user code sees of a partitioned module: the whole model's answer where the pipeline can give it,
+a clear error where it cannot.
+
+While a run is under way each process holds one stage. Code that sums over ``self.parameters()`` (a
+penalty in the loss, a gradient norm in a hook) would cover that stage alone, so in the step and around
+the optimizer step it is refused; :func:`grad_norm` gives the whole model's gradient norms instead, and the
+model summary is taken from the whole module before it is cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.utilities.model_summary import summarize
+from torch import Tensor, nn
+
+from lightning_gpipe.logs import patched
+
+__all__ = ["StageError", "grad_norm", "parameters_refused", "frozen_summaries", "seed_workers_alike"]
+
+
+class StageError(RuntimeError):
+    """User code asked for something of the whole model that one stage of the pipeline cannot answer."""
+
+
+@contextmanager
+def parameters_refused(module: LightningModule, where: str) -> Iterator[None]:
+    """Make ``module.parameters()`` and ``module.named_parameters()`` raise inside the block.
+
+    ``where`` names the code that runs in the block, for the message.
+    """
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise StageError(
+            f"GPipeStrategy: {where} read self.parameters() or self.named_parameters(). Under the pipeline each"
+            " process holds one stage, so a sum over them (a penalty in the loss, a norm in a log) would cover that"
+            " stage alone. For an L2 penalty use the optimizer's weight_decay; for gradient norms use"
+            " `lightning_gpipe.grad_norm(self, norm_type)`, which covers every stage; for the device or dtype use"
+            " self.device and self.dtype."
+        )
+
+    with patched(module, "parameters", refuse), patched(module, "named_parameters", refuse):
+        yield
+
+
+def grad_norm(module: nn.Module, norm_type: Union[float, int, str], group_separator: str = "/") -> dict[str, Tensor]:
+    """Lightning's :func:`~lightning.pytorch.utilities.grad_norm` over the whole model, on every stage.
+
+    The same keys and values as Lightning's function on the unpartitioned module: each parameter's gradient
+    norm and their total. Under a pipeline every rank must call it (it gathers each stage's norms), as they all
+    do in ``on_before_optimizer_step``; elsewhere it is Lightning's function.
+    """
+    norm_type = float(norm_type)
+    if norm_type <= 0:
+        raise ValueError(f"`norm_type` must be a positive number or 'inf' (infinity norm). Got {norm_type}")
+    prefix = f"grad_{norm_type}_norm"
+    local = {
+        f"{prefix}{group_separator}{name}": p.grad.data.norm(norm_type)
+        for name, p in nn.Module.named_parameters(module)  # the module's own method, never a refusal
+        if p.grad is not None
+    }
+    norms = local
+    if _pipelined(module):
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, {key: value.cpu() for key, value in local.items()})
+        device = next(iter(local.values())).device if local else torch.device("cpu")
+        norms = {key: value.to(device) for part in parts for key, value in part.items()}
+    if norms:
+        norms[f"{prefix}_total"] = torch.tensor([float(v) for v in norms.values()]).norm(norm_type)
+    return norms
+
+
+def _pipelined(module: nn.Module) -> bool:
+    from lightning_gpipe.strategy import GPipeStrategy
+
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and isinstance(trainer.strategy, GPipeStrategy) and trainer.world_size > 1
+
+
+@dataclass
+class _FrozenSummary:
+    """A model summary taken before the module was cut, with what Lightning's ``ModelSummary`` callback reads."""
+
+    data: list[tuple[str, list[str]]]
+    total_parameters: int
+    trainable_parameters: int
+    model_size: float
+    total_training_modes: dict[str, int]
+    total_flops: int
+
+    def _get_summary_data(self) -> list[tuple[str, list[str]]]:
+        return self.data
+
+
+@contextmanager
+def frozen_summaries(trainer: Trainer, module: LightningModule, example_input: bool) -> Iterator[None]:
+    """Inside the block, the trainer's model-summary callbacks show ``module`` as it is now, whole.
+
+    ``example_input``: run ``example_input_array`` through it for the input and output sizes (one rank does).
+    """
+    callbacks = [c for c in trainer.callbacks if isinstance(c, ModelSummary) and c._max_depth]
+    with ExitStack() as stack:
+        for callback in callbacks:
+            frozen = _freeze(module, callback._max_depth, example_input)
+            stack.enter_context(patched(callback, "_summary", lambda *args, frozen=frozen: frozen))
+        yield
+
+
+def _freeze(module: LightningModule, max_depth: int, example_input: bool) -> _FrozenSummary:
+    kept = module.example_input_array
+    if not example_input:
+        module.example_input_array = None
+    try:
+        summary = summarize(module, max_depth=max_depth)
+        data = summary._get_summary_data()
+    finally:
+        module.example_input_array = kept
+    return _FrozenSummary(
+        data,
+        summary.total_parameters,
+        summary.trainable_parameters,
+        summary.model_size,
+        summary.total_training_modes,
+        getattr(summary, "total_flops", 0),
+    )
+
+
+def seed_workers_alike(dataloader: Any, rank: int) -> Any:
+    """Seed ``dataloader``'s workers as Lightning does after ``seed_everything(workers=True)``, but with ``rank``
+    (the data-parallel rank) in place of the global rank, so every stage draws the same augmentations."""
+    if getattr(dataloader, "worker_init_fn", 0) is None:
+        from lightning.fabric.utilities.data import _auto_add_worker_init_fn
+
+        _auto_add_worker_init_fn(dataloader, rank)
+    return dataloader
+

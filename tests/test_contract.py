@@ -1,0 +1,207 @@
+"""What ordinary user code reads and writes under the pipeline: the same as single-device Lightning, or a clear
+error on every rank (tests/_model.py holds the patterns, as users write them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _model import Classifier, loaders
+from conftest import ATOL, assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
+from lightning.pytorch.utilities import grad_norm as lightning_grad_norm
+from lightning.pytorch.utilities.model_summary import summarize
+
+from lightning_gpipe import grad_norm
+
+AUGMENTED = {"augment": True, "num_workers": 1}
+
+
+def _named(name: str, model_class: str, **extra) -> dict:
+    return scenario(name, 2, 3, model_class=model_class, **extra)
+
+
+def _refused(name: str, model_class: str, **extra) -> dict:
+    return _named(name, model_class, expect_error=True, **extra)
+
+
+K2 = [
+    scenario("seeded_workers", 2, 3, seed_workers=True, data=AUGMENTED),
+    _refused("penalty_after", "PenaltyAfter"),
+    _refused("penalty_before", "PenaltyBefore"),
+    _named("last_layer_penalty", "LastLayerPenalty"),
+    _refused("lightning_grad_norm", "LightningGradNorm"),
+    _named("pipeline_grad_norm", "PipelineGradNorm"),
+    _named("summary", "Classifier", model={"example": True}, trainer={"enable_model_summary": True, "max_steps": 1}),
+    _named("after_fit", "Classifier", use_after_fit=True, fresh_strategy={"microbatches": 2, "balance": [7, 2]}),
+    {**_named("kept_stages", "Classifier", use_after_fit=True, predict=True, expect_error=True),
+     "strategy": {"microbatches": 3, "gather_model": False}},  # fmt: skip
+    _refused("softmax_in_eval", "SoftmaxInEval"),
+    _named("stops", "StopsOnSecondBatch"),
+    _named("validate_first", "Classifier", validate_first=True, save=True),
+    _named("dict_outputs", "DictOutputs"),
+    _refused("first_layer_optimized", "FirstLayerOptimized"),
+    _refused("calls_layers", "CallsLayers"),
+    _refused("two_optimizers", "TwoOptimizers"),
+]
+
+
+@pytest.fixture(scope="module")
+def k2(tmp_path_factory) -> dict:
+    return run_scenarios(2, K2, tmp_path_factory.mktemp("contract"))
+
+
+def _same_as_reference(ranks: list[dict], reference: dict) -> None:
+    assert_same_params(full_params(ranks), reference["params"])
+    for rank in ranks:
+        assert_same_logs(rank["logged"], reference["logged"])
+
+
+def test_seeded_workers_draw_the_same_augmentations_on_every_stage(k2):
+    """seed_everything(workers=True) with a random transform in worker processes: each stage, and the single
+    device, sees the very same augmented batches."""
+    reference = reference_run(seed_workers=True, data=AUGMENTED)
+    ranks = k2["seeded_workers"]
+    assert ranks[0]["batch_sums"] == ranks[1]["batch_sums"] == reference["batch_sums"]
+    assert reference["batch_sums"] != reference_run(data=AUGMENTED)["batch_sums"]  # the seeding matters
+    _same_as_reference(ranks, reference)
+
+
+PARAMETERS_READ = (
+    "StageError: GPipeStrategy: {where} read self.parameters() or self.named_parameters(). Under the pipeline each"
+    " process holds one stage, so a sum over them (a penalty in the loss, a norm in a log) would cover that stage"
+    " alone. For an L2 penalty use the optimizer's weight_decay; for gradient norms use"
+    " `lightning_gpipe.grad_norm(self, norm_type)`, which covers every stage; for the device or dtype use self.device"
+    " and self.dtype."
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [
+        ("penalty_after", "PenaltyAfter.training_step"),  # only the last stage runs it: it tells the others
+        ("penalty_before", "PenaltyBefore.training_step"),
+        ("lightning_grad_norm", "code run around the optimizer step (on_before_optimizer_step, a callback's hook)"),
+    ],
+)
+def test_sums_over_parameters_are_refused_on_every_rank(name, where, k2):
+    assert [rank["error"] for rank in k2[name]] == [PARAMETERS_READ.format(where=where)] * 2
+
+
+def test_a_penalty_on_the_last_stages_own_layer_is_exact(k2):
+    _same_as_reference(k2["last_layer_penalty"], reference_run(model_class="LastLayerPenalty"))
+
+
+def test_grad_norm_covers_every_stage(k2):
+    reference = reference_run(model_class="PipelineGradNorm")
+    assert "grad_2.0_norm/body.0.weight" in reference["logged"][0][1]
+    assert "grad_2.0_norm_total" in reference["logged"][0][1]
+    _same_as_reference(k2["pipeline_grad_norm"], reference)
+
+
+def test_grad_norm_is_lightnings_off_the_pipeline():
+    model = Classifier()
+    model(torch.randn(4, 8)).square().sum().backward()
+    expected = lightning_grad_norm(model, 2)
+    got = grad_norm(model, 2)
+    assert list(got) == list(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_model_summary_shows_the_whole_model(k2):
+    model = Classifier(example=True)
+    expected = summarize(model, max_depth=1)
+    (total, data), (other_total, _) = (rank["summary"] for rank in k2["summary"])
+    assert total == other_total == expected.total_parameters == 315
+    assert data == expected._get_summary_data()  # with the input and output sizes of the example input
+
+
+def test_the_whole_model_is_on_rank_zero_after_fit(k2):
+    reference = reference_run()
+    ranks = k2["after_fit"]
+    _same_as_reference(ranks, reference)
+    assert sorted(ranks[0]["params"]) == sorted(reference["params"])  # model.state_dict() is the whole model's
+    _, val = loaders()
+    with torch.no_grad():
+        expected = torch.cat([reference["model"](x) for x, _ in val])
+    torch.testing.assert_close(ranks[0]["after_fit"], expected, rtol=0, atol=ATOL)
+    assert ranks[1]["after_fit"] == (
+        "AbsentLayerError: GPipeStrategy: the code called layer 0 (Linear) of the pipelined Sequential, which stage 0"
+        " holds, not this process. Each process holds only its own stage's layers while a run is under way; the"
+        " step's `self(x)` runs the whole pipeline, and after a run the whole model is on global rank 0"
+        " (GPipeStrategy(gather_model=True)). In a step, call the module (`self(x)`) rather than its layers."
+    )
+    # A new Trainer with another balance takes the trained model as it is.
+    for got, want in zip(ranks[0]["fresh_predictions"], reference["predictions"]):
+        assert torch.equal(got, want)
+
+
+def test_without_gathering_the_module_cannot_run_again(k2):
+    ranks = k2["kept_stages"]
+    assert ranks[0]["after_fit"].startswith("AbsentLayerError: GPipeStrategy: the code called layer 5 (Tanh)")
+    assert [rank["error"] for rank in ranks] == [
+        "RuntimeError: GPipeStrategy: the module was left partitioned by an earlier run, and global rank 0 lacks"
+        " layers [5, 6, 7, 8] of its Sequential, so it cannot be cut again. Runs gather the whole model on global"
+        " rank 0 when they end unless GPipeStrategy(gather_model=False): keep the default to use the module in"
+        " another run."
+    ] * 2
+
+
+def test_forward_is_checked_in_evaluation_too(k2):
+    assert [rank["error"] for rank in k2["softmax_in_eval"]] == [
+        "ValueError: GPipeStrategy runs SoftmaxInEval.body in place of SoftmaxInEval.forward, so forward(x) must be"
+        " exactly `return self.body(x)`; SoftmaxInEval.forward does something else with its input or output. Move"
+        " that work into the Sequential's layers or into the step."
+    ] * 2
+
+
+def test_should_stop_from_the_step_stops_every_stage(k2):
+    """Set after self(x), on the last stage alone: every stage stops after the same batch (this hung before)."""
+    reference = reference_run(model_class="StopsOnSecondBatch")
+    assert len(reference["batch_sums"]) == 2
+    ranks = k2["stops"]
+    assert [len(rank["batch_sums"]) for rank in ranks] == [2, 2]
+    _same_as_reference(ranks, reference)
+
+
+def test_validate_before_fit_on_the_same_trainer(k2):
+    reference = reference_run()
+    ranks = k2["validate_first"]
+    assert_same_params(full_params(ranks), reference["params"])
+    checkpoint = torch.load(ranks[0]["checkpoint"], weights_only=False)
+    assert_same_params(checkpoint["state_dict"], reference["params"])
+    assert sorted(checkpoint["optimizer_states"][0]["state"]) == list(range(len(reference["params"])))
+
+
+def test_step_outputs_reach_every_rank(k2):
+    reference = reference_run(model_class="DictOutputs")
+    assert sorted(reference["outputs"]["train"][0]) == ["acc", "loss"]
+    assert reference["outputs"]["val"][0].keys() == {"val_acc", "batch"}
+    for rank in k2["dict_outputs"]:
+        for kind in ("train", "val"):
+            got, expected = rank["outputs"][kind], reference["outputs"][kind]
+            assert [sorted(o) for o in got] == [sorted(o) for o in expected]
+            for g, e in zip(got, expected):
+                assert g == pytest.approx(e, abs=ATOL)
+
+
+@pytest.mark.parametrize(
+    ("name", "messages"),
+    [
+        ("first_layer_optimized", [
+            "BalanceError: configure_optimizers optimizes 2 parameters (body.0.bias, body.0.weight), none of them in"
+            " stage 1 (layers 5..8), so that stage's optimizer would be empty; with balance [5, 4], every stage must"
+            " hold a parameter the optimizer trains: choose another balance or optimize more of the model"] * 2),
+        ("calls_layers", [
+            "AbsentLayerError: GPipeStrategy: the code called layer 5 (Tanh) of the pipelined Sequential, which"
+            " stage 1 holds, not this process.",
+            "AbsentLayerError: GPipeStrategy: the code called layer 0 (Linear) of the pipelined Sequential, which"
+            " stage 0 holds, not this process."]),
+        ("two_optimizers", [
+            "ValueError: GPipeStrategy trains with one optimizer; TwoOptimizers.configure_optimizers returned 2."
+            " Several optimizers need Lightning's manual optimization, which the pipeline cannot run (its backward"
+            " runs inside automatic optimization): use one optimizer with parameter groups."] * 2),
+    ],
+)  # fmt: skip
+def test_unsupported_patterns_fail_clearly_on_every_rank(name, messages, k2):
+    for rank, message in zip(k2[name], messages):
+        assert rank["error"].startswith(message)
