@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_gpipe.logs import patched
 
-__all__ = ["StageError", "grad_norm", "parameters_refused", "frozen_summaries", "seed_workers_alike"]
+__all__ = ["StageError", "grad_norm", "parameters_refused", "stage_parameters", "frozen_summaries", "seed_workers_alike"]
 
 
 class StageError(RuntimeError):
@@ -48,6 +48,11 @@ def parameters_refused(module: LightningModule, where: str) -> Iterator[None]:
 
     with patched(module, "parameters", refuse), patched(module, "named_parameters", refuse):
         yield
+
+
+def stage_parameters(module: nn.Module) -> list[Tensor]:
+    """The parameters this rank holds, for the strategy's own use: never refused."""
+    return [p for _, p in nn.Module.named_parameters(module)]
 
 
 def grad_norm(module: nn.Module, norm_type: Union[float, int, str], group_separator: str = "/") -> dict[str, Tensor]:

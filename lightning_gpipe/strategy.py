@@ -44,7 +44,7 @@ from typing_extensions import override
 
 from lightning_gpipe.assemble import fill_from_first, gather_layers
 from lightning_gpipe.comm import ObjectBroadcast, StageLink
-from lightning_gpipe.contract import frozen_summaries, parameters_refused, seed_workers_alike
+from lightning_gpipe.contract import frozen_summaries, parameters_refused, seed_workers_alike, stage_parameters
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
@@ -599,7 +599,7 @@ class GPipeStrategy(ParallelStrategy):
         self._observed_step, self._observing = step, True
         if self.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.root_device)
-        executor.meter.start(nn.Module.parameters(module))  # the method itself: the step refuses the user's call
+        executor.meter.start(stage_parameters(module))
         self.barrier()  # a common start, so the stages' timelines line up
         executor.timeline.start()
 
@@ -612,7 +612,7 @@ class GPipeStrategy(ParallelStrategy):
             stage=executor.stage,
             events=executor.timeline.stop(),
             activation_bytes_peak=executor.meter.stop(),
-            param_bytes=tensor_bytes(nn.Module.parameters(module)),
+            param_bytes=tensor_bytes(stage_parameters(module)),
             optimizer_bytes=sum(optimizer_state_bytes(getattr(o, "_optimizer", o)) for o in self.optimizers),
             cuda_max_allocated=torch.cuda.max_memory_allocated(self.root_device) if self.root_device.type == "cuda" else None,
         )
