@@ -44,9 +44,30 @@ K2 = [
 ]
 
 
+# Three stages: errors, flags and outputs travel from the last stage to both others, and the model from both.
+K3 = [
+    scenario("seeded_workers", 3, 3, seed_workers=True, data=AUGMENTED),
+    scenario("penalty_after", 3, 3, model_class="PenaltyAfter", expect_error=True),
+    scenario("stops", 3, 3, model_class="StopsOnSecondBatch"),
+    scenario("dict_outputs", 3, 3, model_class="DictOutputs"),
+    scenario("after_fit", 3, 3, use_after_fit=True, fresh_strategy={"microbatches": 2, "balance": [2, 3, 4]}),
+]
+
+
 @pytest.fixture(scope="module")
 def k2(tmp_path_factory) -> dict:
     return run_scenarios(2, K2, tmp_path_factory.mktemp("contract"))
+
+
+@pytest.fixture(scope="module")
+def k3(tmp_path_factory) -> dict:
+    return run_scenarios(3, K3, tmp_path_factory.mktemp("contract3"))
+
+
+@pytest.fixture(params=[2, 3])
+def runs(request) -> dict:
+    """The scenarios run on 2 stages, then on 3."""
+    return request.getfixturevalue(f"k{request.param}")
 
 
 def _same_as_reference(ranks: list[dict], reference: dict) -> None:
@@ -55,12 +76,12 @@ def _same_as_reference(ranks: list[dict], reference: dict) -> None:
         assert_same_logs(rank["logged"], reference["logged"])
 
 
-def test_seeded_workers_draw_the_same_augmentations_on_every_stage(k2):
+def test_seeded_workers_draw_the_same_augmentations_on_every_stage(runs):
     """seed_everything(workers=True) with a random transform in worker processes: each stage, and the single
     device, sees the very same augmented batches."""
     reference = reference_run(seed_workers=True, data=AUGMENTED)
-    ranks = k2["seeded_workers"]
-    assert ranks[0]["batch_sums"] == ranks[1]["batch_sums"] == reference["batch_sums"]
+    ranks = runs["seeded_workers"]
+    assert all(rank["batch_sums"] == reference["batch_sums"] for rank in ranks)
     assert reference["batch_sums"] != reference_run(data=AUGMENTED)["batch_sums"]  # the seeding matters
     _same_as_reference(ranks, reference)
 
@@ -82,8 +103,10 @@ PARAMETERS_READ = (
         ("lightning_grad_norm", "code run around the optimizer step (on_before_optimizer_step, a callback's hook)"),
     ],
 )
-def test_sums_over_parameters_are_refused_on_every_rank(name, where, k2):
+def test_sums_over_parameters_are_refused_on_every_rank(name, where, k2, k3):
     assert [rank["error"] for rank in k2[name]] == [PARAMETERS_READ.format(where=where)] * 2
+    if name in k3:
+        assert [rank["error"] for rank in k3[name]] == [PARAMETERS_READ.format(where=where)] * 3
 
 
 def test_a_penalty_on_the_last_stages_own_layer_is_exact(k2):
@@ -115,21 +138,21 @@ def test_model_summary_shows_the_whole_model(k2):
     assert data == expected._get_summary_data()  # with the input and output sizes of the example input
 
 
-def test_the_whole_model_is_on_rank_zero_after_fit(k2):
+def test_the_whole_model_is_on_rank_zero_after_fit(runs):
     reference = reference_run()
-    ranks = k2["after_fit"]
+    ranks = runs["after_fit"]
     _same_as_reference(ranks, reference)
     assert sorted(ranks[0]["params"]) == sorted(reference["params"])  # model.state_dict() is the whole model's
     _, val = loaders()
     with torch.no_grad():
         expected = torch.cat([reference["model"](x) for x, _ in val])
     torch.testing.assert_close(ranks[0]["after_fit"], expected, rtol=0, atol=ATOL)
-    assert ranks[1]["after_fit"] == (
+    assert [rank["after_fit"] for rank in ranks[1:]] == [(
         "AbsentLayerError: GPipeStrategy: the code called layer 0 (Linear) of the pipelined Sequential, which stage 0"
         " holds, not this process. Each process holds only its own stage's layers while a run is under way; the"
         " step's `self(x)` runs the whole pipeline, and after a run the whole model is on global rank 0"
         " (GPipeStrategy(gather_model=True)). In a step, call the module (`self(x)`) rather than its layers."
-    )
+    )] * (len(ranks) - 1)
     # A new Trainer with another balance takes the trained model as it is.
     for got, want in zip(ranks[0]["fresh_predictions"], reference["predictions"]):
         assert torch.equal(got, want)
@@ -154,12 +177,12 @@ def test_forward_is_checked_in_evaluation_too(k2):
     ] * 2
 
 
-def test_should_stop_from_the_step_stops_every_stage(k2):
+def test_should_stop_from_the_step_stops_every_stage(runs):
     """Set after self(x), on the last stage alone: every stage stops after the same batch (this hung before)."""
     reference = reference_run(model_class="StopsOnSecondBatch")
     assert len(reference["batch_sums"]) == 2
-    ranks = k2["stops"]
-    assert [len(rank["batch_sums"]) for rank in ranks] == [2, 2]
+    ranks = runs["stops"]
+    assert [len(rank["batch_sums"]) for rank in ranks] == [2] * len(ranks)
     _same_as_reference(ranks, reference)
 
 
@@ -172,11 +195,11 @@ def test_validate_before_fit_on_the_same_trainer(k2):
     assert sorted(checkpoint["optimizer_states"][0]["state"]) == list(range(len(reference["params"])))
 
 
-def test_step_outputs_reach_every_rank(k2):
+def test_step_outputs_reach_every_rank(runs):
     reference = reference_run(model_class="DictOutputs")
     assert sorted(reference["outputs"]["train"][0]) == ["acc", "loss"]
     assert reference["outputs"]["val"][0].keys() == {"val_acc", "batch"}
-    for rank in k2["dict_outputs"]:
+    for rank in runs["dict_outputs"]:
         for kind in ("train", "val"):
             got, expected = rank["outputs"][kind], reference["outputs"][kind]
             assert [sorted(o) for o in got] == [sorted(o) for o in expected]
