@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["ForwardState", "batchnorm_stats_kept"]
+__all__ = ["ForwardState"]
 
 
 @dataclass(frozen=True)
@@ -44,28 +44,3 @@ class ForwardState:
                 torch.cuda.set_rng_state(self.device_rng, self.device)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
                 yield
-
-
-@contextmanager
-def batchnorm_stats_kept(layers: Sequence[nn.Module]) -> Iterator[None]:
-    """Let a recomputed forward update batch-norm running statistics on copies: the first forward updated them.
-
-    The copies are swapped in rather than the originals restored in place afterwards, since the
-    recomputed graph saves those buffers for its backward.
-    """
-    names = ("running_mean", "running_var", "num_batches_tracked")
-    norms = [
-        m for layer in layers for m in layer.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]  # fmt: skip
-    originals = [{name: getattr(m, name) for name in names} for m in norms]
-    for m, buffers in zip(norms, originals):
-        for name, buffer in buffers.items():
-            if buffer is not None:
-                setattr(m, name, buffer.clone())
-    try:
-        yield
-    finally:
-        for m, buffers in zip(norms, originals):
-            for name, buffer in buffers.items():
-                setattr(m, name, buffer)

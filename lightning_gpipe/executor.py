@@ -9,7 +9,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_gpipe.checkpoint import ForwardState, batchnorm_stats_kept
+from lightning_gpipe.batchnorm import batchnorm_stats_kept, commit, deferred_norms
+from lightning_gpipe.checkpoint import ForwardState
 from lightning_gpipe.comm import StageLink, carries_grad
 from lightning_gpipe.memory import ActivationMeter
 from lightning_gpipe.microbatch import TensorOrTensors, Tensors, as_tuple, tensors_in
@@ -62,6 +63,7 @@ class StageExecutor:
         self.random = StageRandom(stage, device)
         self.timeline = Timeline(stage)  # records only while a step is being observed
         self.meter = ActivationMeter()
+        self.deferred_norms = deferred_norms(self.layers)  # batch norms that update once per mini-batch
         self._slots: list[Optional[_Slot]] = []
 
     @property
@@ -120,6 +122,8 @@ class StageExecutor:
                 outputs.append(leaves[0] if isinstance(y, Tensor) else leaves)
             else:
                 outputs.append(y)
+        if train:
+            commit(self.deferred_norms)  # the whole mini-batch's statistics, once
         self._flush()  # the next stage takes the last activations during its own forward; this one waits anyway
         return outputs if self.is_last else None
 

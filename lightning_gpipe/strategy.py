@@ -43,6 +43,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_gpipe.assemble import fill_from_first, gather_layers
+from lightning_gpipe.batchnorm import defer, undefer
 from lightning_gpipe.comm import ObjectBroadcast, StageLink
 from lightning_gpipe.contract import frozen_summaries, parameters_refused, seed_workers_alike, stage_parameters
 from lightning_gpipe.executor import StageExecutor
@@ -162,6 +163,9 @@ class GPipeStrategy(ParallelStrategy):
         state_dict_type: ``"full"`` saves one ordinary Lightning checkpoint file, gathered on global rank 0;
             ``"sharded"`` saves a folder in which every stage writes its own tensors (see
             :mod:`lightning_gpipe.sharded`). Either kind resumes with any K, M and balance.
+        deferred_batchnorm: batch-norm layers normalize each micro-batch by its own statistics, but update their
+            running statistics (and ``num_batches_tracked``) once per mini-batch, from the whole mini-batch, as
+            single-device training does; without it they update once per micro-batch.
         gather_model: when a run (``fit``, ``validate``, ...) ends, move every stage's layers to global rank 0,
             so that the module there is the whole trained model, as after single-device training. That needs the
             whole model's host memory on global rank 0; with ``False`` every rank keeps only its stage, and the
@@ -185,6 +189,7 @@ class GPipeStrategy(ParallelStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         observe_every_n_steps: int = 0,
         state_dict_type: str = "full",
+        deferred_batchnorm: bool = False,
         gather_model: bool = True,
     ) -> None:
         super().__init__(
@@ -212,6 +217,8 @@ class GPipeStrategy(ParallelStrategy):
             )
         self._state_dict_type = state_dict_type
         self._gather_model = gather_model
+        self._deferred_batchnorm = deferred_batchnorm
+        self._deferred_norms: list[nn.Module] = []  # this stage's batch norms in their deferred form, during a run
         self._optimizer_layouts: list[Layout] = []  # how a single-device run numbers each optimizer's parameters
         self._restored: Optional[dict[str, Any]] = None  # what a resumed checkpoint says about the saving pipeline
         self._microbatches = microbatches
@@ -393,14 +400,18 @@ class GPipeStrategy(ParallelStrategy):
             check_stages_have_parameters(self._balance, layers)
             optimized = {n for layout in self._optimizer_layouts for group in layout for n in group}
             check_stages_optimized(self._balance, name, layers, optimized)
-        if self._microbatches > 1 and any(
+        if not self._deferred_batchnorm and self._microbatches > 1 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for layer in layers for m in layer.modules()
         ):
             rank_zero_warn(
-                "GPipeStrategy: batch normalization computes its statistics per micro-batch, so training differs"
-                f" from single-device training with microbatches={self._microbatches}"
+                "GPipeStrategy: batch normalization normalizes each micro-batch by its own statistics and updates its"
+                f" running statistics once per micro-batch (microbatches={self._microbatches}), so they differ from"
+                " single-device training; GPipeStrategy(deferred_batchnorm=True) updates them once per mini-batch,"
+                " from the whole mini-batch"
             )
         kept = keep_stage(seq, self._balance, stage)
+        if self._deferred_batchnorm:
+            self._deferred_norms = defer(kept)
         link = StageLink(stage, k, self.root_device) if k > 1 else None
         self._sharing = ObjectBroadcast(self.root_device) if k > 1 else None
         self._executor = StageExecutor(kept, stage, k, self.root_device, link, self._checkpoint)
@@ -822,6 +833,8 @@ class GPipeStrategy(ParallelStrategy):
         module = self.lightning_module
         if self._example_input_array is not None and module is not None:
             module.example_input_array = self._example_input_array
+        undefer(self._deferred_norms)  # the user's own batch-norm layers again
+        self._deferred_norms = []
         super().teardown()  # the module moves to the CPU
         if self._gather_model and not self._failed and self.world_size > 1 and self._executor is not None:
             assert module is not None

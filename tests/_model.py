@@ -9,6 +9,8 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_gpipe.microbatch import split_sizes
+
 
 class Classifier(L.LightningModule):
     def __init__(self, width: int = 8, depth: int = 4, classes: int = 3, dropout: float = 0.0, lr: float = 0.1,
@@ -167,6 +169,39 @@ class CallsLayers(Classifier):
 class TwoOptimizers(Classifier):
     def configure_optimizers(self):
         return [torch.optim.SGD(self.body[:5].parameters(), lr=0.1), torch.optim.SGD(self.body[5:].parameters(), lr=0.1)]
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """Single-device reference for deferred batch norm: normalizes each of ``microbatches`` chunks of the batch by
+    its own statistics, and updates the running statistics with torch's own code, from the whole batch."""
+
+    def __init__(self, *args, microbatches: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.microbatches = microbatches
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        with torch.no_grad():
+            super().forward(x)  # the running statistics, as one forward over the whole batch updates them
+        chunks = x.split(split_sizes(x.shape[0], self.microbatches))
+        return torch.cat([F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks])
+
+
+class BatchNormConvNet(Classifier):
+    """A small CNN with batch normalization, on the same 8-feature data seen as 2 x 2 x 2 images; ``ghost``: with
+    :class:`GhostBatchNorm2d` of that many micro-batches instead."""
+
+    def __init__(self, lr: float = 0.1, ghost: int = 0):
+        super().__init__(lr=lr)
+
+        def norm(**kwargs):
+            return GhostBatchNorm2d(4, microbatches=ghost, **kwargs) if ghost else nn.BatchNorm2d(4, **kwargs)
+
+        self.body = nn.Sequential(
+            nn.Unflatten(1, (2, 2, 2)), nn.Conv2d(2, 4, 3, padding=1), norm(), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1), norm(momentum=None), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3),
+        )  # fmt: skip
 
 
 class StepRecorder(L.Callback):

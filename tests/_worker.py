@@ -158,6 +158,7 @@ def run(scenario: dict, out: Path) -> None:
         result["batch_sums"] = steps.batch_sums
         result["outputs"] = {"train": steps.train, "val": steps.val}
         result["params"] = {k: v.clone() for k, v in model.state_dict().items()}
+        result["module_types"] = [type(m).__name__ for m in model.modules()]
         result["logged"] = logger.records
         result["callback_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if scenario.get("use_after_fit"):  # the module itself, as user code after fit uses it
