@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -37,7 +35,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -45,18 +42,18 @@ from typing_extensions import override
 from lightning_gpipe.assemble import fill_from_first, gather_layers
 from lightning_gpipe.batchnorm import defer, undefer
 from lightning_gpipe.comm import ObjectBroadcast, StageLink
+from lightning_gpipe.step import Failure, StageStep
 from lightning_gpipe.contract import frozen_summaries, parameters_refused, seed_workers_alike, stage_parameters
 from lightning_gpipe.executor import StageExecutor
-from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
+from lightning_gpipe.logs import patched
 from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
-from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
+from lightning_gpipe.microbatch import split
 from lightning_gpipe.observe import BalanceReport, Reporter, StageReport
 from lightning_gpipe.partition import (
     BALANCE_RULES,
     PROFILED_RULES,
     Balance,
     BalanceError,
-    check_forward,
     check_stages_have_parameters,
     check_stages_optimized,
     check_unshared,
@@ -86,52 +83,6 @@ log = logging.getLogger(__name__)
 #: scaler decides per rank whether to skip a step, and stages must never disagree on that.
 _SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true", "16-true")
 STATE_DICT_TYPES = ("full", "sharded")
-
-
-class _StageFinished(BaseException):
-    """Ends the user's step on a stage that has no loss to compute (a BaseException so ``except Exception`` passes it)."""
-
-
-class _PipelineCall:
-    """Stands in for ``LightningModule.forward`` during a step: ``self(x)`` runs the pipeline on the whole batch."""
-
-    def __init__(
-        self, executor: StageExecutor, microbatches: int, train: bool, check: Optional[Callable[[Any], None]] = None
-    ) -> None:
-        self.executor, self.microbatches, self.train = executor, microbatches, train
-        self.check = check  # called with the first input, to verify the module's forward contract
-        self.calls = 0
-        self.returned = False  # whether the pipeline ran to the end and handed the step its output
-        self.samples = self.n = 0  # batch size and micro-batch count, once called
-
-    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        if self.calls > 1:
-            raise RuntimeError(
-                "GPipeStrategy: the step called self(...) a second time. The pipeline runs the model once per"
-                " step on the whole batch: compute everything from the output of one self(x) call."
-            )
-        if args or kwargs:
-            raise TypeError(
-                "GPipeStrategy: self(...) takes exactly one input under the pipeline, as nn.Sequential does;"
-                f" got {1 + len(args)} positional and {len(kwargs)} keyword arguments"
-            )
-        if self.check is not None:
-            self.check(x)
-        executor = self.executor
-        self.samples = batch_size(x)
-        if executor.is_first:
-            micro = split(x, self.microbatches)
-            self.n = len(micro)
-            outputs = executor.forward(micro, self.n, self.train)
-        else:
-            self.n = len(split_sizes(self.samples, self.microbatches))
-            outputs = executor.forward(None, self.n, self.train)
-        if not executor.is_last:
-            raise _StageFinished
-        assert outputs is not None
-        self.returned = True
-        return merge(outputs)
 
 
 class GPipeStrategy(ParallelStrategy):
@@ -226,7 +177,6 @@ class GPipeStrategy(ParallelStrategy):
         self._observed_step = -1
         self._observing = False
         self._reporter = Reporter()
-        self._call: Optional[_PipelineCall] = None
         self._example_input_array: Any = None
         self._balance_request = balance if isinstance(balance, str) else list(balance)
         self._checkpoint = checkpoint
@@ -237,11 +187,10 @@ class GPipeStrategy(ParallelStrategy):
         self._balance: Optional[list[int]] = None
         self._executor: Optional[StageExecutor] = None
         self._sequential_name = ""
-        self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
         self._run_patches = ExitStack()  # undone when the run ends
         self._failed = False  # this run raised: no collective may wait on other ranks any more
         self._balance_report: Optional[BalanceReport] = None
-        self._sharing: Optional[ObjectBroadcast] = None  # the last stage's step results, to the other stages
+        self._flow: Optional[StageStep] = None  # the step flow of this rank's stage
 
     # -- options ------------------------------------------------------------------------------
 
@@ -413,8 +362,9 @@ class GPipeStrategy(ParallelStrategy):
         if self._deferred_batchnorm:
             self._deferred_norms = defer(kept)
         link = StageLink(stage, k, self.root_device) if k > 1 else None
-        self._sharing = ObjectBroadcast(self.root_device) if k > 1 else None
         self._executor = StageExecutor(kept, stage, k, self.root_device, link, self._checkpoint)
+        sharing = ObjectBroadcast(self.root_device) if k > 1 else None
+        self._flow = StageStep(self._executor, self._microbatches, name, self.root_device, sharing)
         log.debug("stage %d of %d runs %s.%s", stage, k, name, stage_layers(self._balance, stage))
         rank_zero_info(
             f"GPipeStrategy: {k} stages of {name!r} with balance {self._balance},"
@@ -432,14 +382,14 @@ class GPipeStrategy(ParallelStrategy):
             return [len(seq)]
         # Every rank draws the sample, so whatever drawing it does to the data loader, it does everywhere.
         sample = self._sample_microbatch(module, fitting)
-        outcome: Union[BalanceReport, _Failure, None] = None
+        outcome: Union[BalanceReport, Failure, None] = None
         if self.is_global_zero:
             try:
                 outcome = self._measure_balance(seq, sample, optimizers)
             except Exception as error:  # every rank raises it, instead of waiting for an answer
-                outcome = _Failure.of(error)
+                outcome = Failure.of(error)
         outcome = self.broadcast(outcome)
-        if isinstance(outcome, _Failure):
+        if isinstance(outcome, Failure):
             raise outcome.error
         assert outcome is not None
         self._balance_report = outcome
@@ -512,59 +462,8 @@ class GPipeStrategy(ParallelStrategy):
             return self._step("predict_step", False, args, kwargs)
 
     def _step(self, hook: str, train: bool, args: tuple, kwargs: dict) -> Any:
-        """Run the user's ``hook`` with ``self(x)`` routed through the pipeline, then share the last stage's results."""
-        module, executor = self.lightning_module, self._executor
-        assert module is not None and executor is not None
-        check = None
-        if module.training not in self._checked_modes:  # forward may branch on self.training: check both
-            self._checked_modes.add(module.training)
-            check = partial(check_forward, module, self._sequential_name)
-        call = self._call = _PipelineCall(executor, self._microbatches, train, check)
-        # The last stage logs for real; the others drop their own calls and replay its records below.
-        logging = record_logs(module) if executor.is_last else muted_logs(module)
-        where = f"{type(module).__name__}.{hook}"
-        refusal = parameters_refused(module, where) if executor.k > 1 else nullcontext()
-        with patched(module, "forward", call), logging as records, refusal:
-            try:
-                output = getattr(module, hook)(*args, **kwargs)
-                if call.calls == 0:
-                    raise RuntimeError(
-                        f"GPipeStrategy: {where} never called self(...). The pipeline runs when the step calls the"
-                        " module on its input, e.g. `logits = self(x)`."
-                    )
-            except _StageFinished:
-                output = None
-            except Exception as error:
-                if call.returned and executor.k > 1:  # the other stages wait for this one's results: send them the error
-                    self._share(_Failure.of(error))
-                raise
-        if executor.k == 1:
-            return output
-        # Code after self(x) ran on the last stage alone; what it changed that the other ranks read travels from
-        # there: its logs, its output (the loss, logged values, predictions), trainer.should_stop, and the
-        # rank-wide random state.
-        if executor.is_last:
-            self._share(
-                {
-                    "records": records,
-                    "output": apply_to_collection(output, Tensor, lambda t: t.detach().cpu()),
-                    "should_stop": module.trainer.should_stop,
-                    "random": rank_random_state(self.root_device),
-                }
-            )
-            return output
-        assert self._sharing is not None
-        shared = self._sharing.receive(src=executor.k - 1)
-        if isinstance(shared, _Failure):
-            raise shared.error
-        set_rank_random_state(shared["random"], self.root_device)
-        module.trainer.should_stop = shared["should_stop"]
-        replay_logs(module, shared["records"], self.root_device)
-        return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.root_device))
-
-    def _share(self, results: Any) -> None:
-        assert self._sharing is not None
-        self._sharing.send(results)
+        assert self.lightning_module is not None and self._flow is not None
+        return self._flow.run(self.lightning_module, hook, train, args, kwargs)
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -592,8 +491,8 @@ class GPipeStrategy(ParallelStrategy):
             self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         # ... which drive each micro-batch's backward, in reverse, through every stage.
         executor.backward()
-        if self._sharing is not None:
-            self._sharing.wait()
+        assert self._flow is not None
+        self._flow.wait()
         if self._observing:
             self._report()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
@@ -629,8 +528,8 @@ class GPipeStrategy(ParallelStrategy):
         )
         reports = gather_to_first(report, self.global_rank, self.world_size)
         if self.is_global_zero:
-            assert self._call is not None
-            self._reporter.publish(module.trainer, reports, self._call.n, self._call.samples)
+            assert self._flow is not None and self._flow.call is not None
+            self._reporter.publish(module.trainer, reports, self._flow.call.n, self._flow.call.samples)
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         """``clip_grad_norm_`` with the 2-norm taken over every stage's gradients."""
@@ -677,7 +576,7 @@ class GPipeStrategy(ParallelStrategy):
             fn()
         except Exception as error:
             failure = error
-        failures = self._all_gather_object(None if failure is None else _Failure.of(failure))
+        failures = self._all_gather_object(None if failure is None else Failure.of(failure))
         if failure is not None:
             raise failure
         first = next((f for f in failures if f is not None), None)
@@ -827,8 +726,8 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        if self._sharing is not None and not self._failed:
-            self._sharing.wait()
+        if self._flow is not None and not self._failed:
+            self._flow.wait()
         self._run_patches.close()
         module = self.lightning_module
         if self._example_input_array is not None and module is not None:
@@ -846,27 +745,6 @@ class GPipeStrategy(ParallelStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="GPipe pipeline parallelism (lightning-gpipe)", override=True
         )
-
-
-@dataclass
-class _Failure:
-    """An error on one rank, in a form every rank can raise: the error itself where it pickles, else its text."""
-
-    kind: str
-    message: str
-    exception: Optional[Exception] = None
-
-    @classmethod
-    def of(cls, error: Exception) -> _Failure:
-        try:
-            copy = pickle.loads(pickle.dumps(error))
-        except Exception:
-            copy = None
-        return cls(type(error).__name__, str(error), copy)
-
-    @property
-    def error(self) -> Exception:
-        return self.exception if self.exception is not None else RuntimeError(f"{self.kind}: {self.message}")
 
 
 def _whole_module_optimizers(module: LightningModule) -> list[Optimizer]:

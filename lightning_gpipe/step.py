@@ -1,0 +1,189 @@
+"""One step on one stage: the user's step code around the pipeline, and what the last stage shares.
+
+The user's ``training_step`` (or validation, test, predict step) runs on every stage, with ``self(x)``
+routed through the pipeline. One training step on stage j of K, in the order things happen::
+
+    stage j < K-1                                   stage K-1 (the last)
+    1. the user's step code up to self(x)           1. the same (every stage runs it, on the same batch)
+    2. self(x): forward of micro-batches 0..M-1,    2. self(x): receive and forward 0..M-1; self(x)
+       each output sent on as it is ready              returns the merged outputs
+    3. the step ends there (_StageFinished)         3. the user's code after self(x): loss, logs
+    4. receive the last stage's results (or its     4. share its results, without waiting: logs, the
+       error, raised here too), replay its logs        step's output, trainer.should_stop, the
+       and return its output                           rank-wide random state (or its error)
+    5. Lightning: zero_grad, strategy.backward      5. Lightning: zero_grad, strategy.backward: the loss
+                                                       fills the gradients of the merged outputs
+    6. backward of M-1..0, each as its gradient     6. backward of M-1..0, each micro-batch's input
+       arrives, input gradients sent back              gradients sent back at once
+    7. the optimizer step; clipping by norm takes one all-reduce of the stages' squared norms
+
+Evaluation steps run 1 to 4, without gradients. Besides the point-to-point transfers, a step's collectives
+are the exchange of step 4 and clipping's all-reduce; an observed step (``observe_every_n_steps``) adds a
+barrier before it and a gather after it, and Lightning adds its own (``self.log(..., sync_dist=True)``,
+``EarlyStopping``'s decision).
+"""
+
+from __future__ import annotations
+
+import pickle
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+from lightning_gpipe.comm import ObjectBroadcast
+from lightning_gpipe.contract import parameters_refused
+from lightning_gpipe.executor import StageExecutor
+from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
+from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
+from lightning_gpipe.partition import check_forward
+from lightning_gpipe.rng import rank_random_state, set_rank_random_state
+
+__all__ = ["StageStep", "Failure"]
+
+
+@dataclass
+class Failure:
+    """An error on one rank, in a form every rank can raise: the error itself where it pickles, else its text."""
+
+    kind: str
+    message: str
+    exception: Optional[Exception] = None
+
+    @classmethod
+    def of(cls, error: Exception) -> Failure:
+        try:
+            copy = pickle.loads(pickle.dumps(error))
+        except Exception:
+            copy = None
+        return cls(type(error).__name__, str(error), copy)
+
+    @property
+    def error(self) -> Exception:
+        return self.exception if self.exception is not None else RuntimeError(f"{self.kind}: {self.message}")
+
+
+class _StageFinished(BaseException):
+    """Ends the user's step on a stage that has no loss to compute (a BaseException so ``except Exception`` passes it)."""
+
+
+class PipelineCall:
+    """Stands in for ``LightningModule.forward`` during a step: ``self(x)`` runs the pipeline on the whole batch."""
+
+    def __init__(
+        self, executor: StageExecutor, microbatches: int, train: bool, check: Optional[Callable[[Any], None]] = None
+    ) -> None:
+        self.executor, self.microbatches, self.train = executor, microbatches, train
+        self.check = check  # called with the first input, to verify the module's forward contract
+        self.calls = 0
+        self.returned = False  # whether the pipeline ran to the end and handed the step its output
+        self.samples = self.n = 0  # batch size and micro-batch count, once called
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(
+                "GPipeStrategy: the step called self(...) a second time. The pipeline runs the model once per"
+                " step on the whole batch: compute everything from the output of one self(x) call."
+            )
+        if args or kwargs:
+            raise TypeError(
+                "GPipeStrategy: self(...) takes exactly one input under the pipeline, as nn.Sequential does;"
+                f" got {1 + len(args)} positional and {len(kwargs)} keyword arguments"
+            )
+        if self.check is not None:
+            self.check(x)
+        executor = self.executor
+        self.samples = batch_size(x)
+        if executor.is_first:
+            micro = split(x, self.microbatches)
+            self.n = len(micro)
+            outputs = executor.forward(micro, self.n, self.train)
+        else:
+            self.n = len(split_sizes(self.samples, self.microbatches))
+            outputs = executor.forward(None, self.n, self.train)
+        if not executor.is_last:
+            raise _StageFinished
+        assert outputs is not None
+        self.returned = True
+        return merge(outputs)
+
+
+class StageStep:
+    """Runs the user's step hooks on one stage (steps 1 to 4 of the diagram above)."""
+
+    def __init__(
+        self, executor: StageExecutor, microbatches: int, sequential: str, device: torch.device,
+        sharing: Optional[ObjectBroadcast],
+    ) -> None:  # fmt: skip
+        if executor.k > 1 and sharing is None:
+            raise ValueError(f"a pipeline of {executor.k} stages needs an ObjectBroadcast for the last stage's results")
+        self.executor, self.microbatches, self.sequential, self.device = executor, microbatches, sequential, device
+        self.sharing = sharing
+        self.call: Optional[PipelineCall] = None  # the latest step's, for what it measured
+        self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
+
+    def run(self, module: LightningModule, hook: str, train: bool, args: tuple, kwargs: dict) -> Any:
+        """Run ``module.<hook>(*args, **kwargs)`` with ``self(x)`` routed through the pipeline; on every stage,
+        return what the last stage's step returned."""
+        executor = self.executor
+        check = None
+        if module.training not in self._checked_modes:  # forward may branch on self.training: check both
+            self._checked_modes.add(module.training)
+            check = partial(check_forward, module, self.sequential)
+        call = self.call = PipelineCall(executor, self.microbatches, train, check)
+        # The last stage logs for real; the others drop their own calls and replay its records (step 4).
+        logging = record_logs(module) if executor.is_last else muted_logs(module)
+        where = f"{type(module).__name__}.{hook}"
+        refusal = parameters_refused(module, where) if executor.k > 1 else nullcontext()
+        with patched(module, "forward", call), logging as records, refusal:
+            try:
+                output = getattr(module, hook)(*args, **kwargs)
+                if call.calls == 0:
+                    raise RuntimeError(
+                        f"GPipeStrategy: {where} never called self(...). The pipeline runs when the step calls the"
+                        " module on its input, e.g. `logits = self(x)`."
+                    )
+            except _StageFinished:
+                output = None
+            except Exception as error:
+                if call.returned and executor.k > 1:  # the other stages wait for this one's results: send the error
+                    self._share(Failure.of(error))
+                raise
+        if executor.k == 1:
+            return output
+        if executor.is_last:
+            self._share(
+                {
+                    "records": records,
+                    "output": apply_to_collection(output, Tensor, lambda t: t.detach().cpu()),
+                    "should_stop": module.trainer.should_stop,
+                    "random": rank_random_state(self.device),
+                }
+            )
+            return output
+        return self._take_shared(module)
+
+    def _share(self, results: Any) -> None:
+        assert self.sharing is not None
+        self.sharing.send(results)
+
+    def _take_shared(self, module: LightningModule) -> Any:
+        assert self.sharing is not None
+        shared = self.sharing.receive(src=self.executor.k - 1)
+        if isinstance(shared, Failure):
+            raise shared.error
+        set_rank_random_state(shared["random"], self.device)
+        module.trainer.should_stop = shared["should_stop"]
+        replay_logs(module, shared["records"], self.device)
+        return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.device))
+
+    def wait(self) -> None:
+        """Until the other stages have received everything this one shared."""
+        if self.sharing is not None:
+            self.sharing.wait()
