@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.model_summary import summarize
 from torch import Tensor, nn
 
 from lightning_gpipe.logs import patched
+from lightning_gpipe.partition import absent_parameters_refused
 
 __all__ = ["StageError", "grad_norm", "parameters_refused", "stage_parameters", "frozen_summaries", "seed_workers_alike"]
 
@@ -31,22 +32,27 @@ class StageError(RuntimeError):
 
 
 @contextmanager
-def parameters_refused(module: LightningModule, where: str) -> Iterator[None]:
-    """Make ``module.parameters()`` and ``module.named_parameters()`` raise inside the block.
+def parameters_refused(module: LightningModule, seq: nn.Module, where: str) -> Iterator[None]:
+    """Make ``parameters()`` and ``named_parameters()`` of ``module``, of its pipelined Sequential ``seq`` and of the
+    layers other stages hold raise inside the block; the layers this stage holds still answer for themselves.
 
     ``where`` names the code that runs in the block, for the message.
     """
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise StageError(
-            f"GPipeStrategy: {where} read self.parameters() or self.named_parameters(). Under the pipeline each"
-            " process holds one stage, so a sum over them (a penalty in the loss, a norm in a log) would cover that"
-            " stage alone. For an L2 penalty use the optimizer's weight_decay; for gradient norms use"
+            f"GPipeStrategy: {where} read the whole model's parameters (self.parameters(), self.named_parameters(),"
+            " or the pipelined Sequential's). Under the pipeline each process holds one stage, so a sum over them"
+            " (a penalty in the loss, a norm in a log) would cover that stage alone. For an L2 penalty use the optimizer's weight_decay; for gradient norms use"
             " `lightning_gpipe.grad_norm(self, norm_type)`, which covers every stage; for the device or dtype use"
             " self.device and self.dtype."
         )
 
-    with patched(module, "parameters", refuse), patched(module, "named_parameters", refuse):
+    with ExitStack() as stack:
+        for owner in (module, seq):
+            stack.enter_context(patched(owner, "parameters", refuse))
+            stack.enter_context(patched(owner, "named_parameters", refuse))
+        stack.enter_context(absent_parameters_refused(where))
         yield
 
 

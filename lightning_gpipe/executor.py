@@ -51,6 +51,7 @@ class StageExecutor:
         device: torch.device,
         link: Optional[StageLink],
         checkpoint: str = "except_last",
+        random: Optional[StageRandom] = None,
         schedule: Schedule = fthenb,
     ) -> None:
         if k > 1 and link is None:
@@ -60,11 +61,12 @@ class StageExecutor:
         self.link = link
         self.checkpoint = checkpoint
         self.schedule = schedule
-        self.random = StageRandom(stage, device)
+        self.random = random if random is not None else StageRandom(stage, device)  # the stage's dropout stream
         self.timeline = Timeline(stage)  # records only while a step is being observed
         self.meter = ActivationMeter()
         self.deferred_norms = deferred_norms(self.layers)  # batch norms that update once per mini-batch
         self._slots: list[Optional[_Slot]] = []
+        self._expecting = False  # whether this step's gradient receives are posted
 
     @property
     def is_first(self) -> bool:
@@ -124,15 +126,26 @@ class StageExecutor:
                 outputs.append(y)
         if train:
             commit(self.deferred_norms)  # the whole mini-batch's statistics, once
+        self._expecting = False
         self._flush()  # the next stage takes the last activations during its own forward; this one waits anyway
         return outputs if self.is_last else None
+
+    def expect_gradients(self) -> None:
+        """Post the receives of every gradient the backward phase will take, in the order they will arrive.
+
+        Called as soon as the step is known to go on to its backward, so that the next stage's sends never wait
+        for them; the backward phase posts them itself otherwise.
+        """
+        if self.is_last or self._expecting:
+            return
+        self._expecting = True
+        for action in self._actions(len(self._slots), Phase.BACKWARD):
+            self.link.expect_gradients(action.i, self._slots[action.i].sent)  # type: ignore[union-attr]
 
     def _backward(self) -> None:
         n = len(self._slots)
         actions = self._actions(n, Phase.BACKWARD)
-        if not self.is_last:
-            for action in actions:  # post every gradient receive ahead, in the order they will arrive
-                self.link.expect_gradients(action.i, self._slots[action.i].sent)  # type: ignore[union-attr]
+        self.expect_gradients()
         for action in actions:
             i = action.i
             slot = self._slots[i]

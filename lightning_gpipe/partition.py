@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Optional, Union
 
 import torch
@@ -24,7 +26,14 @@ __all__ = [
     "live_layers",
     "resolve_balance",
     "stage_layers",
+    "stage_view",
+    "absent_parameters_refused",
 ]
+
+#: Set while user code must not read parameters (see :func:`absent_parameters_refused`): names that code.
+_REFUSING: ContextVar[Optional[str]] = ContextVar("gpipe_refusing", default=None)
+#: Set while the strategy itself reads a cut module (see :func:`stage_view`).
+_STAGE_VIEW: ContextVar[bool] = ContextVar("gpipe_stage_view", default=False)
 
 #: Layer counts per stage, or a rule: ``"uniform"`` (by layer count), ``"params"`` (by parameter count),
 #: ``"time"`` or ``"memory"`` (by per-layer costs measured on a sample, see :mod:`lightning_gpipe.profile`).
@@ -54,6 +63,7 @@ class AbsentLayer(nn.Module):
     def __init__(self, index: int, kind: str, stage: int) -> None:
         super().__init__()
         self.index, self.kind, self.stage = index, kind, stage
+        self.after_run = False  # set when a run ends and this process keeps only its stage
 
     def message(self, what: str) -> str:
         return (
@@ -73,6 +83,17 @@ class AbsentLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             raise AbsentLayerError(self.message(f"the code read {name!r} of")) from None
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
+        where = _REFUSING.get()
+        if where is not None:  # a sum over these would silently leave out another stage's parameters
+            raise AbsentLayerError(self.message(f"{where} read the parameters of"))
+        return super().named_parameters(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        if self.after_run and not _STAGE_VIEW.get():  # this process's module is not the whole model: say so
+            raise AbsentLayerError(self.message("the code asked for the state of"))
+        return super().state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.kind} on stage {self.stage}"
@@ -251,3 +272,23 @@ def check_stages_optimized(balance: Sequence[int], seq_name: str, layers: list[n
                 f" balance {list(balance)}, every stage must hold a parameter the optimizer trains: choose another"
                 " balance or optimize more of the model"
             )
+
+
+@contextmanager
+def stage_view() -> Iterator[None]:
+    """Let the strategy read the state of this process's stage after a run, where user code gets an error."""
+    token = _STAGE_VIEW.set(True)
+    try:
+        yield
+    finally:
+        _STAGE_VIEW.reset(token)
+
+
+@contextmanager
+def absent_parameters_refused(where: str) -> Iterator[None]:
+    """Inside the block, reading the parameters of an absent layer raises, naming ``where``."""
+    token = _REFUSING.set(where)
+    try:
+        yield
+    finally:
+        _REFUSING.reset(token)

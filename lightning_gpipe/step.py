@@ -9,8 +9,9 @@ routed through the pipeline. One training step on stage j of K, in the order thi
        each output sent on as it is ready              returns the merged outputs
     3. the step ends there (_StageFinished)         3. the user's code after self(x): loss, logs
     4. receive the last stage's results (or its     4. share its results, without waiting: logs, the
-       error, raised here too), replay its logs        step's output, trainer.should_stop, the
-       and return its output                           rank-wide random state (or its error)
+       error, raised here too), post every             step's output, trainer.should_stop, the
+       gradient receive of step 6, replay its logs     rank-wide random state (or its error)
+       and return its output
     5. Lightning: zero_grad, strategy.backward      5. Lightning: zero_grad, strategy.backward: the loss
                                                        fills the gradients of the merged outputs
     6. backward of M-1..0, each as its gradient     6. backward of M-1..0, each micro-batch's input
@@ -37,7 +38,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_gpipe.comm import ObjectBroadcast
-from lightning_gpipe.contract import parameters_refused
+from lightning_gpipe.contract import StageError, parameters_refused
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
@@ -126,7 +127,18 @@ class StageStep:
         self.executor, self.microbatches, self.sequential, self.device = executor, microbatches, sequential, device
         self.sharing = sharing
         self.call: Optional[PipelineCall] = None  # the latest step's, for what it measured
+        self._running: Optional[tuple[str, PipelineCall]] = None  # the hook under way and its self(x)
         self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
+
+    def check_collective(self, name: str) -> None:
+        """Raise if the step's code after ``self(x)``, which runs on the last stage alone, starts a collective:
+        no other stage would ever join it."""
+        if self._running is not None and self._running[1].returned and self.executor.k > 1:
+            raise StageError(
+                f"GPipeStrategy: {self._running[0]} called {name} after self(x). That code runs on the last stage"
+                " alone, so no other stage would join the collective. Call it before self(x), or in a hook every"
+                " stage runs (such as on_validation_epoch_end)."
+            )
 
     def run(self, module: LightningModule, hook: str, train: bool, args: tuple, kwargs: dict) -> Any:
         """Run ``module.<hook>(*args, **kwargs)`` with ``self(x)`` routed through the pipeline; on every stage,
@@ -140,7 +152,9 @@ class StageStep:
         # The last stage logs for real; the others drop their own calls and replay its records (step 4).
         logging = record_logs(module) if executor.is_last else muted_logs(module)
         where = f"{type(module).__name__}.{hook}"
-        refusal = parameters_refused(module, where) if executor.k > 1 else nullcontext()
+        seq = module.get_submodule(self.sequential)
+        refusal = parameters_refused(module, seq, where) if executor.k > 1 else nullcontext()
+        self._running = (where, call)
         with patched(module, "forward", call), logging as records, refusal:
             try:
                 output = getattr(module, hook)(*args, **kwargs)
@@ -155,31 +169,50 @@ class StageStep:
                 if call.returned and executor.k > 1:  # the other stages wait for this one's results: send the error
                     self._share(Failure.of(error))
                 raise
+            finally:
+                self._running = None
         if executor.k == 1:
             return output
         if executor.is_last:
             self._share(
                 {
                     "records": records,
-                    "output": apply_to_collection(output, Tensor, lambda t: t.detach().cpu()),
+                    "output": apply_to_collection(output, Tensor, _cpu),
                     "should_stop": module.trainer.should_stop,
                     "random": rank_random_state(self.device),
-                }
+                    "param_groups": _hyperparameters(module) if train else None,
+                },
+                where,
             )
             return output
         return self._take_shared(module)
 
-    def _share(self, results: Any) -> None:
+    def _share(self, results: Any, where: str = "") -> None:
+        """Send ``results`` to the other stages; if they cannot travel, send them the error instead, and raise it."""
         assert self.sharing is not None
-        self.sharing.send(results)
+        try:
+            self.sharing.send(results)
+        except Exception as error:
+            failure = Failure.of(
+                TypeError(
+                    f"GPipeStrategy: what {where} returned or logged cannot be sent to the other stages ({error})."
+                    " Return and log tensors and plain Python values."
+                )
+            )
+            self.sharing.send(failure)
+            raise failure.error from error
 
     def _take_shared(self, module: LightningModule) -> Any:
         assert self.sharing is not None
         shared = self.sharing.receive(src=self.executor.k - 1)
         if isinstance(shared, Failure):
             raise shared.error
+        if self.call is not None and self.call.train:  # the backward follows: let the last stage send at once
+            self.executor.expect_gradients()
         set_rank_random_state(shared["random"], self.device)
         module.trainer.should_stop = shared["should_stop"]
+        if shared["param_groups"] is not None:
+            _set_hyperparameters(module, shared["param_groups"])
         replay_logs(module, shared["records"], self.device)
         return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.device))
 
@@ -187,3 +220,28 @@ class StageStep:
         """Until the other stages have received everything this one shared."""
         if self.sharing is not None:
             self.sharing.wait()
+
+
+def _hyperparameters(module: LightningModule) -> list[list[dict[str, Any]]]:
+    """Every optimizer's parameter-group settings (learning rate, momentum, ...), which a step may change."""
+    return [
+        [
+            apply_to_collection({k: v for k, v in group.items() if k not in ("params", "param_names")}, Tensor, _cpu)
+            for group in o.param_groups
+        ]
+        for o in module.trainer.optimizers
+    ]
+
+
+def _cpu(t: Tensor) -> Tensor:
+    return t.detach().cpu()
+
+
+def _set_hyperparameters(module: LightningModule, settings: list[list[dict[str, Any]]]) -> None:
+    for optimizer, groups in zip(module.trainer.optimizers, settings):
+        for group, values in zip(optimizer.param_groups, groups):
+            for key, value in values.items():
+                if isinstance(group.get(key), Tensor):  # a tensor setting (a capturable optimizer's lr) stays put
+                    group[key].copy_(value)
+                else:
+                    group[key] = value

@@ -27,6 +27,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
@@ -52,6 +53,7 @@ from lightning_gpipe.observe import BalanceReport, Reporter, StageReport
 from lightning_gpipe.partition import (
     BALANCE_RULES,
     PROFILED_RULES,
+    AbsentLayer,
     Balance,
     BalanceError,
     check_stages_have_parameters,
@@ -61,9 +63,10 @@ from lightning_gpipe.partition import (
     keep_stage,
     resolve_balance,
     stage_layers,
+    stage_view,
 )
 from lightning_gpipe.profile import input_of_step, optimizer_slots, profile_layers, untouched_random
-from lightning_gpipe.rng import rank_random_state, set_rank_random_state
+from lightning_gpipe.rng import StageRandom, rank_random_state, set_rank_random_state
 from lightning_gpipe.schedule import CHECKPOINT_MODES
 from lightning_gpipe.sharded import is_sharded, load_sharded, save_sharded
 from lightning_gpipe.state import (
@@ -76,6 +79,8 @@ from lightning_gpipe.state import (
 )
 
 __all__ = ["GPipeStrategy"]
+
+_AVERAGING_CALLBACKS = (StochasticWeightAveraging, WeightAveraging)
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +196,7 @@ class GPipeStrategy(ParallelStrategy):
         self._failed = False  # this run raised: no collective may wait on other ranks any more
         self._balance_report: Optional[BalanceReport] = None
         self._flow: Optional[StageStep] = None  # the step flow of this rank's stage
+        self._stage_random: Optional[StageRandom] = None
 
     # -- options ------------------------------------------------------------------------------
 
@@ -305,6 +311,7 @@ class GPipeStrategy(ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
         # Every stage logs the last stage's values, so Lightning's advice to sync them across ranks does not apply.
+        self._run_patches.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level", category=PossibleUserWarning)
         # Norm clipping must see the norm over all stages' gradients, not this stage's alone.
         self._run_patches.enter_context(patched(self.precision_plugin, "clip_grad_by_norm", self._clip_grad_by_global_norm))
@@ -328,13 +335,20 @@ class GPipeStrategy(ParallelStrategy):
             )
         if self._layer_sync is not None:
             raise ValueError("Trainer(sync_batchnorm=True) synchronises across data-parallel replicas; GPipeStrategy has none")
+        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _AVERAGING_CALLBACKS)]
+        if averaging and self.world_size > 1:
+            raise ValueError(
+                f"GPipeStrategy cannot run {', '.join(averaging)}: it copies the whole module before the pipeline cuts"
+                " it, then pairs the copy's parameters with one stage's by position. Average weights after training,"
+                " on the whole model that global rank 0 holds then."
+            )
 
     def _partition(self, module: LightningModule, name: str, seq: nn.Sequential, fitting: bool) -> None:
         """Cut the Sequential ``name`` of the whole ``module`` into stages and keep only this rank's layers."""
         self._sequential_name = name
         k, stage = self.world_size, self.global_rank
         optimizers: list[Optimizer] = []
-        if fitting and not self._optimizer_layouts:  # a throwaway build on the whole module, before it is cut
+        if fitting:  # a throwaway build on the whole module, before it is cut (each fit: requires_grad may change)
             optimizers = _whole_module_optimizers(module)
             self._optimizer_layouts = optimizer_layouts(optimizers, module)
         if self._balance is None and self._balance_request in PROFILED_RULES:
@@ -362,7 +376,9 @@ class GPipeStrategy(ParallelStrategy):
         if self._deferred_batchnorm:
             self._deferred_norms = defer(kept)
         link = StageLink(stage, k, self.root_device) if k > 1 else None
-        self._executor = StageExecutor(kept, stage, k, self.root_device, link, self._checkpoint)
+        if self._stage_random is None:  # one stream per stage for the strategy's life: runs continue it
+            self._stage_random = StageRandom(stage, self.root_device)
+        self._executor = StageExecutor(kept, stage, k, self.root_device, link, self._checkpoint, self._stage_random)
         sharing = ObjectBroadcast(self.root_device) if k > 1 else None
         self._flow = StageStep(self._executor, self._microbatches, name, self.root_device, sharing)
         log.debug("stage %d of %d runs %s.%s", stage, k, name, stage_layers(self._balance, stage))
@@ -474,7 +490,9 @@ class GPipeStrategy(ParallelStrategy):
 
     def _parameters_refused(self, where: str) -> Any:
         module = self.lightning_module
-        return parameters_refused(module, where) if module is not None and self.world_size > 1 else nullcontext()
+        if module is None or self.world_size == 1:
+            return nullcontext()
+        return parameters_refused(module, module.get_submodule(self._sequential_name), where)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
@@ -544,8 +562,18 @@ class GPipeStrategy(ParallelStrategy):
 
     # -- collectives --------------------------------------------------------------------------
 
+    def _check_collective(self, name: str) -> None:
+        if self._flow is not None:
+            self._flow.check_collective(name)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        self._check_collective("all_gather")
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
+        self._check_collective("barrier")
         if not _distributed_is_initialized():
             return
         if dist.get_backend() == "nccl":
@@ -555,6 +583,7 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        self._check_collective("broadcast")
         if not _distributed_is_initialized():
             return obj
         box = [obj]
@@ -585,6 +614,7 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean") -> Any:
+        self._check_collective("reduce")
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
@@ -598,7 +628,8 @@ class GPipeStrategy(ParallelStrategy):
         With ``state_dict_type="sharded"``, this stage's own entries: each stage writes them itself.
         """
         assert self.lightning_module is not None
-        local = self.lightning_module.state_dict()
+        with stage_view():
+            local = self.lightning_module.state_dict()
         if self._state_dict_type == "sharded":
             return local
         full: dict[str, Any] = {}
@@ -735,9 +766,14 @@ class GPipeStrategy(ParallelStrategy):
         undefer(self._deferred_norms)  # the user's own batch-norm layers again
         self._deferred_norms = []
         super().teardown()  # the module moves to the CPU
-        if self._gather_model and not self._failed and self.world_size > 1 and self._executor is not None:
+        if self.world_size > 1 and self._executor is not None:
             assert module is not None
-            gather_layers(module.get_submodule(self._sequential_name), self.global_rank, self.world_size)
+            seq = module.get_submodule(self._sequential_name)
+            if self._gather_model and not self._failed:
+                gather_layers(seq, self.global_rank, self.world_size)
+            for layer in seq:  # what this process does not hold now fails loudly when asked for
+                if isinstance(layer, AbsentLayer):
+                    layer.after_run = True
 
     @classmethod
     @override

@@ -19,8 +19,9 @@ import lightning as L  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 
-def one_step(overrides: list[str]) -> dict[str, torch.Tensor]:
-    """Parameters after one optimizer step of the composed experiment (no logger, no validation)."""
+def one_step(overrides: list[str]) -> dict[str, torch.Tensor] | None:
+    """Parameters after one optimizer step of the composed experiment (no logger, no validation), as global rank 0's
+    module holds them after the run: the whole model. ``None`` on the other ranks."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     L.seed_everything(cfg.seed, verbose=False)
@@ -32,11 +33,12 @@ def one_step(overrides: list[str]) -> dict[str, torch.Tensor]:
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(model, datamodule=datamodule)
+    if not trainer.is_global_zero:
+        return None
     return {name: value.clone() for name, value in model.state_dict().items()}
 
 
 if __name__ == "__main__":
-    import os
-
-    out = Path(sys.argv[1])
-    torch.save(one_step(sys.argv[2:]), out.with_suffix(f".rank{os.environ.get('LOCAL_RANK', 0)}.pt"))
+    state = one_step(sys.argv[2:])
+    if state is not None:
+        torch.save(state, Path(sys.argv[1]).with_suffix(".pt"))

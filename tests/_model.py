@@ -152,6 +152,57 @@ class DictOutputs(Classifier):
         return {"val_acc": (self(x).argmax(-1) == y).float().mean(), "batch": batch_idx}
 
 
+class SequentialPenalty(Classifier):
+    """The penalty summed over the Sequential's parameters instead of the module's."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y) + 0.05 * sum(p.pow(2).sum() for p in self.body.parameters())
+
+
+class SequentialGradNorm(Classifier):
+    """Lightning's grad_norm of the Sequential."""
+
+    def on_before_optimizer_step(self, optimizer):
+        from lightning.pytorch.utilities import grad_norm
+
+        self.log_dict(grad_norm(self.body, norm_type=2))
+
+
+class WarmupInStep(Classifier):
+    """A learning-rate warm-up written in the step, after self(x): it changes the optimizer on the last stage."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        for group in self.optimizers().param_groups:
+            group["lr"] = self.hparams.lr * min(1.0, (self.global_step + 1) / 3)
+        return loss
+
+
+class GathersInValidation(Classifier):
+    """A collective in the step after self(x)."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", self.all_gather(F.cross_entropy(self(x), y)).mean())
+
+
+class UnpicklableOutput(Classifier):
+    def training_step(self, batch, batch_idx):
+        return {"loss": super().training_step(batch, batch_idx), "fn": lambda: None}
+
+
+class FrozenFirstLayer(Classifier):
+    """Freezes the first layer and optimizes what still trains, as fine-tuning code does."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.body[0].requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr, momentum=0.9)
+
+
 class FirstLayerOptimized(Classifier):
     """Optimizes the first layer alone, which stage 0 holds."""
 

@@ -22,9 +22,10 @@ torch.set_num_threads(1)
 import _model  # noqa: E402
 import lightning as L  # noqa: E402
 from _model import StepRecorder, RecordingLogger, loaders  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary  # noqa: E402
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ModelSummary  # noqa: E402
 
 from lightning_gpipe import GPipeStrategy  # noqa: E402
+from lightning_gpipe.partition import stage_view  # noqa: E402
 
 
 def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
@@ -105,6 +106,12 @@ def kill_self(kill: dict, trainer: L.Trainer, model: L.LightningModule) -> None:
     LocalFileOpener.write = write
 
 
+def _held(model: L.LightningModule) -> dict:
+    """What this process's module holds: the whole model on global rank 0 after a run, one stage elsewhere."""
+    with stage_view():  # the tests read the stages, which user code gets an error for
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def run(scenario: dict, out: Path) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     result: dict = {}
@@ -144,6 +151,8 @@ def run(scenario: dict, out: Path) -> None:
 
         steps = StepRecorder()
         trainer.callbacks += [RecordStage(), steps]
+        if scenario.get("averaging"):
+            trainer.callbacks.append(EMAWeightAveraging())
         if "model_checkpoint" in scenario:  # save_last=True and a folder, for ckpt_path="last"
             trainer.callbacks.append(ModelCheckpoint(**scenario["model_checkpoint"]))
         kill = scenario.get("kill")
@@ -157,7 +166,7 @@ def run(scenario: dict, out: Path) -> None:
         trainer.fit(model, train, val, ckpt_path=resume)
         result["batch_sums"] = steps.batch_sums
         result["outputs"] = {"train": steps.train, "val": steps.val}
-        result["params"] = {k: v.clone() for k, v in model.state_dict().items()}
+        result["params"] = _held(model)
         result["module_types"] = [type(m).__name__ for m in model.modules()]
         result["logged"] = logger.records
         result["callback_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -167,6 +176,16 @@ def run(scenario: dict, out: Path) -> None:
                     result["after_fit"] = torch.cat([model(x) for x, _ in val])
             except Exception as e:
                 result["after_fit"] = f"{type(e).__name__}: {e}"
+            try:
+                result["state_dict_after_fit"] = sorted(model.state_dict())
+            except Exception as e:
+                result["state_dict_after_fit"] = f"{type(e).__name__}: {e}"
+        if scenario.get("refit"):  # unfreeze everything and train one more epoch on the same Trainer
+            for p in model.parameters():
+                p.requires_grad_(True)
+            trainer.fit_loop.max_epochs += 1
+            trainer.fit(model, train, val)
+            result["params"] = _held(model)
         if scenario.get("predict"):
             result["predictions"] = trainer.predict(model, val)
         if "fresh_strategy" in scenario:  # a new Trainer and strategy on the trained model

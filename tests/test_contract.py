@@ -3,10 +3,20 @@ error on every rank (tests/_model.py holds the patterns, as users write them).""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
-from _model import Classifier, loaders
-from conftest import ATOL, assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
+from _model import Classifier, FrozenFirstLayer, loaders
+from conftest import (
+    ATOL,
+    CLIP,
+    assert_same_logs,
+    assert_same_params,
+    full_params,
+    reference_run,
+    run_scenarios,
+    scenario,
+)
 from lightning.pytorch.utilities import grad_norm as lightning_grad_norm
 from lightning.pytorch.utilities.model_summary import summarize
 
@@ -41,6 +51,13 @@ K2 = [
     _refused("first_layer_optimized", "FirstLayerOptimized"),
     _refused("calls_layers", "CallsLayers"),
     _refused("two_optimizers", "TwoOptimizers"),
+    _refused("sequential_penalty", "SequentialPenalty"),
+    _refused("sequential_grad_norm", "SequentialGradNorm"),
+    _named("warmup_in_step", "WarmupInStep"),
+    _refused("gathers_in_validation", "GathersInValidation"),
+    _refused("unpicklable_output", "UnpicklableOutput"),
+    _refused("averaging", "Classifier", averaging=True),
+    _named("refit", "FrozenFirstLayer", refit=True, save=True),
 ]
 
 
@@ -87,9 +104,9 @@ def test_seeded_workers_draw_the_same_augmentations_on_every_stage(runs):
 
 
 PARAMETERS_READ = (
-    "StageError: GPipeStrategy: {where} read self.parameters() or self.named_parameters(). Under the pipeline each"
-    " process holds one stage, so a sum over them (a penalty in the loss, a norm in a log) would cover that stage"
-    " alone. For an L2 penalty use the optimizer's weight_decay; for gradient norms use"
+    "StageError: GPipeStrategy: {where} read the whole model's parameters (self.parameters(), self.named_parameters(),"
+    " or the pipelined Sequential's). Under the pipeline each process holds one stage, so a sum over them (a penalty"
+    " in the loss, a norm in a log) would cover that stage alone. For an L2 penalty use the optimizer's weight_decay; for gradient norms use"
     " `lightning_gpipe.grad_norm(self, norm_type)`, which covers every stage; for the device or dtype use self.device"
     " and self.dtype."
 )
@@ -101,6 +118,8 @@ PARAMETERS_READ = (
         ("penalty_after", "PenaltyAfter.training_step"),  # only the last stage runs it: it tells the others
         ("penalty_before", "PenaltyBefore.training_step"),
         ("lightning_grad_norm", "code run around the optimizer step (on_before_optimizer_step, a callback's hook)"),
+        ("sequential_penalty", "SequentialPenalty.training_step"),
+        ("sequential_grad_norm", "code run around the optimizer step (on_before_optimizer_step, a callback's hook)"),
     ],
 )
 def test_sums_over_parameters_are_refused_on_every_rank(name, where, k2, k3):
@@ -153,6 +172,12 @@ def test_the_whole_model_is_on_rank_zero_after_fit(runs):
         " step's `self(x)` runs the whole pipeline, and after a run the whole model is on global rank 0"
         " (GPipeStrategy(gather_model=True)). In a step, call the module (`self(x)`) rather than its layers."
     )] * (len(ranks) - 1)
+    assert ranks[0]["state_dict_after_fit"] == sorted(reference["params"])
+    for rank in ranks[1:]:  # the others hold one stage: asking them for the whole model's state fails loudly
+        assert rank["state_dict_after_fit"].startswith(
+            "AbsentLayerError: GPipeStrategy: the code asked for the state of layer 0 (Linear) of the pipelined"
+            " Sequential, which stage 0 holds, not this process."
+        )
     # A new Trainer with another balance takes the trained model as it is.
     for got, want in zip(ranks[0]["fresh_predictions"], reference["predictions"]):
         assert torch.equal(got, want)
@@ -227,4 +252,46 @@ def test_step_outputs_reach_every_rank(runs):
 )  # fmt: skip
 def test_unsupported_patterns_fail_clearly_on_every_rank(name, messages, k2):
     for rank, message in zip(k2[name], messages):
+        assert rank["error"].startswith(message)
+
+
+def test_optimizer_settings_changed_in_the_step_reach_every_stage(k2):
+    """A warm-up that sets the learning rate after self(x) runs on the last stage; the others take its settings."""
+    _same_as_reference(k2["warmup_in_step"], reference_run(model_class="WarmupInStep"))
+
+
+def test_a_second_fit_with_other_trainable_parameters(k2):
+    """Fit with the first layer frozen, unfreeze it, fit on: the second fit optimizes and saves every parameter."""
+    from _worker import trainer_for
+
+    L.seed_everything(0, verbose=False)
+    model = FrozenFirstLayer()
+    train, val = loaders()
+    trainer = trainer_for({"clip": CLIP, "accumulate": 2}, "auto", False)
+    trainer.fit(model, train, val)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    trainer.fit_loop.max_epochs += 1
+    trainer.fit(model, train, val)
+    ranks = k2["refit"]
+    assert_same_params(full_params(ranks), model.state_dict())
+    checkpoint = torch.load(ranks[0]["checkpoint"], weights_only=False)
+    assert len(checkpoint["optimizer_states"][0]["state"]) == len(list(model.parameters())) == 10
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("gathers_in_validation", "StageError: GPipeStrategy: GathersInValidation.validation_step called all_gather after"
+         " self(x). That code runs on the last stage alone, so no other stage would join the collective. Call it"
+         " before self(x), or in a hook every stage runs (such as on_validation_epoch_end)."),
+        ("unpicklable_output", "TypeError: GPipeStrategy: what UnpicklableOutput.training_step returned or logged cannot"
+         " be sent to the other stages"),
+        ("averaging", "ValueError: GPipeStrategy cannot run EMAWeightAveraging: it copies the whole module before the"
+         " pipeline cuts it, then pairs the copy's parameters with one stage's by position. Average weights after"
+         " training, on the whole model that global rank 0 holds then."),
+    ],
+)  # fmt: skip
+def test_what_only_the_last_stage_could_do_is_refused_on_every_rank(name, message, k2):
+    for rank in k2[name]:
         assert rank["error"].startswith(message)
