@@ -60,9 +60,41 @@ class Block(nn.Module):
         return torch.relu(self.linear(x))  # (B, width)
 
 
-def build_net(width: int, depth: int) -> nn.Sequential:
-    """The whole model, identical on every rank and in every row."""
+class _Wait(torch.autograd.Function):
+    """Emulated compute: a timed wait that holds no CPU, ``seconds_per_row`` per row of the input forward and
+    twice that backward, so a recomputed forward costs one forward again."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, seconds_per_row: float) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.backward_s = 2 * seconds_per_row * x.shape[0]
+        time.sleep(seconds_per_row * x.shape[0])
+        return x * weight
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, weight = ctx.saved_tensors
+        time.sleep(ctx.backward_s)
+        return grad * weight, (grad * x).sum(0), None
+
+
+class EmulatedBlock(nn.Module):
+    """A block of known cost on an emulated device: ``x * weight`` after a timed wait (see :class:`_Wait`)."""
+
+    def __init__(self, width: int, seconds_per_row: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.seconds_per_row = seconds_per_row
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _Wait.apply(x, self.weight, self.seconds_per_row)  # (B, width)
+
+
+def build_net(width: int, depth: int, seconds_per_row: float = 0.0) -> nn.Sequential:
+    """The whole model, identical on every rank and in every row; emulated blocks where ``seconds_per_row``."""
     torch.manual_seed(0)
+    if seconds_per_row:
+        return nn.Sequential(*[EmulatedBlock(width, seconds_per_row) for _ in range(depth)])
     return nn.Sequential(*[Block(width) for _ in range(depth)])
 
 
@@ -108,6 +140,10 @@ class Context:
     observe_every: int
     steps: int
     traces: Path
+    seconds_per_row: float = 0.0  # each block's emulated forward cost per sample; 0 computes for real
+
+    def net(self) -> nn.Sequential:
+        return build_net(self.width, self.depth, self.seconds_per_row)
 
     def observed(self, step: int) -> bool:
         """The steps ``GPipeStrategy(observe_every_n_steps=observe_every)`` observes; every implementation observes these."""
@@ -185,8 +221,11 @@ class _StepClock(L.Callback):
         self.ends.append(time.perf_counter())
 
 
-def _fit(ctx: Context, strategy: Any, devices: int, clock: _StepClock, logger: Logger, root: Path) -> None:
+def _fit(
+    ctx: Context, strategy: Any, devices: int, clock: _StepClock, logger: Logger, root: Path, shard: slice = slice(None)
+) -> None:
     x, y = make_batch(ctx.batch, ctx.width)
+    x, y = x[shard], y[shard]  # data parallelism: this process's share of the batch
     loader = torch.utils.data.DataLoader([(x, y)] * ctx.steps, batch_size=None)
     trainer = L.Trainer(
         accelerator="gpu" if ctx.device.type == "cuda" else "cpu",
@@ -196,19 +235,50 @@ def _fit(ctx: Context, strategy: Any, devices: int, clock: _StepClock, logger: L
         logger=logger,
         callbacks=[clock],
         default_root_dir=root,
-        use_distributed_sampler=False,  # every stage must see the same batches
+        use_distributed_sampler=False,  # every stage sees the same batches; a data-parallel rank its own shard
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(BenchModule(build_net(ctx.width, ctx.depth)), loader)
+    trainer.fit(BenchModule(ctx.net()), loader)
 
 
 def run_single(ctx: Context, row: dict) -> Measured:
     clock = _StepClock(ctx, ActivationMeter())
     _fit(ctx, "auto", 1, clock, _MemoryLogger(), ctx.traces / "single")
     return Measured(ctx.timed_durations(clock.ends), None, clock.peaks, [max(clock.peaks)])
+
+
+def run_single_raw(ctx: Context, row: dict) -> Measured:
+    """A plain PyTorch training loop on the whole model: what Lightning's own loop is measured against."""
+    net = ctx.net().to(ctx.device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+    meter = ActivationMeter()
+    x, y = (t.to(ctx.device) for t in make_batch(ctx.batch, ctx.width))
+
+    def step(observe: bool) -> int | None:
+        if observe:
+            meter.start(net.parameters())
+        optimizer.zero_grad(set_to_none=True)
+        with meter.saving():
+            F.mse_loss(net(x), y).backward()
+        optimizer.step()
+        return meter.stop() if observe else None
+
+    durations, peaks = _loop(ctx, step)
+    return Measured(durations, None, peaks, [max(peaks)])
+
+
+def run_ddp(ctx: Context, row: dict) -> Measured:
+    """Lightning's DDP on the K processes: each holds the whole model and takes batch / K of the same batch."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    per = ctx.batch // ctx.k
+    clock = _StepClock(ctx, ActivationMeter())
+    shard = slice(ctx.rank * per, (ctx.rank + 1) * per)
+    _fit(ctx, DDPStrategy(), ctx.k, clock, _MemoryLogger(), ctx.traces / f"ddp_k{ctx.k}", shard)
+    return Measured(ctx.timed_durations(clock.ends), None, clock.peaks)
 
 
 def run_gpipe(ctx: Context, row: dict) -> Measured:
@@ -245,7 +315,7 @@ def _loop(ctx: Context, step: Callable[[bool], Any | None]) -> tuple[list[float]
 
 
 def run_executor(ctx: Context, row: dict) -> Measured:
-    layers = [layer.to(ctx.device) for layer in ctx.stage_layers(build_net(ctx.width, ctx.depth))]
+    layers = [layer.to(ctx.device) for layer in ctx.stage_layers(ctx.net())]
     params = [p for layer in layers for p in layer.parameters()]
     link = StageLink(ctx.rank, ctx.k, ctx.device) if ctx.k > 1 else None
     executor = StageExecutor(layers, ctx.rank, ctx.k, ctx.device, link, row["checkpoint"])
@@ -279,7 +349,7 @@ def run_executor(ctx: Context, row: dict) -> Measured:
 def run_torch(ctx: Context, row: dict) -> Measured:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    stage_module = nn.Sequential(*ctx.stage_layers(build_net(ctx.width, ctx.depth))).to(ctx.device)
+    stage_module = nn.Sequential(*ctx.stage_layers(ctx.net())).to(ctx.device)
     stage = PipelineStage(stage_module, ctx.rank, ctx.k, ctx.device)
     kind = {"torch_gpipe": ScheduleGPipe, "torch_1f1b": Schedule1F1B}[row["impl"]]
     # scale_grads (the default) divides by M: with a per-micro-batch mean loss, the full batch's mean.
@@ -305,8 +375,10 @@ def run_torch(ctx: Context, row: dict) -> Measured:
 
 RUNNERS: dict[str, Callable[[Context, dict], Measured]] = {
     "single": run_single,
+    "single_raw": run_single_raw,
     "gpipe": run_gpipe,
     "executor": run_executor,
+    "ddp": run_ddp,
     "torch_gpipe": run_torch,
     "torch_1f1b": run_torch,
 }
@@ -368,7 +440,19 @@ def measure_row(ctx: Context, row: dict) -> dict | None:
     }
 
 
-def combine(row: dict, runs: list[dict], batch: int) -> dict:
+def limit_step_s(row: dict, forward_s: float) -> float:
+    """The exact step time of ``row`` on the emulated device, whose model's forward over the whole batch takes
+    ``forward_s`` (backward twice that, recompute once more) and whose messages are free."""
+    k, m = row["k"], row["m"]
+    per_pass = 4 if row["checkpoint"] == "always" else 3  # forward, backward (2), and the recompute
+    if row["impl"] in ("single", "single_raw"):
+        return per_pass * forward_s
+    if row["impl"] == "ddp":
+        return per_pass * forward_s / k
+    return (m + k - 1) * per_pass * forward_s / (k * m)  # F-then-B and 1F1B: M+K-1 slots of one micro-batch
+
+
+def combine(row: dict, runs: list[dict], batch: int, forward_s: float = 0.0) -> dict:
     """One row's result from its runs (rounds).
 
     A run's step time is the median of its timed steps; the row's is the fastest run's. Other work on a
@@ -392,6 +476,8 @@ def combine(row: dict, runs: list[dict], batch: int) -> dict:
     }
     if runs[0]["cuda"] is not None:
         result["cuda_max_allocated_bytes"] = max(run["cuda"] for run in runs)
+    if forward_s:
+        result["limit_samples_per_s"] = batch / limit_step_s(row, forward_s)
     return result
 
 
@@ -408,9 +494,10 @@ def main(spec_path: Path) -> None:
     if grouped:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=k)
     model = spec["model"]
+    forward_s = model.get("emulate_forward_s", 0.0)  # the whole model's forward over the batch, when emulated
     ctx = Context(rank=rank, k=k, device=device, width=model["width"], depth=model["depth"], batch=model["batch"],
                   warmup=spec["warmup"], observe_every=spec["observe_every"], steps=spec["steps"],
-                  traces=Path(spec["traces"]))  # fmt: skip
+                  traces=Path(spec["traces"]), seconds_per_row=forward_s / (model["depth"] * model["batch"]))  # fmt: skip
     runs: list[list[dict]] = [[] for _ in spec["rows"]]
     try:
         for turn in range(spec["rounds"]):
@@ -425,7 +512,7 @@ def main(spec_path: Path) -> None:
         if grouped:
             dist.destroy_process_group()
     if rank == 0:
-        rows = [combine(row, done, ctx.batch) for row, done in zip(spec["rows"], runs)]
+        rows = [combine(row, done, ctx.batch, forward_s) for row, done in zip(spec["rows"], runs)]
         Path(spec["result"]).write_text(json.dumps(rows, indent=1))
 
 

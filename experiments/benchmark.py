@@ -1,10 +1,17 @@
 """Benchmark the pipeline against its theoretical limit and its peers: ``python experiments/benchmark.py --out DIR``.
 
 On one machine, with one model, batch and optimizer, measures ``single`` (plain Lightning, one process with
-all threads), ``gpipe`` (GPipeStrategy), ``executor`` (this project's executor without Lightning), and
-``torch_gpipe`` / ``torch_1f1b`` (torch.distributed.pipelining). Each K starts its K processes once and runs
-all of its rows in them. Written to DIR: ``benchmark.json``, ``benchmark.md``, three PNG plots, each rank's
-log under ``logs/`` and a Chrome trace per gpipe row under ``traces/``. ``--quick`` is the small CI preset.
+all threads), ``single_raw`` (a plain PyTorch loop, the same threads), ``gpipe`` (GPipeStrategy), ``executor``
+(this project's executor without Lightning), ``torch_gpipe`` / ``torch_1f1b`` (torch.distributed.pipelining), and
+``ddp`` (Lightning's DDP on the same K processes and global batch: data parallelism, for comparison).
+Each K starts its K processes once and runs all of its rows in them. Written to DIR: ``benchmark.json``,
+``benchmark.md``, three PNG plots, each rank's log under ``logs/`` and a Chrome trace per gpipe row under
+``traces/``. ``--quick`` is the small CI preset.
+
+``--emulate`` runs on an emulated device: every block's compute is a timed wait that holds no CPU (forward
+``f`` per sample, backward ``2f``, a recompute ``f`` again), so up to 8 processes share this machine's cores
+without slowing each other, and each row's exact limit is known (``limit_samples_per_s``): the schedule's
+M+K-1 slots of one micro-batch's forward and backward, with free communication.
 """
 
 from __future__ import annotations
@@ -41,10 +48,16 @@ class Config:
     device: str
     cores: int
     timeout: float  # seconds for one K group before its ranks are killed
+    emulate_ms: float = 0.0  # emulated device: the whole model's forward over the whole batch, in ms; 0: real compute
 
 
 FULL = {"ks": [2, 4], "ms": [1, 2, 4, 8, 16], "width": 512, "depth": 32, "batch": 512, "timed": 4, "rounds": 2}
 QUICK = {"ks": [2], "ms": [1, 4], "width": 256, "depth": 16, "batch": 128, "timed": 2, "rounds": 2}
+# Emulated: one micro-batch's forward on one stage lasts 20 ms at K=4, M=8 and 5 ms at K=8, M=16, long against
+# one gloo message (0.3 to 1.8 ms here). The emulated device does not drift, so the quick preset runs once.
+EMULATE = {"ks": [2, 4, 8], "ms": [1, 2, 4, 8, 16], "width": 16, "depth": 8, "batch": 64, "timed": 4, "rounds": 2,
+           "emulate_ms": 640.0}  # fmt: skip
+EMULATE_QUICK = {**EMULATE, "ks": [2, 4], "ms": [4, 8], "timed": 2, "rounds": 1}
 WARMUP = 2  # untimed steps at the start of every row: first-call costs, allocator warm-up
 OBSERVE_EVERY = 3  # every third step measures the timeline and activations instead of being timed
 
@@ -57,6 +70,10 @@ def parse(argv: list[str] | None = None) -> tuple[Config, Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the JSON, the table and the plots")
     parser.add_argument("--quick", action="store_true", help="the small preset CI runs (K=2, M in 1, 4; under 2 min)")
+    parser.add_argument(
+        "--emulate", action="store_true", help="emulated device: timed waits of known cost instead of compute"
+    )
+    parser.add_argument("--emulate-ms", type=float, help="emulated forward of the whole model over the batch (320)")
     parser.add_argument(
         "--device", default="cpu", help="cpu (gloo, one process per stage) or cuda (NCCL, one GPU per stage)"
     )
@@ -75,7 +92,9 @@ def parse(argv: list[str] | None = None) -> tuple[Config, Path]:
     parser.add_argument("--rounds", type=int, help="times every row runs, all rows in turn (default 2)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds one K group may take (default 1200)")
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else FULL
+    preset = (EMULATE_QUICK if args.quick else EMULATE) if args.emulate else (QUICK if args.quick else FULL)
+    if args.emulate_ms is not None and not args.emulate:
+        raise BenchmarkError("--emulate-ms sets the emulated device's cost: add --emulate")
     values = {key: preset[key] if getattr(args, key) is None else getattr(args, key) for key in preset}
     cfg = Config(**values, device=args.device, cores=len(os.sched_getaffinity(0)), timeout=args.timeout)
     if args.ks is None and cfg.device == "cuda":
@@ -102,6 +121,8 @@ def check(cfg: Config) -> None:
             raise BenchmarkError(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine")
         if max(cfg.ks) > torch.cuda.device_count():
             raise BenchmarkError(f"--k {cfg.ks}: this machine has {torch.cuda.device_count()} GPUs, one per stage")
+    if cfg.emulate_ms < 0:
+        raise BenchmarkError(f"--emulate-ms {cfg.emulate_ms}: need a positive cost")
     sizes = {"width": cfg.width, "depth": cfg.depth, "batch": cfg.batch, "timed": cfg.timed, "rounds": cfg.rounds}
     for name, value in sizes.items():
         if value < 1:
@@ -127,15 +148,17 @@ def plan(cfg: Config) -> dict[int, list[dict]]:
     ``torch_1f1b`` refuses M < K.
     """
     groups: dict[int, list[dict]] = {}
-    single = {"impl": "single", "k": 1, "m": 1, "checkpoint": "never"}
+    single = [{"impl": impl, "k": 1, "m": 1, "checkpoint": "never"} for impl in ("single", "single_raw")]
     for k in cfg.ks:
-        rows = groups.setdefault(k, [single] if k == 1 else [])
+        rows = groups.setdefault(k, list(single) if k == 1 else [])
+        if k > 1:  # data parallelism on the same K processes and global batch, for comparison
+            rows.append({"impl": "ddp", "k": k, "m": 1, "checkpoint": "never"})
         for m in cfg.ms:
             rows += [{"impl": "gpipe", "k": k, "m": m, "checkpoint": mode} for mode in ("never", "always")]
             rows += [{"impl": impl, "k": k, "m": m, "checkpoint": "never"} for impl in ("executor", "torch_gpipe")]
             if m >= k:
                 rows.append({"impl": "torch_1f1b", "k": k, "m": m, "checkpoint": "never"})
-    groups.setdefault(1, [single])
+    groups.setdefault(1, single)
     return dict(sorted(groups.items()))
 
 
@@ -146,6 +169,11 @@ def steps_per_run(timed: int) -> int:
         counted += steps % OBSERVE_EVERY != 0
         steps += 1
     return steps
+
+
+def _rows_per_pass(cfg: Config, row: dict) -> int:
+    """Samples in one micro-batch (pipelines) or in one process's share of the batch (ddp)."""
+    return cfg.batch // (row["k"] if row["impl"] == "ddp" else row["m"])
 
 
 def threads_per_process(cfg: Config, processes: int) -> int:
@@ -159,8 +187,8 @@ def run_group(cfg: Config, k: int, rows: list[dict], out: Path) -> list[dict]:
     logs.mkdir(parents=True, exist_ok=True)
     threads = threads_per_process(cfg, k)
     spec = {
-        "rows": [{**row, "microbatch_size": cfg.batch // row["m"], "threads": threads} for row in rows],
-        "model": {"width": cfg.width, "depth": cfg.depth, "batch": cfg.batch},
+        "rows": [{**row, "microbatch_size": _rows_per_pass(cfg, row), "threads": threads} for row in rows],
+        "model": {"width": cfg.width, "depth": cfg.depth, "batch": cfg.batch, "emulate_forward_s": cfg.emulate_ms / 1e3},
         "warmup": WARMUP, "observe_every": OBSERVE_EVERY, "steps": steps_per_run(cfg.timed), "rounds": cfg.rounds,
         "device": cfg.device, "threads": threads,
         "traces": str(out / "traces"), "result": str(work / f"rows_k{k}.json"),

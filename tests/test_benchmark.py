@@ -14,11 +14,12 @@ from launch import fresh_env
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.bench_worker import EmulatedBlock, limit_step_s  # noqa: E402
 from experiments.benchmark import BenchmarkError, parse  # noqa: E402
 
 # The --quick preset: K=2, M in {1, 4}, a 16-block MLP of width 256, batch 128, two rounds.
 K, MS, BATCH, ROUNDS = 2, (1, 4), 128, 2
-EXPECTED = {("single", 1, 1, "never")} | {
+EXPECTED = {("single", 1, 1, "never"), ("single_raw", 1, 1, "never"), ("ddp", K, 1, "never")} | {
     (impl, K, m, mode)
     for m in MS
     for impl, mode in [("gpipe", "never"), ("gpipe", "always"), ("executor", "never"), ("torch_gpipe", "never"),
@@ -49,12 +50,13 @@ def test_every_row_measured(quick):
         assert r["bubble_theory"] == (k - 1) / (m + k - 1)
         assert r["samples_per_s"] > 0 and r["samples_per_s"] == pytest.approx(BATCH / r["step_s"])
         assert len(r["step_s_rounds"]) == ROUNDS and r["step_s"] == min(r["step_s_rounds"])
-        assert r["microbatch_size"] == BATCH // m
+        assert r["microbatch_size"] == BATCH // (k if impl == "ddp" else m)  # ddp: each process's share
         assert r["activation_bytes_max"] > 0 and r["rss_max_bytes"] > 0
         if impl in ("gpipe", "executor"):
             assert 0 <= r["bubble_measured"] < 1
         else:  # no timeline: torch.distributed.pipelining exposes none, and single has no pipeline
             assert r["bubble_measured"] is None
+        assert "limit_samples_per_s" not in r  # real compute has no known limit
 
 
 def test_rematerialization_holds_fewer_activations(quick):
@@ -97,8 +99,13 @@ def test_summary_ratios_follow_from_rows(quick):
         "gpipe_vs_torch_gpipe",
         "efficiency_vs_theory",
         "lightning_overhead",
+        "strategy_overhead",
         "checkpoint_memory",
     }
+    lightning = rows[("single", 1, 1, "never")]["samples_per_s"] / rows[("single_raw", 1, 1, "never")]["samples_per_s"]
+    assert summary["single_vs_single_raw"] == pytest.approx(lightning)
+    overhead = summary["goals"]["strategy_overhead"]
+    assert overhead["met"] == all(e["ratio"] >= 0.95 * lightning for e in summary["gpipe_vs_executor"])
 
 
 def test_table_and_plots_written(quick):
@@ -107,7 +114,7 @@ def test_table_and_plots_written(quick):
     assert report["machine"]["cpu"] in table and f"torch {report['machine']['torch']}" in table
     for r in report["rows"]:
         assert f"| {r['impl']} | {r['k']} | {r['m']} | {r['checkpoint']} | {r['microbatch_size']} |" in table
-    for name in ("throughput_vs_m.png", "bubble_vs_m.png", "activation_memory.png"):
+    for name in ("throughput_vs_m.png", "bubble_vs_m.png", "activation_memory.png", "efficiency_vs_k.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -129,3 +136,59 @@ def test_bad_settings_are_refused_with_their_values(argv, message):
 def test_cuda_refused_without_a_gpu():
     with pytest.raises(BenchmarkError, match="--device cuda: torch .* sees no CUDA device"):
         parse(["--out", "unused", "--device", "cuda"])
+
+
+# -- the emulated device ----------------------------------------------------------------------------------------
+
+
+def test_an_emulated_block_takes_its_configured_time():
+    """Forward ``f`` per row, backward ``2f``, holding no CPU: the schedule's limit is then exact."""
+    import time
+
+    block = EmulatedBlock(4, seconds_per_row=0.002)
+    x = torch.randn(10, 4, requires_grad=True)  # 20 ms forward, 40 ms backward
+    start = time.perf_counter()
+    y = block(x)
+    forward = time.perf_counter() - start
+    start = time.perf_counter()
+    y.sum().backward()
+    backward = time.perf_counter() - start
+    assert forward == pytest.approx(0.020, abs=0.008) and backward == pytest.approx(0.040, abs=0.008)
+    torch.testing.assert_close(x.grad, block.weight.expand(10, 4))  # y = x * weight
+    assert torch.equal(block.weight.grad, x.detach().sum(0))
+
+
+@pytest.mark.parametrize(
+    ("row", "seconds"),
+    [
+        ({"impl": "single", "k": 1, "m": 1, "checkpoint": "never"}, 3.0),
+        ({"impl": "gpipe", "k": 4, "m": 8, "checkpoint": "never"}, 11 * 3.0 / 32),  # M+K-1 slots of F+B
+        ({"impl": "gpipe", "k": 4, "m": 8, "checkpoint": "always"}, 11 * 4.0 / 32),  # ... and a recompute
+        ({"impl": "torch_1f1b", "k": 2, "m": 4, "checkpoint": "never"}, 5 * 3.0 / 8),
+        ({"impl": "ddp", "k": 2, "m": 1, "checkpoint": "never"}, 1.5),
+    ],
+)
+def test_emulated_limits(row, seconds):
+    assert limit_step_s(row, forward_s=1.0) == pytest.approx(seconds)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("emulated")
+    cmd = [sys.executable, str(ROOT / "experiments" / "benchmark.py"), "--emulate", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=fresh_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "benchmark.json").read_text())
+
+
+def test_emulated_quick_run(emulated):
+    """K in {2, 4}, M in {4, 8}: every row has its exact limit, and the summary holds the ratios to it."""
+    rows = _rows(emulated)
+    assert {(k, m) for impl, k, m, _ in rows if impl == "gpipe"} == {(2, 4), (2, 8), (4, 4), (4, 8)}
+    forward_s = emulated["config"]["emulate_ms"] / 1e3
+    for row in rows.values():
+        assert row["limit_samples_per_s"] == pytest.approx(emulated["config"]["batch"] / limit_step_s(row, forward_s))
+        assert 0 < row["samples_per_s"] <= row["limit_samples_per_s"] * 1.02  # nothing beats the exact limit
+    vs_limit = {(e["impl"], e["k"], e["m"], e["checkpoint"]): e["ratio"] for e in emulated["summary"]["vs_limit"]}
+    assert vs_limit == pytest.approx({key: r["samples_per_s"] / r["limit_samples_per_s"] for key, r in rows.items()})
+    assert set(emulated["summary"]["goals"]) == {"emulated_limit", "emulated_vs_torch_gpipe"}
