@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.model_summary import summarize
 from torch import Tensor, nn
 
 from lightning_gpipe.logs import patched
-from lightning_gpipe.partition import absent_parameters_refused
+from lightning_gpipe.partition import AbsentLayer, absent_parameters_refused
 
 __all__ = ["StageError", "grad_norm", "parameters_refused", "stage_parameters", "frozen_summaries", "seed_workers_alike"]
 
@@ -43,9 +43,9 @@ def parameters_refused(module: LightningModule, seq: nn.Module, where: str) -> I
         raise StageError(
             f"GPipeStrategy: {where} read the whole model's parameters (self.parameters(), self.named_parameters(),"
             " or the pipelined Sequential's). Under the pipeline each process holds one stage, so a sum over them"
-            " (a penalty in the loss, a norm in a log) would cover that stage alone. For an L2 penalty use the optimizer's weight_decay; for gradient norms use"
-            " `lightning_gpipe.grad_norm(self, norm_type)`, which covers every stage; for the device or dtype use"
-            " self.device and self.dtype."
+            " (a penalty in the loss, a norm in a log) would cover that stage alone. For an L2 penalty use the"
+            " optimizer's weight_decay; for gradient norms use `lightning_gpipe.grad_norm(self, norm_type)`, which"
+            " covers every stage; for the device or dtype use self.device and self.dtype."
         )
 
     with ExitStack() as stack:
@@ -65,8 +65,8 @@ def grad_norm(module: nn.Module, norm_type: Union[float, int, str], group_separa
     """Lightning's :func:`~lightning.pytorch.utilities.grad_norm` over the whole model, on every stage.
 
     The same keys and values as Lightning's function on the unpartitioned module: each parameter's gradient
-    norm and their total. Under a pipeline every rank must call it (it gathers each stage's norms), as they all
-    do in ``on_before_optimizer_step``; elsewhere it is Lightning's function.
+    norm and their total. Under a pipeline, pass the LightningModule, and every rank must call it (it gathers each
+    stage's norms), as they all do in ``on_before_optimizer_step``; elsewhere it is Lightning's function.
     """
     norm_type = float(norm_type)
     if norm_type <= 0:
@@ -78,6 +78,11 @@ def grad_norm(module: nn.Module, norm_type: Union[float, int, str], group_separa
         if p.grad is not None
     }
     norms = local
+    if not _pipelined(module) and any(isinstance(m, AbsentLayer) for m in module.modules()):
+        raise StageError(
+            f"GPipeStrategy: grad_norm of a {type(module).__name__} that other stages hold part of would cover this"
+            " stage alone; pass the LightningModule itself: grad_norm(self, norm_type)"
+        )
     if _pipelined(module):
         parts: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, {key: value.cpu() for key, value in local.items()})

@@ -27,7 +27,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
@@ -43,7 +43,6 @@ from typing_extensions import override
 from lightning_gpipe.assemble import fill_from_first, gather_layers
 from lightning_gpipe.batchnorm import defer, undefer
 from lightning_gpipe.comm import ObjectBroadcast, StageLink
-from lightning_gpipe.step import Failure, StageStep
 from lightning_gpipe.contract import frozen_summaries, parameters_refused, seed_workers_alike, stage_parameters
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import patched
@@ -77,10 +76,16 @@ from lightning_gpipe.state import (
     optimizer_state_by_name,
     optimizer_state_for,
 )
+from lightning_gpipe.step import Failure, StageStep
 
 __all__ = ["GPipeStrategy"]
 
-_AVERAGING_CALLBACKS = (StochasticWeightAveraging, WeightAveraging)
+try:  # Lightning 2.6's EMA and weight-averaging callbacks
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    _AVERAGING_CALLBACKS: tuple[type, ...] = (StochasticWeightAveraging, WeightAveraging)
+except ImportError:
+    _AVERAGING_CALLBACKS = (StochasticWeightAveraging,)
 
 log = logging.getLogger(__name__)
 

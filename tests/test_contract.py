@@ -20,7 +20,8 @@ from conftest import (
 from lightning.pytorch.utilities import grad_norm as lightning_grad_norm
 from lightning.pytorch.utilities.model_summary import summarize
 
-from lightning_gpipe import grad_norm
+from lightning_gpipe import StageError, grad_norm
+from lightning_gpipe.partition import keep_stage
 
 AUGMENTED = {"augment": True, "num_workers": 1}
 
@@ -147,6 +148,14 @@ def test_grad_norm_is_lightnings_off_the_pipeline():
     assert list(got) == list(expected)
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+def test_grad_norm_of_a_cut_part_is_refused():
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    keep_stage(seq, [1, 1], 1)
+    with pytest.raises(StageError, match=r"^GPipeStrategy: grad_norm of a Sequential that other stages hold part of"
+                       r" would cover this stage alone; pass the LightningModule itself: grad_norm\(self, norm_type\)$"):
+        grad_norm(seq, 2)
 
 
 def test_model_summary_shows_the_whole_model(k2):
