@@ -43,9 +43,9 @@ def fill_from_first(seq: nn.Sequential, stage: int, k: int, gather: Callable[[An
     if wanted[0]:
         raise RuntimeError(
             f"GPipeStrategy: the module was left partitioned by an earlier run, and global rank 0 lacks layers"
-            f" {wanted[0]} of its Sequential, so it cannot be cut again. Runs gather the whole model on global"
-            " rank 0 when they end unless GPipeStrategy(gather_model=False): keep the default to use the module"
-            " in another run."
+            f" {wanted[0]} of its Sequential, so it cannot be cut again. A run gathers the whole model on global"
+            " rank 0 when it ends, unless it failed or ran with GPipeStrategy(gather_model=False): keep the default"
+            " to use the module in another run, or build it afresh."
         )
     if stage == 0:
         layers = list(seq._modules.values())

@@ -197,9 +197,9 @@ def test_without_gathering_the_module_cannot_run_again(k2):
     assert ranks[0]["after_fit"].startswith("AbsentLayerError: GPipeStrategy: the code called layer 5 (Tanh)")
     assert [rank["error"] for rank in ranks] == [
         "RuntimeError: GPipeStrategy: the module was left partitioned by an earlier run, and global rank 0 lacks"
-        " layers [5, 6, 7, 8] of its Sequential, so it cannot be cut again. Runs gather the whole model on global"
-        " rank 0 when they end unless GPipeStrategy(gather_model=False): keep the default to use the module in"
-        " another run."
+        " layers [5, 6, 7, 8] of its Sequential, so it cannot be cut again. A run gathers the whole model on global"
+        " rank 0 when it ends, unless it failed or ran with GPipeStrategy(gather_model=False): keep the default to"
+        " use the module in another run, or build it afresh."
     ] * 2
 
 

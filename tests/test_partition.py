@@ -6,12 +6,14 @@ from torch import nn
 
 from lightning_gpipe.partition import (
     AbsentLayerError,
+    absent_parameters_refused,
     BalanceError,
     check_unshared,
     find_sequential,
     keep_stage,
     live_layers,
     resolve_balance,
+    stage_view,
 )
 
 
@@ -84,6 +86,20 @@ def test_absent_layers_say_where_they_are():
         seq[0].weight
     assert not hasattr(seq[0], "weight")  # an AttributeError: getattr with a default and hasattr still work
     assert list(seq[0].parameters()) == [] and "Linear on stage 0" in repr(seq)
+
+
+def test_absent_layers_refuse_their_parameters_and_state_when_asked_to():
+    seq = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    keep_stage(seq, [1, 1], 1)
+    assert list(seq[0].parameters()) == []  # while a run is under way: nothing here, as per-parameter code expects
+    with absent_parameters_refused("the step"), pytest.raises(AbsentLayerError, match="the step read the parameters of"):
+        list(seq[0].parameters())
+    assert list(seq.state_dict()) == ["1.weight", "1.bias"]
+    seq[0].after_run = True  # a run ended and this process kept its stage
+    with pytest.raises(AbsentLayerError, match="the code asked for the state of layer 0"):
+        seq.state_dict()
+    with stage_view():
+        assert list(seq.state_dict()) == ["1.weight", "1.bias"]
 
 
 def test_weights_shared_across_stages_are_refused():
