@@ -416,8 +416,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 def write_report(rows: list[dict], cfg: dict[str, Any], wall_s: float, out: Path) -> list[Path]:
     """Write benchmark.json, benchmark.md and the plots into ``out``; returns their paths."""
-    for r in rows:
-        r["bubble_theory"] = (r["k"] - 1) / (r["m"] + r["k"] - 1)
+    for r in rows:  # data parallelism has no pipeline and no bubble
+        r["bubble_theory"] = 0.0 if r["impl"] == "ddp" else (r["k"] - 1) / (r["m"] + r["k"] - 1)
     summary = summarize(rows, cfg["depth"])
     report = {"config": cfg, "machine": machine(), "wall_s": wall_s, "rows": rows, "summary": summary}
     (out / "benchmark.json").write_text(json.dumps(report, indent=1))
