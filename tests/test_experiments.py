@@ -40,6 +40,7 @@ def _compose(overrides: list[str]):
         SMALL["convnet"],
         ["experiment=transformer_text"],
         ["experiment=convnet_digits"],
+        ["experiment=resnet_digits"],
         ["experiment=mlp_digits"],
         ["strategy=ddp", "k=2"],
         ["strategy=single"],
