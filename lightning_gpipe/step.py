@@ -226,7 +226,7 @@ def _hyperparameters(module: LightningModule) -> list[list[dict[str, Any]]]:
     """Every optimizer's parameter-group settings (learning rate, momentum, ...), which a step may change."""
     return [
         [
-            apply_to_collection({k: v for k, v in group.items() if k not in ("params", "param_names")}, Tensor, _cpu)
+            {k: _cpu(v) if isinstance(v, Tensor) else v for k, v in group.items() if k not in ("params", "param_names")}
             for group in o.param_groups
         ]
         for o in module.trainer.optimizers
