@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.data import _auto_add_worker_init_fn
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.model_summary import summarize
@@ -151,9 +152,6 @@ def _freeze(module: LightningModule, max_depth: int, example_input: bool) -> _Fr
 def seed_workers_alike(dataloader: Any, rank: int) -> Any:
     """Seed ``dataloader``'s workers as Lightning does after ``seed_everything(workers=True)``, but with ``rank``
     (the data-parallel rank) in place of the global rank, so every stage draws the same augmentations."""
-    if getattr(dataloader, "worker_init_fn", 0) is None:
-        from lightning.fabric.utilities.data import _auto_add_worker_init_fn
-
-        _auto_add_worker_init_fn(dataloader, rank)
+    _auto_add_worker_init_fn(dataloader, rank)  # only where seeding is asked for and no worker_init_fn is set
     return dataloader
 
