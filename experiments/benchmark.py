@@ -5,7 +5,7 @@ all threads), ``single_raw`` (a plain PyTorch loop, the same threads), ``gpipe``
 (this project's executor without Lightning), ``torch_gpipe`` / ``torch_1f1b`` (torch.distributed.pipelining), and
 ``ddp`` (Lightning's DDP on the same K processes and global batch: data parallelism, for comparison).
 Each K starts its K processes once and runs all of its rows in them. Written to DIR: ``benchmark.json``,
-``benchmark.md``, three PNG plots, each rank's log under ``logs/`` and a Chrome trace per gpipe row under
+``benchmark.md``, four PNG plots, each rank's log under ``logs/`` and a Chrome trace per gpipe row under
 ``traces/``. ``--quick`` is the small CI preset.
 
 ``--emulate`` runs on an emulated device: every block's compute is a timed wait that holds no CPU (forward
