@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any, Optional, Union
 
@@ -274,21 +274,20 @@ def check_stages_optimized(balance: Sequence[int], seq_name: str, layers: list[n
             )
 
 
-@contextmanager
-def stage_view() -> Iterator[None]:
+def stage_view() -> AbstractContextManager[None]:
     """Let the strategy read the state of this process's stage after a run, where user code gets an error."""
-    token = _STAGE_VIEW.set(True)
-    try:
-        yield
-    finally:
-        _STAGE_VIEW.reset(token)
+    return _set(_STAGE_VIEW, True)
+
+
+def absent_parameters_refused(where: str) -> AbstractContextManager[None]:
+    """Inside the block, reading the parameters of an absent layer raises, naming ``where``."""
+    return _set(_REFUSING, where)
 
 
 @contextmanager
-def absent_parameters_refused(where: str) -> Iterator[None]:
-    """Inside the block, reading the parameters of an absent layer raises, naming ``where``."""
-    token = _REFUSING.set(where)
+def _set(var: ContextVar[Any], value: Any) -> Iterator[None]:
+    token = var.set(value)
     try:
         yield
     finally:
-        _REFUSING.reset(token)
+        var.reset(token)

@@ -152,8 +152,9 @@ class StageStep:
         # The last stage logs for real; the others drop their own calls and replay its records (step 4).
         logging = record_logs(module) if executor.is_last else muted_logs(module)
         where = f"{type(module).__name__}.{hook}"
-        seq = module.get_submodule(self.sequential)
-        refusal = parameters_refused(module, seq, where) if executor.k > 1 else nullcontext()
+        refusal = (
+            parameters_refused(module, module.get_submodule(self.sequential), where) if executor.k > 1 else nullcontext()
+        )
         self._running = (where, call)
         with patched(module, "forward", call), logging as records, refusal:
             try:
