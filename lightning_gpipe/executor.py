@@ -142,6 +142,26 @@ class StageExecutor:
         for action in self._actions(len(self._slots), Phase.BACKWARD):
             self.link.expect_gradients(action.i, self._slots[action.i].sent)  # type: ignore[union-attr]
 
+    def parameters(self) -> list[Tensor]:
+        """This stage's parameters, each once."""
+        return list({id(p): p for layer in self.layers for p in layer.parameters()}.values())
+
+    def drain(self) -> None:
+        """Instead of a backward: send zeros as every micro-batch's input gradients, in the backward's order.
+
+        The last stage calls it when its step failed after the stages before it started their backward, so that
+        they finish it and then learn of the failure; every message they posted is matched.
+        """
+        for action in self._actions(len(self._slots), Phase.BACKWARD):
+            slot = self._slots[action.i]
+            assert slot is not None, f"micro-batch {action.i} has no forward on stage {self.stage}"
+            if not self.is_first:
+                zeros = [torch.zeros_like(x) for x in as_tuple(slot.inputs) if carries_grad(x)]
+                self.link.send_gradients(action.i, zeros)  # type: ignore[union-attr]
+            self.meter.release(slot.held)
+            self._slots[action.i] = None
+        self._flush()
+
     def _backward(self) -> None:
         n = len(self._slots)
         actions = self._actions(n, Phase.BACKWARD)

@@ -7,21 +7,28 @@ routed through the pipeline. One training step on stage j of K, in the order thi
     1. the user's step code up to self(x)           1. the same (every stage runs it, on the same batch)
     2. self(x): forward of micro-batches 0..M-1,    2. self(x): receive and forward 0..M-1; self(x)
        each output sent on as it is ready              returns the merged outputs
-    3. the step ends there (_StageFinished)         3. the user's code after self(x): loss, logs
-    4. receive the last stage's results (or its     4. share its results, without waiting: logs, the
-       error, raised here too), post every             step's output, trainer.should_stop, the
-       gradient receive of step 6, replay its logs     rank-wide random state (or its error)
-       and return its output
-    5. Lightning: zero_grad, strategy.backward      5. Lightning: zero_grad, strategy.backward: the loss
-                                                       fills the gradients of the merged outputs
-    6. backward of M-1..0, each as its gradient     6. backward of M-1..0, each micro-batch's input
-       arrives, input gradients sent back              gradients sent back at once
+    3. the step ends there (_StageFinished); post   3. the user's code after self(x): loss, logs
+       every gradient receive at once
+    4. backward of M-1..0, each as its gradient     4. share its results, without waiting: logs, the
+       arrives, input gradients sent back; the         step's output, trainer.should_stop, the
+       fresh gradients are held aside                  rank-wide random state (or its error, after
+                                                       sending zero gradients so step 4 ends)
+    5. receive the last stage's results (or its     5. Lightning: zero_grad, strategy.backward: the loss
+       error, raised here too), replay its logs        fills the gradients of the merged outputs, then
+       and return its output                           the backward of M-1..0, each micro-batch's input
+                                                       gradients sent back at once
+    6. Lightning: zero_grad, strategy.backward:
+       the held gradients become .grad
     7. the optimizer step; clipping by norm takes one all-reduce of the stages' squared norms
 
-Evaluation steps run 1 to 4, without gradients. Besides the point-to-point transfers, a step's collectives
-are the exchange of step 4 and clipping's all-reduce; an observed step (``observe_every_n_steps``) adds a
-barrier before it and a gather after it, and Lightning adds its own (``self.log(..., sync_dist=True)``,
-``EarlyStopping``'s decision).
+So no stage's backward waits for the last stage's results: they travel while the gradients do. Step 4 runs
+inside the step only where that is exact (see :class:`BackwardPlan`); otherwise a non-last stage receives
+the results first and runs its backward in step 6, as the last stage does.
+
+Evaluation steps run 1 to 3 and 5, without gradients. Besides the point-to-point transfers, a step's
+collectives are the exchange of steps 4/5 and clipping's all-reduce; an observed step
+(``observe_every_n_steps``) adds a barrier before it and a gather after it, and Lightning adds its own
+(``self.log(..., sync_dist=True)``, ``EarlyStopping``'s decision).
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ from __future__ import annotations
 import pickle
 from contextlib import nullcontext
 from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
@@ -45,7 +54,7 @@ from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
 from lightning_gpipe.partition import check_forward
 from lightning_gpipe.rng import rank_random_state, set_rank_random_state
 
-__all__ = ["StageStep", "Failure"]
+__all__ = ["StageStep", "Failure", "BackwardPlan", "HeldGradients"]
 
 
 @dataclass
@@ -67,6 +76,71 @@ class Failure:
     @property
     def error(self) -> Exception:
         return self.exception if self.exception is not None else RuntimeError(f"{self.kind}: {self.message}")
+
+
+class BackwardPlan(Enum):
+    """Where a non-last stage runs its backward in a training step, decided alike on every rank.
+
+    In the step (step 4 of the diagram) unless user code runs between the step and the backward: Lightning's
+    on_before_zero_grad, optimizer_zero_grad and on_before_backward hooks, of the module or of a callback. They
+    may read gradients, which must then be what they are on one device, or start a collective, which every stage
+    must join; so with any of them the backward waits for the results (LATE), as before.
+    """
+
+    #: Lightning zeroes the gradients after the step: the step's fresh gradients are held aside from it, and
+    #: the old ones are released before the backward (nobody reads them again).
+    FRESH = "fresh"
+    #: Accumulating, no zero_grad follows: the backward adds into ``.grad`` as Lightning's would, in the same order.
+    ACCUMULATE = "accumulate"
+    #: User code runs between the step and its backward: the backward waits for the last stage's results.
+    LATE = "late"
+
+    @classmethod
+    def of(cls, trainer: Trainer, module: LightningModule, batch_idx: int) -> BackwardPlan:
+        if any(is_overridden(hook, module, LightningModule) for hook in (*_CALLBACK_HOOKS, "optimizer_zero_grad")) or any(
+            is_overridden(hook, callback, Callback) for callback in trainer.callbacks for hook in _CALLBACK_HOOKS
+        ):
+            return cls.LATE
+        return cls.FRESH if batch_idx % trainer.accumulate_grad_batches == 0 else cls.ACCUMULATE
+
+
+#: The hooks of callbacks and modules that Lightning calls between ``training_step`` and the backward; modules
+#: also have ``optimizer_zero_grad``.
+_CALLBACK_HOOKS = ("on_before_zero_grad", "on_before_backward")
+
+
+class HeldGradients:
+    """A non-last stage's gradients from a backward run inside the step, held from Lightning's zero_grad."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[Tensor, Tensor]] = []
+
+    def compute(self, backward: Callable[[], None], params: list[Tensor], plan: BackwardPlan) -> None:
+        """Run ``backward`` into ``params``' gradients as ``plan`` says."""
+        if plan is BackwardPlan.ACCUMULATE:
+            backward()
+            return
+        assert plan is BackwardPlan.FRESH
+        for p in params:
+            p.grad = None  # zero_grad would free them before the backward: free them now
+        try:
+            backward()
+        finally:
+            self._held = [(p, p.grad) for p in params if p.grad is not None]
+            for p in params:
+                p.grad = None
+
+    def discard(self) -> None:
+        self._held = []
+
+    def release(self) -> None:
+        """Hand the held gradients to the parameters (after zero_grad, which may have left zeros)."""
+        for p, g in self._held:
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        self._held = []
 
 
 class _StageFinished(BaseException):
@@ -129,6 +203,8 @@ class StageStep:
         self.call: Optional[PipelineCall] = None  # the latest step's, for what it measured
         self._running: Optional[tuple[str, PipelineCall]] = None  # the hook under way and its self(x)
         self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
+        self.plan: Optional[BackwardPlan] = None  # the latest training step's
+        self.held = HeldGradients()  # a non-last stage's gradients from a backward run in the step
 
     def check_collective(self, name: str) -> None:
         """Raise if the step's code after ``self(x)``, which runs on the last stage alone, starts a collective:
@@ -140,10 +216,19 @@ class StageStep:
                 " stage runs (such as on_validation_epoch_end)."
             )
 
-    def run(self, module: LightningModule, hook: str, train: bool, args: tuple, kwargs: dict) -> Any:
+    @property
+    def backward_ran(self) -> bool:
+        """Whether this stage's backward already ran inside the latest training step (step 4)."""
+        return not self.executor.is_last and self.plan in (BackwardPlan.FRESH, BackwardPlan.ACCUMULATE)
+
+    def run(
+        self, module: LightningModule, hook: str, train: bool, args: tuple, kwargs: dict,
+        plan: Optional[BackwardPlan] = None,
+    ) -> Any:  # fmt: skip
         """Run ``module.<hook>(*args, **kwargs)`` with ``self(x)`` routed through the pipeline; on every stage,
-        return what the last stage's step returned."""
+        return what the last stage's step returned. ``plan`` (training only) places a non-last stage's backward."""
         executor = self.executor
+        self.plan = plan if train and executor.k > 1 else None
         check = None
         if module.training not in self._checked_modes:  # forward may branch on self.training: check both
             self._checked_modes.add(module.training)
@@ -168,7 +253,7 @@ class StageStep:
                 output = None
             except Exception as error:
                 if call.returned and executor.k > 1:  # the other stages wait for this one's results: send the error
-                    self._share(Failure.of(error))
+                    self._fail(Failure.of(error))
                 raise
             finally:
                 self._running = None
@@ -186,6 +271,9 @@ class StageStep:
                 where,
             )
             return output
+        if self.backward_ran:  # step 4: nothing this stage needs from the last stage's results
+            executor.expect_gradients()
+            self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
         return self._take_shared(module)
 
     def _share(self, results: Any, where: str = "") -> None:
@@ -200,15 +288,24 @@ class StageStep:
                     " Return and log tensors and plain Python values."
                 )
             )
-            self.sharing.send(failure)
+            self._fail(failure)
             raise failure.error from error
+
+    def _fail(self, failure: Failure) -> None:
+        """Send the last stage's error to the others, first ending the backward they may be in (step 4)."""
+        assert self.sharing is not None
+        if self.plan in (BackwardPlan.FRESH, BackwardPlan.ACCUMULATE):
+            self.executor.drain()
+        self.sharing.send(failure)
 
     def _take_shared(self, module: LightningModule) -> Any:
         assert self.sharing is not None
-        shared = self.sharing.receive(src=self.executor.k - 1)
+        with self.executor.timeline.span("results"):
+            shared = self.sharing.receive(src=self.executor.k - 1)
         if isinstance(shared, Failure):
+            self.held.discard()
             raise shared.error
-        if self.call is not None and self.call.train:  # the backward follows: let the last stage send at once
+        if self.plan is BackwardPlan.LATE:  # the backward follows: let the last stage send at once
             self.executor.expect_gradients()
         set_rank_random_state(shared["random"], self.device)
         module.trainer.should_stop = shared["should_stop"]

@@ -76,7 +76,7 @@ from lightning_gpipe.state import (
     optimizer_state_by_name,
     optimizer_state_for,
 )
-from lightning_gpipe.step import Failure, StageStep
+from lightning_gpipe.step import BackwardPlan, Failure, StageStep
 
 __all__ = ["GPipeStrategy"]
 
@@ -202,6 +202,7 @@ class GPipeStrategy(ParallelStrategy):
         self._balance_report: Optional[BalanceReport] = None
         self._flow: Optional[StageStep] = None  # the step flow of this rank's stage
         self._stage_random: Optional[StageRandom] = None
+        self._plan = BackwardPlan.LATE  # where the non-last stages run this training step's backward
 
     # -- options ------------------------------------------------------------------------------
 
@@ -462,6 +463,12 @@ class GPipeStrategy(ParallelStrategy):
     # -- steps --------------------------------------------------------------------------------
 
     @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        module = self.lightning_module
+        assert module is not None
+        self._plan = BackwardPlan.of(module.trainer, module, batch_idx)
+
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._maybe_observe()
         with self.precision_plugin.train_step_context():
@@ -484,7 +491,7 @@ class GPipeStrategy(ParallelStrategy):
 
     def _step(self, hook: str, train: bool, args: tuple, kwargs: dict) -> Any:
         assert self.lightning_module is not None and self._flow is not None
-        return self._flow.run(self.lightning_module, hook, train, args, kwargs)
+        return self._flow.run(self.lightning_module, hook, train, args, kwargs, self._plan if train else None)
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
@@ -509,12 +516,15 @@ class GPipeStrategy(ParallelStrategy):
         assert module is not None and executor is not None
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        if executor.is_last:
-            # The loss (already divided by accumulate_grad_batches) fills the gradients of the stage outputs ...
-            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-        # ... which drive each micro-batch's backward, in reverse, through every stage.
-        executor.backward()
         assert self._flow is not None
+        if self._flow.backward_ran:  # in the step, before the last stage's results came (step.py's step 4)
+            self._flow.held.release()
+        else:
+            if executor.is_last:
+                # The loss (already divided by accumulate_grad_batches) fills the gradients of the stage outputs ...
+                self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+            # ... which drive each micro-batch's backward, in reverse, through every stage.
+            executor.backward()
         self._flow.wait()
         if self._observing:
             self._report()

@@ -121,6 +121,26 @@ class PipelineGradNorm(Classifier):
         self.log_dict(grad_norm(self, norm_type=2))
 
 
+def _total_grad_norm(module: L.LightningModule) -> float:
+    from lightning_gpipe import grad_norm
+
+    return float(grad_norm(module, norm_type=2).get("grad_2.0_norm_total", -1.0))  # -1: no gradients yet
+
+
+class NormBeforeZeroGrad(Classifier):
+    """Reads the gradients that zero_grad is about to clear: the previous optimizer step's."""
+
+    def on_before_zero_grad(self, optimizer):
+        self.log("norm_before_zero_grad", _total_grad_norm(self))
+
+
+class NormBeforeBackward(Classifier):
+    """Reads the gradients before each backward: with accumulation, the window's so far."""
+
+    def on_before_backward(self, loss):
+        self.log("norm_before_backward", _total_grad_norm(self))
+
+
 class SoftmaxInEval(Classifier):
     """A forward that does more than the Sequential, in evaluation only."""
 

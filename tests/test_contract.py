@@ -59,6 +59,8 @@ K2 = [
     _refused("unpicklable_output", "UnpicklableOutput"),
     _refused("averaging", "Classifier", averaging=True),
     _named("refit", "FrozenFirstLayer", refit=True, save=True),
+    _named("norm_before_zero_grad", "NormBeforeZeroGrad"),
+    _named("norm_before_backward", "NormBeforeBackward"),
 ]
 
 
@@ -69,6 +71,8 @@ K3 = [
     scenario("stops", 3, 3, model_class="StopsOnSecondBatch"),
     scenario("dict_outputs", 3, 3, model_class="DictOutputs"),
     scenario("after_fit", 3, 3, use_after_fit=True, fresh_strategy={"microbatches": 2, "balance": [2, 3, 4]}),
+    scenario("norm_before_zero_grad", 3, 3, model_class="NormBeforeZeroGrad"),
+    scenario("norm_before_backward", 3, 3, model_class="NormBeforeBackward"),
 ]
 
 
@@ -138,6 +142,19 @@ def test_grad_norm_covers_every_stage(k2):
     assert "grad_2.0_norm/body.0.weight" in reference["logged"][0][1]
     assert "grad_2.0_norm_total" in reference["logged"][0][1]
     _same_as_reference(k2["pipeline_grad_norm"], reference)
+
+
+@pytest.mark.parametrize(
+    ("name", "model_class", "key"),
+    [("norm_before_zero_grad", "NormBeforeZeroGrad", "norm_before_zero_grad"),
+     ("norm_before_backward", "NormBeforeBackward", "norm_before_backward")],
+)  # fmt: skip
+def test_gradients_read_before_the_backward_are_single_devices(name, model_class, key, runs):
+    """Where a hook reads gradients between the step and its backward, every stage's backward waits for it."""
+    reference = reference_run(model_class=model_class)
+    values = [metrics[key] for _, metrics in reference["logged"] if key in metrics]
+    assert len(values) >= 4 and max(values) > 0  # the hooks saw real gradients
+    _same_as_reference(runs[name], reference)
 
 
 def test_grad_norm_is_lightnings_off_the_pipeline():

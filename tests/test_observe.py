@@ -87,6 +87,29 @@ def test_observed_run_records_f_then_b_per_stage(observed):
         assert len(recomputes) == 8  # checkpoint="always": every micro-batch on both stages
 
 
+@pytest.fixture(scope="module")
+def observed3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("observe3")
+    scenario = {"name": "observed", "k": 3, "strategy": {"microbatches": 4, "observe_every_n_steps": 1},
+                "tensorboard": True, "trainer": {"max_steps": 3}}  # fmt: skip
+    run_scenarios(3, [scenario], folder)
+    return folder / "observed"
+
+
+def test_backward_starts_before_the_last_stages_results_arrive(observed3):
+    trace = json.loads((observed3 / "pipeline_trace.json").read_text())["traceEvents"]
+    spans = [e for e in trace if e["ph"] == "X"]
+    for step in (1, 2):
+        for stage in (0, 1):
+            mine = [e for e in spans if e["tid"] == stage and e["args"]["step"] == step]
+            first_backward = min(e["ts"] for e in mine if e["cat"] == "backward")
+            (results,) = [e for e in mine if e["cat"] == "results"]
+            assert first_backward < results["ts"], (step, stage)
+            last_backward = max(e["ts"] + e["dur"] for e in mine if e["cat"] == "backward")
+            assert last_backward <= results["ts"]  # the whole backward ran before the results were taken
+        assert not [e for e in spans if e["tid"] == 2 and e["cat"] == "results"]  # the last stage sends them
+
+
 def test_observed_run_reaches_tensorboard(observed):
     events = EventAccumulator(str(observed), size_guidance={"images": 0})
     events.Reload()
