@@ -12,7 +12,8 @@ ones too) and their attributes.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 from torch import nn
@@ -23,9 +24,10 @@ from lightning_gpipe.state import gather_to_first
 __all__ = ["gather_layers", "fill_from_first"]
 
 
-def gather_layers(seq: nn.Sequential, stage: int, k: int) -> None:
-    """Put every stage's layers into ``seq`` on global rank 0 (the pipeline's ranks are 0..k-1, stage = rank)."""
-    parts = gather_to_first(live_layers(seq), stage, k)
+def gather_layers(seq: nn.Sequential, stage: int, k: int, ranks: Optional[Sequence[int]] = None) -> None:
+    """Put every stage's layers into ``seq`` on the first stage; ``ranks`` are the stages' global ranks (0..k-1 by
+    default)."""
+    parts = gather_to_first(live_layers(seq), stage, k, ranks)
     for part in parts[1:]:
         _insert(seq, part)
 

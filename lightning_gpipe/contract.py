@@ -84,9 +84,10 @@ def grad_norm(module: nn.Module, norm_type: Union[float, int, str], group_separa
             f"GPipeStrategy: grad_norm of a {type(module).__name__} that other stages hold part of would cover this"
             " stage alone; pass the LightningModule itself: grad_norm(self, norm_type)"
         )
-    if _pipelined(module):
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, {key: value.cpu() for key, value in local.items()})
+    if _pipelined(module):  # one replica's stages: the replicas hold the same averaged gradients
+        topology = module.trainer.strategy.topology  # type: ignore[union-attr]
+        parts: list[Any] = [None] * topology.k
+        dist.all_gather_object(parts, {key: value.cpu() for key, value in local.items()}, group=topology.pipeline_group)
         device = next(iter(local.values())).device if local else torch.device("cpu")
         norms = {key: value.to(device) for part in parts for key, value in part.items()}
     if norms:
@@ -98,7 +99,7 @@ def _pipelined(module: nn.Module) -> bool:
     from lightning_gpipe.strategy import GPipeStrategy
 
     trainer = getattr(module, "_trainer", None)
-    return trainer is not None and isinstance(trainer.strategy, GPipeStrategy) and trainer.world_size > 1
+    return trainer is not None and isinstance(trainer.strategy, GPipeStrategy) and trainer.strategy.topology.k > 1
 
 
 @dataclass

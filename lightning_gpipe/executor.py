@@ -146,6 +146,10 @@ class StageExecutor:
         """This stage's parameters, each once."""
         return list({id(p): p for layer in self.layers for p in layer.parameters()}.values())
 
+    def gradients(self) -> list[Tensor]:
+        """The gradients this stage's parameters hold."""
+        return [p.grad for p in self.parameters() if p.grad is not None]
+
     def drain(self) -> None:
         """Instead of a backward: send zeros as every micro-batch's input gradients, in the backward's order.
 

@@ -46,6 +46,9 @@ def summarize(reports: Sequence[StageReport], m: int, samples: int) -> dict[str,
         scalars[f"pipeline/bubble_measured_stage{j}"] = per_stage[j]
         scalars[f"pipeline/compute_s_stage{j}"] = sum(e.duration for e in r.events if e.kind in COMPUTE)
         scalars[f"pipeline/comm_wait_s_stage{j}"] = sum(e.duration for e in r.events if e.kind not in COMPUTE)
+        averaged = [e.duration for e in r.events if e.kind == "allreduce"]
+        if averaged:  # data-parallel replicas: the wait for this stage's gradient average
+            scalars[f"pipeline/allreduce_s_stage{j}"] = sum(averaged)
         scalars[f"memory/activation_bytes_peak_stage{j}"] = r.activation_bytes_peak
         scalars[f"memory/param_bytes_stage{j}"] = r.param_bytes
         scalars[f"memory/optimizer_bytes_stage{j}"] = r.optimizer_bytes

@@ -30,20 +30,22 @@ __all__ = [
 Layout = list[list[str]]
 
 
-def gather_to_first(local: Any, stage: int, k: int) -> list[Any]:
-    """Every stage's ``local`` object on global rank 0 (``[]`` elsewhere), one stage at a time.
+def gather_to_first(local: Any, stage: int, k: int, ranks: Optional[Sequence[int]] = None) -> list[Any]:
+    """Every stage's ``local`` object on the first stage (``[]`` elsewhere), one stage at a time.
 
-    Rank 0 never holds more than its own object plus the ones already received; the other ranks
-    only ever hold their own. Tensors travel on the CPU.
+    ``ranks`` are the global ranks of the stages, ``0 .. k-1`` by default (one replica). The first stage never
+    holds more than its own object plus the ones already received; the others only ever hold their own. Tensors
+    travel on the CPU.
     """
     local = apply_to_collection(local, Tensor, lambda t: t.detach().cpu())
     if k == 1:
         return [local]
+    ranks = list(range(k)) if ranks is None else list(ranks)
     if stage != 0:
-        dist.send_object_list([local], dst=0)
+        dist.send_object_list([local], dst=ranks[0])
         return []
     gathered = [local]
-    for src in range(1, k):
+    for src in ranks[1:]:
         box: list[Any] = [None]
         dist.recv_object_list(box, src=src)
         gathered.append(box[0])

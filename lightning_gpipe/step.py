@@ -52,6 +52,7 @@ from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
 from lightning_gpipe.partition import check_forward
+from lightning_gpipe.replicas import GradientAverager
 from lightning_gpipe.rng import rank_random_state, set_rank_random_state
 
 __all__ = ["StageStep", "Failure", "BackwardPlan", "HeldGradients"]
@@ -130,6 +131,9 @@ class HeldGradients:
             for p in params:
                 p.grad = None
 
+    def gradients(self) -> list[Tensor]:
+        return [g for _, g in self._held]
+
     def discard(self) -> None:
         self._held = []
 
@@ -194,12 +198,14 @@ class StageStep:
 
     def __init__(
         self, executor: StageExecutor, microbatches: int, sequential: str, device: torch.device,
-        sharing: Optional[ObjectBroadcast],
+        sharing: Optional[ObjectBroadcast], source: Optional[int] = None,
     ) -> None:  # fmt: skip
         if executor.k > 1 and sharing is None:
             raise ValueError(f"a pipeline of {executor.k} stages needs an ObjectBroadcast for the last stage's results")
         self.executor, self.microbatches, self.sequential, self.device = executor, microbatches, sequential, device
         self.sharing = sharing
+        self.source = executor.k - 1 if source is None else source  # the last stage's global rank
+        self.averager: Optional[GradientAverager] = None  # set for a step whose gradients the replicas average
         self.call: Optional[PipelineCall] = None  # the latest step's, for what it measured
         self._running: Optional[tuple[str, PipelineCall]] = None  # the hook under way and its self(x)
         self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
@@ -274,6 +280,9 @@ class StageStep:
         if self.backward_ran:  # step 4: nothing this stage needs from the last stage's results
             executor.expect_gradients()
             self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
+            if self.averager is not None:  # the replicas' average travels while this stage waits for the results
+                held = self.plan is BackwardPlan.FRESH
+                self.averager.start(self.held.gradients() if held else executor.gradients())
         return self._take_shared(module)
 
     def _share(self, results: Any, where: str = "") -> None:
@@ -301,7 +310,7 @@ class StageStep:
     def _take_shared(self, module: LightningModule) -> Any:
         assert self.sharing is not None
         with self.executor.timeline.span("results"):
-            shared = self.sharing.receive(src=self.executor.k - 1)
+            shared = self.sharing.receive(src=self.source)
         if isinstance(shared, Failure):
             self.held.discard()
             raise shared.error

@@ -76,7 +76,9 @@ from lightning_gpipe.state import (
     optimizer_state_by_name,
     optimizer_state_for,
 )
+from lightning_gpipe.replicas import GradientAverager
 from lightning_gpipe.step import BackwardPlan, Failure, StageStep
+from lightning_gpipe.topology import Topology, check_layout, check_replicas
 
 __all__ = ["GPipeStrategy"]
 
@@ -152,6 +154,7 @@ class GPipeStrategy(ParallelStrategy):
         state_dict_type: str = "full",
         deferred_batchnorm: bool = False,
         gather_model: bool = True,
+        data_parallel_size: int = 1,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -176,6 +179,11 @@ class GPipeStrategy(ParallelStrategy):
             raise ValueError(
                 f"GPipeStrategy(state_dict_type={state_dict_type!r}): choose one of {', '.join(STATE_DICT_TYPES)}"
             )
+        check_replicas(data_parallel_size)
+        self._data_parallel_size = data_parallel_size
+        self._topology: Optional[Topology] = None  # built with the process group
+        self._averager: Optional[GradientAverager] = None  # with several replicas
+        self._averaging = False  # whether this training step ends in an optimizer step (replicas then average)
         self._state_dict_type = state_dict_type
         self._gather_model = gather_model
         self._deferred_batchnorm = deferred_batchnorm
@@ -248,15 +256,36 @@ class GPipeStrategy(ParallelStrategy):
         return self.parallel_devices[self.local_rank]
 
     @property
+    def data_parallel_size(self) -> int:
+        return self._data_parallel_size
+
+    @property
+    def topology(self) -> Topology:
+        """This rank's stage and replica, and the process groups of its pipeline and of its stage's replicas."""
+        if self._topology is None:
+            raise RuntimeError("GPipeStrategy.topology exists once the processes are connected (setup_environment)")
+        return self._topology
+
+    @property
+    def device_mesh(self) -> Any:
+        """The ``("data_parallel", "pipeline")`` device mesh: row d is replica d, column j stage j of each."""
+        return self.topology.mesh
+
+    @property
     def is_distributed(self) -> bool:
-        # Read by Lightning to decide on a DistributedSampler (and on ``sync_dist``): every stage
-        # must see the same batches in the same order, so nothing is sharded.
-        return False
+        # Read by Lightning to decide on a DistributedSampler and on ``sync_dist``: the stages of one replica
+        # see the same batches in the same order; replicas get their own shards, as DDP's ranks do.
+        return self._data_parallel_size > 1
 
     @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": 1, "rank": 0}
+        replica = self._topology.replica if self._topology is not None else self.global_rank // self._stages()
+        return {"num_replicas": self._data_parallel_size, "rank": replica}
+
+    def _stages(self) -> int:
+        """K, the stage count of each replica (before the topology exists, from the world size)."""
+        return check_layout(self.num_nodes * self.num_processes, self._data_parallel_size)
 
     @property
     def process_group_backend(self) -> Optional[str]:
@@ -277,6 +306,7 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        self._stages()  # a world that does not split into the replicas fails here, on every rank, before connecting
         super().setup_environment()
         self.set_world_ranks()
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
@@ -287,6 +317,7 @@ class GPipeStrategy(ParallelStrategy):
         _init_dist_connection(
             self.cluster_environment, self._process_group_backend, timeout=self._timeout, device_id=device_id
         )
+        self._topology = Topology.build(self.world_size, self._data_parallel_size, self.global_rank, self.root_device.type)
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -340,9 +371,12 @@ class GPipeStrategy(ParallelStrategy):
                 " and with it neither are several optimizers: use one optimizer with parameter groups."
             )
         if self._layer_sync is not None:
-            raise ValueError("Trainer(sync_batchnorm=True) synchronises across data-parallel replicas; GPipeStrategy has none")
+            raise ValueError(
+                "Trainer(sync_batchnorm=True) is not supported by GPipeStrategy: use"
+                " GPipeStrategy(deferred_batchnorm=True) for statistics of the whole mini-batch"
+            )
         averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _AVERAGING_CALLBACKS)]
-        if averaging and self.world_size > 1:
+        if averaging and self.topology.k > 1:
             raise ValueError(
                 f"GPipeStrategy cannot run {', '.join(averaging)}: it copies the whole module before the pipeline cuts"
                 " it, then pairs the copy's parameters with one stage's by position. Average weights after training,"
@@ -352,7 +386,8 @@ class GPipeStrategy(ParallelStrategy):
     def _partition(self, module: LightningModule, name: str, seq: nn.Sequential, fitting: bool) -> None:
         """Cut the Sequential ``name`` of the whole ``module`` into stages and keep only this rank's layers."""
         self._sequential_name = name
-        k, stage = self.world_size, self.global_rank
+        topology = self.topology
+        k, stage = topology.k, topology.stage
         optimizers: list[Optimizer] = []
         if fitting:  # a throwaway build on the whole module, before it is cut (each fit: requires_grad may change)
             optimizers = _whole_module_optimizers(module)
@@ -381,15 +416,18 @@ class GPipeStrategy(ParallelStrategy):
         kept = keep_stage(seq, self._balance, stage)
         if self._deferred_batchnorm:
             self._deferred_norms = defer(kept)
-        link = StageLink(stage, k, self.root_device) if k > 1 else None
+        link = StageLink(stage, k, self.root_device, topology.pipeline_group) if k > 1 else None
         if self._stage_random is None:  # one stream per stage for the strategy's life: runs continue it
             self._stage_random = StageRandom(stage, self.root_device)
         self._executor = StageExecutor(kept, stage, k, self.root_device, link, self._checkpoint, self._stage_random)
-        sharing = ObjectBroadcast(self.root_device) if k > 1 else None
-        self._flow = StageStep(self._executor, self._microbatches, name, self.root_device, sharing)
+        sharing = ObjectBroadcast(self.root_device, topology.pipeline_group) if k > 1 else None
+        self._flow = StageStep(self._executor, self._microbatches, name, self.root_device, sharing, topology.rank_of(k - 1))
+        if topology.d > 1:
+            self._averager = GradientAverager(topology.replica_group, topology.d, self._executor.timeline)
         log.debug("stage %d of %d runs %s.%s", stage, k, name, stage_layers(self._balance, stage))
+        replicas = f"{topology.d} replicas of " if topology.d > 1 else ""
         rank_zero_info(
-            f"GPipeStrategy: {k} stages of {name!r} with balance {self._balance},"
+            f"GPipeStrategy: {replicas}{k} stages of {name!r} with balance {self._balance},"
             f" microbatches={self._microbatches}, checkpoint={self._checkpoint!r}"
         )
         if self._balance_report is not None and self.is_global_zero:
@@ -399,8 +437,8 @@ class GPipeStrategy(ParallelStrategy):
         self, module: LightningModule, seq: nn.Sequential, fitting: bool, optimizers: list[Optimizer]
     ) -> list[int]:
         """Global rank 0 measures every layer on a sample micro-batch and splits; every rank takes its answer."""
-        resolve_balance("uniform", seq, self.world_size)  # enough layers for K stages, checked on every rank
-        if self.world_size == 1:
+        resolve_balance("uniform", seq, self.topology.k)  # enough layers for K stages, checked on every rank
+        if self.topology.k == 1:
             return [len(seq)]
         # Every rank draws the sample, so whatever drawing it does to the data loader, it does everywhere.
         sample = self._sample_microbatch(module, fitting)
@@ -425,7 +463,7 @@ class GPipeStrategy(ParallelStrategy):
         else:
             held = self._microbatches if self._checkpoint == "never" else 1
             per_layer = costs.memory(optimizer_slots(optimizers), held)
-        return BalanceReport.of(self._balance_request, per_layer, self.world_size, self._microbatches, costs)
+        return BalanceReport.of(self._balance_request, per_layer, self.topology.k, self._microbatches, costs)
 
     def _sample_microbatch(self, module: LightningModule, fitting: bool) -> Any:
         """The first micro-batch of what ``self(x)`` gets. When fitting: the first training batch passed through
@@ -466,7 +504,12 @@ class GPipeStrategy(ParallelStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         module = self.lightning_module
         assert module is not None
-        self._plan = BackwardPlan.of(module.trainer, module, batch_idx)
+        trainer = module.trainer
+        self._plan = BackwardPlan.of(trainer, module, batch_idx)
+        # Replicas average once per optimizer step, on its last batch of accumulation, as DDP does.
+        self._averaging = self._averager is not None and not trainer.fit_loop.epoch_loop._should_accumulate()
+        if self._flow is not None:
+            self._flow.averager = self._averager if self._averaging else None
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -502,7 +545,7 @@ class GPipeStrategy(ParallelStrategy):
 
     def _parameters_refused(self, where: str) -> Any:
         module = self.lightning_module
-        if module is None or self.world_size == 1:
+        if module is None or self.topology.k == 1:
             return nullcontext()
         return parameters_refused(module, module.get_submodule(self._sequential_name), where)
 
@@ -516,16 +559,21 @@ class GPipeStrategy(ParallelStrategy):
         assert module is not None and executor is not None
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        assert self._flow is not None
-        if self._flow.backward_ran:  # in the step, before the last stage's results came (step.py's step 4)
-            self._flow.held.release()
-        else:
+        flow = self._flow
+        assert flow is not None
+        if not flow.backward_ran:  # else it ran in the step, before the last stage's results came (step.py's step 4)
             if executor.is_last:
                 # The loss (already divided by accumulate_grad_batches) fills the gradients of the stage outputs ...
                 self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
             # ... which drive each micro-batch's backward, in reverse, through every stage.
             executor.backward()
-        self._flow.wait()
+            if self._averaging:
+                assert self._averager is not None
+                self._averager.start(executor.gradients())
+        if self._averager is not None and self._averager.started:
+            self._averager.finish()  # the replicas' average, before on_after_backward and clipping read it
+        flow.held.release()
+        flow.wait()
         if self._observing:
             self._report()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
@@ -559,7 +607,10 @@ class GPipeStrategy(ParallelStrategy):
             optimizer_bytes=sum(optimizer_state_bytes(getattr(o, "_optimizer", o)) for o in self.optimizers),
             cuda_max_allocated=torch.cuda.max_memory_allocated(self.root_device) if self.root_device.type == "cuda" else None,
         )
-        reports = gather_to_first(report, self.global_rank, self.world_size)
+        topology = self.topology
+        if topology.replica != 0:  # the first replica's steps stand for all
+            return
+        reports = gather_to_first(report, topology.stage, topology.k, topology.pipeline_ranks)
         if self.is_global_zero:
             assert self._flow is not None and self._flow.call is not None
             self._reporter.publish(module.trainer, reports, self._flow.call.n, self._flow.call.samples)
@@ -570,7 +621,9 @@ class GPipeStrategy(ParallelStrategy):
         local = torch.zeros((), dtype=torch.float32, device=self.root_device)
         for g in grads:
             local += torch.linalg.vector_norm(g, 2, dtype=torch.float32) ** 2
-        total = self.reduce(local, reduce_op=ReduceOp.SUM).sqrt() if self.world_size > 1 else local.sqrt()
+        if self.topology.k > 1:  # one replica's stages: every replica holds the same averaged gradients
+            dist.all_reduce(local, op=ReduceOp.SUM, group=self.topology.pipeline_group)
+        total = local.sqrt()
         coef = torch.clamp(clip_val / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef.to(g.dtype))
@@ -581,10 +634,19 @@ class GPipeStrategy(ParallelStrategy):
         if self._flow is not None:
             self._flow.check_collective(name)
 
+    # Lightning's collectives for user code (self.all_gather, self.log(sync_dist=True), ...) go over the replicas,
+    # as they go over DDP's ranks: the stages of one replica already share the last stage's values. So they are
+    # safe after self(x) too, where the last stage of every replica runs them, and nothing with one replica.
+    # LightningModule.all_gather passes the default group, WORLD, for "every data-parallel rank".
+
     @override
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        self._check_collective("all_gather")
-        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+        if group is not None and group is not dist.group.WORLD:
+            self._check_collective("all_gather")
+            return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+        if self._data_parallel_size == 1:
+            return tensor  # one replica: as on a single device
+        return super().all_gather(tensor, group=self.topology.replica_group, sync_grads=sync_grads)
 
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
@@ -629,10 +691,25 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean") -> Any:
-        self._check_collective("reduce")
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
+        if not isinstance(tensor, Tensor):
+            return tensor
+        if group is not None and group is not dist.group.WORLD:
+            self._check_collective("reduce")
+        elif self._data_parallel_size == 1:
+            return tensor  # one replica: as on a single device
+        else:
+            group = self.topology.replica_group
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """The decision of every rank (EarlyStopping's, ModelCheckpoint's), over the whole world."""
+        self._check_collective("reduce_boolean_decision")
+        if not _distributed_is_initialized():
+            return decision
+        votes = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(votes, op=ReduceOp.SUM)
+        return bool(votes == self.world_size) if all else bool(votes > 0)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -648,9 +725,16 @@ class GPipeStrategy(ParallelStrategy):
         if self._state_dict_type == "sharded":
             return local
         full: dict[str, Any] = {}
-        for part in gather_to_first(local, self.global_rank, self.world_size):
+        for part in self._gather_first_replica(local):
             full.update(part)
         return full
+
+    def _gather_first_replica(self, local: Any) -> list[Any]:
+        """Every stage's ``local`` of the first replica on global rank 0 (``[]`` elsewhere; replicas are equal)."""
+        topology = self.topology
+        if topology.replica != 0:
+            return []
+        return gather_to_first(local, topology.stage, topology.k, topology.pipeline_ranks)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
@@ -661,7 +745,7 @@ class GPipeStrategy(ParallelStrategy):
         local = optimizer_state_by_name(optimizer, self.lightning_module)
         if self._state_dict_type == "sharded":
             return local
-        states = gather_to_first(local, self.global_rank, self.world_size)
+        states = self._gather_first_replica(local)
         if not states:
             return {}
         index = [getattr(o, "_optimizer", o) for o in self.optimizers].index(optimizer)
@@ -674,9 +758,11 @@ class GPipeStrategy(ParallelStrategy):
         executor = self._executor
         assert executor is not None
         # Each stage's random stream, so dropout continues as if never interrupted (same K).
-        streams = gather_to_first(executor.random.state_dict(), self.global_rank, self.world_size)
+        topology = self.topology
+        streams = self._gather_first_replica(executor.random.state_dict())
         checkpoint["gpipe"] = {
-            "k": self.world_size,
+            "k": topology.k,
+            "data_parallel_size": topology.d,
             "balance": self.balance,
             "microbatches": self._microbatches,
             "stage_random": streams,
@@ -686,7 +772,8 @@ class GPipeStrategy(ParallelStrategy):
         if self._state_dict_type == "sharded":
             if storage_options is not None:
                 raise TypeError(f"GPipeStrategy(state_dict_type='sharded') takes no storage_options, got {storage_options!r}")
-            gather = partial(gather_to_first, stage=self.global_rank, k=self.world_size)
+            # Every replica writes its stage's tensors (the writer deduplicates them); the first replica's metadata.
+            gather = partial(gather_to_first, stage=topology.stage, k=topology.k, ranks=topology.pipeline_ranks)
             save_sharded(
                 checkpoint, filepath, self._optimizer_layouts, self.is_global_zero, self.barrier, gather, self.broadcast
             )
@@ -743,12 +830,12 @@ class GPipeStrategy(ParallelStrategy):
         if restored is None or executor is None:
             return
         set_rank_random_state(restored["rank_random"], self.root_device)
-        if restored["k"] == self.world_size and restored["balance"] == self.balance:
-            executor.random.load_state_dict(restored["stage_random"][self.global_rank])
+        if restored["k"] == self.topology.k and restored["balance"] == self.balance:
+            executor.random.load_state_dict(restored["stage_random"][self.topology.stage])
         else:
             rank_zero_info(
                 f"GPipeStrategy: the checkpoint was saved with {restored['k']} stages (balance {restored['balance']}),"
-                f" this run has {self.world_size} (balance {self.balance}): training continues from the same state,"
+                f" this run has {self.topology.k} (balance {self.balance}): training continues from the same state,"
                 " but random draws inside the stages (dropout) differ from an uninterrupted run"
             )
 
@@ -756,18 +843,22 @@ class GPipeStrategy(ParallelStrategy):
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        # Seeded workers (seed_everything(workers=True)) draw as data-parallel rank 0 on every stage.
-        return seed_workers_alike(dataloader, rank=0)
+        # Seeded workers (seed_everything(workers=True)) draw as their replica's rank on every stage of it, as
+        # that rank's DDP process would.
+        return seed_workers_alike(dataloader, rank=self.topology.replica)
 
     @override
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
         message = str(exception)
         if self.world_size > 1 and ("Connection closed by peer" in message or "Connection reset by peer" in message):
+            place = f"stage {self.global_rank}"
+            if self._topology is not None:
+                place = f"stage {self._topology.stage}" + (f" of replica {self._topology.replica}" if self._topology.d > 1 else "")
             log.error(
-                "GPipeStrategy: stage %d lost the connection to another stage, which most likely failed first;"
+                "GPipeStrategy: %s lost the connection to another stage, which most likely failed first;"
                 " look for that stage's error above.",
-                self.global_rank,
+                place,
             )
 
     @override
@@ -781,11 +872,12 @@ class GPipeStrategy(ParallelStrategy):
         undefer(self._deferred_norms)  # the user's own batch-norm layers again
         self._deferred_norms = []
         super().teardown()  # the module moves to the CPU
-        if self.world_size > 1 and self._executor is not None:
+        if self._executor is not None and self.topology.k > 1:
             assert module is not None
             seq = module.get_submodule(self._sequential_name)
-            if self._gather_model and not self._failed:
-                gather_layers(seq, self.global_rank, self.world_size)
+            topology = self.topology
+            if self._gather_model and not self._failed and topology.replica == 0:
+                gather_layers(seq, topology.stage, topology.k, topology.pipeline_ranks)
             for layer in seq:  # what this process does not hold now fails loudly when asked for
                 if isinstance(layer, AbsentLayer):
                     layer.after_run = True

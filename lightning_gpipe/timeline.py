@@ -12,7 +12,8 @@ from typing import Any, ContextManager
 
 __all__ = ["Event", "Timeline", "COMPUTE", "bubble", "theoretical_bubble", "draw_schedule", "chrome_trace"]
 
-#: Event kinds that keep a stage busy; the others (``recv``, ``send``, ``results``) are time spent waiting on a peer.
+#: Event kinds that keep a stage busy; the others (``recv``, ``send``, ``results``, ``allreduce``) are time spent
+#: waiting on a peer.
 COMPUTE = ("forward", "backward", "recompute")
 
 
@@ -21,7 +22,7 @@ class Event:
     """One timed piece of a stage's work in a step; times in seconds from the step's common start."""
 
     stage: int
-    kind: str  # forward | backward | recompute | recv | send | results (the last stage's step results)
+    kind: str  # forward | backward | recompute | recv | send | results (the last stage's) | allreduce (replicas)
     i: int  # micro-batch, or -1 for work that belongs to no single one
     start: float
     end: float
@@ -89,7 +90,7 @@ def draw_schedule(events: Sequence[Event], k: int, title: str = "") -> Any:
     import matplotlib.pyplot as plt
 
     colours = {"forward": "#4c72b0", "backward": "#55a868", "recompute": "#dd8452", "recv": "#d0d0d0", "send": "#a0a0a0",
-               "results": "#c4ad66"}  # fmt: skip
+               "results": "#c4ad66", "allreduce": "#8172b3"}  # fmt: skip
     fig, ax = plt.subplots(figsize=(10, 0.6 * k + 1.2))
     for e in events:
         waiting = e.kind not in COMPUTE
@@ -103,7 +104,7 @@ def draw_schedule(events: Sequence[Event], k: int, title: str = "") -> Any:
     ax.set_xlabel("seconds")
     ax.set_title(title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, list(colours), loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=6, fontsize=8, frameon=False)
+    ax.legend(handles, list(colours), loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=7, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
