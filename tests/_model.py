@@ -76,6 +76,35 @@ def loaders(n_train: int = 34, n_val: int = 12, width: int = 8, classes: int = 3
     return train_loader, DataLoader(val, batch_size=5)
 
 
+class StepScheduled(Classifier):
+    """The learning rate changes every optimizer step."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SyncedLogs(StepScheduled):
+    """Logs the loss averaged over the data-parallel ranks, in training and in validation."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("synced_loss", loss, on_step=True, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_synced", self._loss(batch), sync_dist=True)
+
+
+class OneLayer(Classifier):
+    """A Sequential of a single layer: it cannot be cut into two stages."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.body = nn.Sequential(nn.Linear(self.hparams.width, self.hparams.classes))
+
+
 # -- what users write, which the pipeline must run exactly or refuse (tests/test_contract.py) -----------------
 
 
@@ -200,11 +229,20 @@ class WarmupInStep(Classifier):
 
 
 class GathersInValidation(Classifier):
-    """A collective in the step after self(x)."""
+    """A gather over the data-parallel ranks in the step after self(x): on one device, the tensor itself."""
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", self.all_gather(F.cross_entropy(self(x), y)).mean())
+
+
+class BarrierInValidation(Classifier):
+    """A collective of every rank in the step after self(x)."""
+
+    def validation_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.trainer.strategy.barrier()
+        self.log("val_loss", loss)
 
 
 class UnpicklableOutput(Classifier):

@@ -120,7 +120,7 @@ def run(scenario: dict, out: Path) -> None:
             L.seed_everything(scenario.get("seed", 0), verbose=False, workers=scenario.get("seed_workers", False))
         model = getattr(_model, scenario.get("model_class", "Classifier"))(**scenario.get("model", {}))
         train, val = loaders(**scenario.get("data", {}))
-        strategy = GPipeStrategy(**scenario.get("strategy", {}))
+        strategy = "ddp" if scenario.get("ddp") else GPipeStrategy(**scenario.get("strategy", {}))
         logger = RecordingLogger()
         loggers = [logger]
         if scenario.get("tensorboard"):

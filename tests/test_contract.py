@@ -55,7 +55,8 @@ K2 = [
     _refused("sequential_penalty", "SequentialPenalty"),
     _refused("sequential_grad_norm", "SequentialGradNorm"),
     _named("warmup_in_step", "WarmupInStep"),
-    _refused("gathers_in_validation", "GathersInValidation"),
+    _named("gathers_in_validation", "GathersInValidation"),
+    _refused("barrier_in_validation", "BarrierInValidation"),
     _refused("unpicklable_output", "UnpicklableOutput"),
     _refused("averaging", "Classifier", averaging=True),
     _named("refit", "FrozenFirstLayer", refit=True, save=True),
@@ -246,6 +247,11 @@ def test_validate_before_fit_on_the_same_trainer(k2):
     assert sorted(checkpoint["optimizer_states"][0]["state"]) == list(range(len(reference["params"])))
 
 
+def test_a_gather_over_the_data_parallel_ranks_after_self_x_is_single_devices(k2):
+    """With one replica there is one data-parallel rank: self.all_gather returns the tensor, as on one device."""
+    _same_as_reference(k2["gathers_in_validation"], reference_run(model_class="GathersInValidation"))
+
+
 def test_step_outputs_reach_every_rank(runs):
     reference = reference_run(model_class="DictOutputs")
     assert sorted(reference["outputs"]["train"][0]) == ["acc", "loss"]
@@ -308,7 +314,7 @@ def test_a_second_fit_with_other_trainable_parameters(k2):
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("gathers_in_validation", "StageError: GPipeStrategy: GathersInValidation.validation_step called all_gather after"
+        ("barrier_in_validation", "StageError: GPipeStrategy: BarrierInValidation.validation_step called barrier after"
          " self(x). That code runs on the last stage alone, so no other stage would join the collective. Call it"
          " before self(x), or in a hook every stage runs (such as on_validation_epoch_end)."),
         ("unpicklable_output", "TypeError: GPipeStrategy: what UnpicklableOutput.training_step returned or logged cannot"

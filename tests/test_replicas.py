@@ -1,0 +1,161 @@
+"""Data-parallel replicas of the pipeline (D x K on a 2-D mesh): the same training as Lightning's DDP on D ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORKER, assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
+from launch import fresh_env
+
+from lightning_gpipe import GPipeStrategy
+from lightning_gpipe.topology import Topology, check_layout
+
+EPOCHS = 3
+MODEL = "StepScheduled"  # SGD with momentum, the learning rate stepped every optimizer step
+
+
+def _dp(name: str, d: int, k: int, **extra) -> dict:
+    """D replicas of K stages; clipping and accumulate_grad_batches=2, 17 samples per replica: batches of 10 and 7."""
+    strategy = {"microbatches": 3, "data_parallel_size": d, **extra.pop("strategy", {})}
+    return scenario(name, d * k, 3, model_class=MODEL, epochs=extra.pop("epochs", EPOCHS), strategy=strategy, **extra)
+
+
+def _ddp(name: str, **extra) -> dict:
+    return {**scenario(name, 2, 3, model_class=MODEL, epochs=EPOCHS, **extra), "ddp": True}
+
+
+@pytest.fixture(scope="module")
+def d2k2(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("d2k2")
+    scenarios = [
+        _dp("whole", 2, 2),
+        _dp("e1", 2, 2, epochs=1, save=True),
+        _dp("sharded_e1", 2, 2, epochs=1, save=True, strategy={"state_dict_type": "sharded"}),
+        _dp("resumed", 2, 2, resume_from="e1"),
+        _dp("from_sharded", 2, 2, resume_from="sharded_e1"),
+        {**_dp("one_layer", 2, 2, expect_error=True), "model_class": "OneLayer"},
+        {**_dp("synced", 2, 2), "model_class": "SyncedLogs"},
+        _dp("observed", 2, 2, tensorboard=True, trainer={"max_steps": 3}, strategy={"observe_every_n_steps": 1},
+            accumulate=1),
+    ]
+    return out, run_scenarios(4, scenarios, out)
+
+
+@pytest.fixture(scope="module")
+def two(d2k2, tmp_path_factory) -> dict:
+    """On two processes: DDP, two replicas of one stage, and runs that resume D=2 x K=2's checkpoint."""
+    saved = d2k2[0] / "e1.ckpt"
+    scenarios = [
+        _ddp("ddp"),
+        {**_ddp("synced"), "model_class": "SyncedLogs"},
+        _dp("d2k1", 2, 1),
+        _dp("k2_resumed", 1, 2, resume_from=str(saved)),
+        _ddp("ddp_resumed", resume_from=str(saved)),
+    ]
+    return run_scenarios(2, scenarios, tmp_path_factory.mktemp("two"))
+
+
+def test_two_replicas_of_two_stages_train_as_ddp(d2k2, two):
+    ranks, ddp = d2k2[1]["whole"], two["ddp"]
+    assert_same_params(full_params(ranks), ddp[0]["params"])
+    for rank, values in enumerate(ranks):  # every stage of replica r logs what DDP's rank r logs
+        assert_same_logs(values["logged"], ddp[rank // 2]["logged"])
+    assert len(ddp[0]["logged"]) == 9  # one optimizer step per epoch (accumulating 2 of 10 + 7), val, epoch means
+
+
+def test_replicas_see_ddps_shards(d2k2, two):
+    ranks, ddp = d2k2[1]["whole"], two["ddp"]
+    for replica in range(2):
+        for stage in range(2):
+            assert ranks[2 * replica + stage]["batch_sums"] == ddp[replica]["batch_sums"], (replica, stage)
+    assert ddp[0]["batch_sums"] != ddp[1]["batch_sums"]
+
+
+def test_sync_dist_averages_over_the_replicas(d2k2, two):
+    ranks, ddp = d2k2[1]["synced"], two["synced"]
+    for rank in ranks:  # synced: every rank logs the same, DDP's value
+        assert_same_logs(rank["logged"], ddp[0]["logged"])
+    assert ddp[0]["logged"] == ddp[1]["logged"]
+    assert_same_params(full_params(ranks), ddp[0]["params"])
+
+
+def test_observed_steps_report_the_replicas_gradient_average(d2k2):
+    scalars = _scalars(d2k2[0] / "observed")
+    for stage in (0, 1):
+        assert len(scalars[f"pipeline/allreduce_s_stage{stage}"]) == 2, stage  # steps 1 and 2
+        assert all(0 < t < 5 for t in scalars[f"pipeline/allreduce_s_stage{stage}"])
+    assert scalars["pipeline/bubble_theory"] == pytest.approx([1 / 4, 1 / 4])  # K=2, M=3: one replica's pipeline
+
+
+def _scalars(folder: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_two_replicas_of_one_stage_train_as_ddp(two):
+    assert_same_params(two["d2k1"][0]["params"], two["ddp"][0]["params"])
+    assert_same_logs(two["d2k1"][0]["logged"], two["ddp"][0]["logged"])
+
+
+@pytest.mark.parametrize("name", ["resumed", "from_sharded"])
+def test_resume_with_the_same_layout_continues_exactly(name, d2k2):
+    runs = d2k2[1]
+    assert_same_params(full_params(runs[name]), full_params(runs["whole"]))
+
+
+def test_resume_with_one_replica_and_on_plain_lightning(d2k2, two):
+    saved = d2k2[0] / "e1.ckpt"
+    single = reference_run(model_class=MODEL, ckpt_path=str(saved), trainer_kwargs={"max_epochs": EPOCHS})
+    assert_same_params(full_params(two["k2_resumed"]), single["params"])
+    # DDP on two ranks picks up the same checkpoint and continues as the uninterrupted D=2 x K=2 run
+    assert_same_params(two["ddp_resumed"][0]["params"], full_params(d2k2[1]["whole"]))
+
+
+def test_a_model_with_fewer_layers_than_stages_fails_on_every_rank(d2k2):
+    errors = [rank["error"] for rank in d2k2[1]["one_layer"]]
+    assert len(set(errors)) == 1 and "1 layers" in errors[0] and "2 stages" in errors[0], errors[0]
+
+
+def test_layout_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"data_parallel_size=0\): need a whole number of replicas, at least 1"):
+        GPipeStrategy(data_parallel_size=0)
+    message = (
+        "GPipeStrategy(data_parallel_size=4): the 6 processes (devices x num_nodes) do not split into 4 equal"
+        " pipelines; use a world that is a multiple of 4, or a data_parallel_size that divides 6"
+    )
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_layout(6, 4)
+    strategy = GPipeStrategy(data_parallel_size=4, parallel_devices=[torch.device("cpu")] * 6)
+    with pytest.raises(ValueError, match="the 6 processes"):
+        strategy.setup_environment()  # before any connection, so every rank raises alone: nothing waits
+
+
+def test_ranks_are_laid_out_replica_major():
+    places = [(t.replica, t.stage, t.pipeline_ranks) for t in (Topology(3, 2, r) for r in range(6))]
+    assert places == [
+        (0, 0, [0, 1, 2]), (0, 1, [0, 1, 2]), (0, 2, [0, 1, 2]),
+        (1, 0, [3, 4, 5]), (1, 1, [3, 4, 5]), (1, 2, [3, 4, 5]),
+    ]  # fmt: skip
+
+
+def test_failure_in_another_replica_ends_every_rank(tmp_path):
+    """Lightning's own launcher starts ranks 1 to 3; an error on rank 3 (stage 1 of replica 1) ends all four."""
+    spec = tmp_path / "fault.json"
+    spec.write_text(json.dumps([_dp("fault", 2, 2, epochs=2, fail_at={"rank": 3, "batch": 1})]))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(spec), str(tmp_path)],
+        capture_output=True, text=True, timeout=180, env=fresh_env(),
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "RuntimeError: deliberate failure on rank 3 at batch 1" in proc.stderr
+    assert time.monotonic() - start < 120
