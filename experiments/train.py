@@ -27,8 +27,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     _check(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.accelerator == "cpu":
-        # K processes share this machine's cores: give each its share instead of letting them fight.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cfg.k))
+        # k x dp processes share this machine's cores: give each its share instead of letting them fight.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // (cfg.k * cfg.dp)))
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     _check_model(cfg, model, datamodule)
@@ -50,14 +50,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def hparams(cfg: DictConfig) -> dict[str, Any]:
     """The run's settings as TensorBoard's HParams view shows them."""
     return {
-        "k": cfg.k, "m": cfg.m, "checkpoint": cfg.checkpoint, "balance": str(cfg.balance), "seed": cfg.seed,
+        "k": cfg.k, "dp": cfg.dp, "m": cfg.m, "checkpoint": cfg.checkpoint, "balance": str(cfg.balance), "seed": cfg.seed,
         "model": cfg.model._target_.rsplit(".", 1)[-1], "data": cfg.data._target_.rsplit(".", 1)[-1],
         "strategy": cfg.strategy if isinstance(cfg.strategy, str) else cfg.strategy._target_.rsplit(".", 1)[-1],
     }  # fmt: skip
 
 
 def _check(cfg: DictConfig) -> None:
-    for key in ("k", "m"):
+    for key in ("k", "m", "dp"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r}: need a whole number of at least 1")
 

@@ -43,6 +43,7 @@ def _compose(overrides: list[str]):
         ["experiment=resnet_digits"],
         ["experiment=mlp_digits"],
         ["strategy=ddp", "k=2"],
+        ["k=2", "dp=2"],
         ["strategy=single"],
         ["checkpoint=always", "balance=params", "m=3"],
         ["balance=[10,9]", "k=2"],
@@ -59,7 +60,7 @@ def test_every_config_instantiates(overrides, tmp_path):
         assert model(x[:2]).shape[0] == 2
     strategy = hydra.utils.instantiate(cfg.strategy) if not isinstance(cfg.strategy, str) else cfg.strategy
     trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, logger=hydra.utils.instantiate(cfg.logger))
-    assert trainer.num_devices == cfg.k
+    assert trainer.num_devices == cfg.k * cfg.dp
     if isinstance(strategy, GPipeStrategy):
         assert (strategy.microbatches, strategy.checkpoint) == (cfg.m, cfg.checkpoint)
 
@@ -72,6 +73,14 @@ def test_gpu_trainer_config():
 def test_k_and_m_flow_into_strategy_and_trainer():
     cfg = _compose(["k=3", "m=5", "checkpoint=never"])
     assert (cfg.trainer.devices, cfg.strategy.microbatches, cfg.strategy.checkpoint) == (3, 5, "never")
+
+
+def test_dp_replicas_and_trainer_knobs_as_users_type_them():
+    cfg = _compose(["k=2", "dp=2", "m=4", "trainer.max_steps=100", "trainer.gradient_clip_val=0.5"])
+    assert (cfg.trainer.devices, cfg.strategy.data_parallel_size, cfg.strategy.microbatches) == (4, 2, 4)
+    assert (cfg.trainer.max_steps, cfg.trainer.gradient_clip_val) == (100, 0.5)
+    trainer = hydra.utils.instantiate(cfg.trainer, strategy=hydra.utils.instantiate(cfg.strategy), logger=False)
+    assert (trainer.num_devices, trainer.max_steps, trainer.strategy.data_parallel_size) == (4, 100, 2)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -124,6 +133,15 @@ def test_train_end_to_end_logs_to_tensorboard(tmp_path):
     assert len(_scalars(tmp_path / "resumed" / "tensorboard")["train/loss_epoch"]) == 1
 
 
+def test_train_with_two_replicas_of_two_stages(tmp_path):
+    proc = _train(tmp_path, "k=2", "dp=2", "m=2", "model.depth=2", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+                  "data.size=640")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "GPipeStrategy: 2 replicas of 2 stages" in proc.stdout + proc.stderr
+    scalars = _scalars(tmp_path / "run" / "tensorboard")
+    assert len(scalars["train/loss_step"]) == 6 and "val/loss" in scalars
+
+
 def test_multirun_gives_one_run_per_value(tmp_path):
     proc = _train(tmp_path, "-m", "m=1,2", "k=2", "model.depth=2", "trainer.max_epochs=1", "data.size=640")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -139,6 +157,7 @@ def test_multirun_gives_one_run_per_value(tmp_path):
     [
         (["k=40"], "train.py: k=40 stages, but MLP's Sequential has 19 layers: lower k or make the model deeper"),
         (["m=0"], "train.py: m=0: need a whole number of at least 1"),
+        (["dp=0"], "train.py: dp=0: need a whole number of at least 1"),
         (["model=transformer"], "train.py: model Transformer reads tokens inputs, but data SyntheticDataModule"
                                 " yields vector inputs; pick a matching pair (see conf/experiment/ for presets)"),
         (["model=resnet"], "Could not find 'model/resnet'"),
