@@ -231,13 +231,22 @@ def _overview_table(rows: list[dict]) -> list[str]:
     for ddp in sorted((r for r in rows if r["impl"] == "ddp"), key=lambda r: r["k"]):
         pipelined = [r for r in rows if (r["impl"], r["k"], r["checkpoint"]) == ("gpipe", ddp["k"], "never")]
         best = max(pipelined, key=lambda r: r["samples_per_s"], default=None)
+        replicas = [r for r in rows if (r["impl"], r["k"]) == ("gpipe_dp", ddp["k"])]
+        replicated = max(replicas, key=lambda r: r["samples_per_s"], default=None)
         lines.append(
             f"ddp (K={ddp['k']} processes, each the whole model and batch / K): {ddp['samples_per_s']:.0f} samples/s,"
             f" peak RSS {_mib(ddp['rss_max_bytes'])} MiB per process"
             + (
                 f"; gpipe at its best M ({best['m']}): {best['samples_per_s']:.0f} samples/s, peak RSS"
-                f" {_mib(best['rss_max_bytes'])} MiB per process."
+                f" {_mib(best['rss_max_bytes'])} MiB per process"
                 if best
+                else ""
+            )
+            + (
+                f"; gpipe_dp ({replicated['dp']} replicas of {ddp['k'] // replicated['dp']} stages) at its best M"
+                f" ({replicated['m']}): {replicated['samples_per_s']:.0f} samples/s, peak RSS"
+                f" {_mib(replicated['rss_max_bytes'])} MiB per process."
+                if replicated
                 else "."
             )
         )
@@ -417,7 +426,8 @@ def _save(fig: Any, path: Path) -> Path:
 def write_report(rows: list[dict], cfg: dict[str, Any], wall_s: float, out: Path) -> list[Path]:
     """Write benchmark.json, benchmark.md and the plots into ``out``; returns their paths."""
     for r in rows:  # data parallelism has no pipeline and no bubble
-        r["bubble_theory"] = 0.0 if r["impl"] == "ddp" else (r["k"] - 1) / (r["m"] + r["k"] - 1)
+        k = r["k"] // r.get("dp", 1)  # a replica's stages
+        r["bubble_theory"] = 0.0 if r["impl"] == "ddp" else (k - 1) / (r["m"] + k - 1)
     summary = summarize(rows, cfg["depth"])
     report = {"config": cfg, "machine": machine(), "wall_s": wall_s, "rows": rows, "summary": summary}
     (out / "benchmark.json").write_text(json.dumps(report, indent=1))

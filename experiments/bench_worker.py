@@ -282,20 +282,27 @@ def run_ddp(ctx: Context, row: dict) -> Measured:
 
 
 def run_gpipe(ctx: Context, row: dict) -> Measured:
+    """GPipeStrategy on the K processes; with ``row["dp"]`` = D, D replicas of K/D stages, each on its share of
+    the batch (the first replica's K/D processes report the pipeline's measurements)."""
+    d = row.get("dp", 1)
+    k = ctx.k // d
     strategy = GPipeStrategy(
         microbatches=row["m"],
-        balance=[ctx.depth // ctx.k] * ctx.k,
+        balance=[ctx.depth // k] * k,
         checkpoint=row["checkpoint"],
         sequential="net",
         observe_every_n_steps=ctx.observe_every,
+        data_parallel_size=d,
     )
+    per = ctx.batch // d
+    shard = slice(ctx.rank // k * per, (ctx.rank // k + 1) * per)  # this replica's share
     clock, logger = _StepClock(ctx), _MemoryLogger()
-    _fit(ctx, strategy, ctx.k, clock, logger, ctx.traces / f"gpipe_k{ctx.k}_m{row['m']}_{row['checkpoint']}")
+    _fit(ctx, strategy, ctx.k, clock, logger, ctx.traces / f"{row['impl']}_k{ctx.k}_m{row['m']}_{row['checkpoint']}", shard)
     durations = ctx.timed_durations(clock.ends)
     if ctx.rank != 0:
         return Measured(durations, None, [])
     observed = [r for r in logger.records if "pipeline/bubble_measured" in r]
-    stages = [max(int(r[f"memory/activation_bytes_peak_stage{j}"]) for r in observed) for j in range(ctx.k)]
+    stages = [max(int(r[f"memory/activation_bytes_peak_stage{j}"]) for r in observed) for j in range(k)]
     return Measured(durations, [r["pipeline/bubble_measured"] for r in observed], [max(stages)], stages)
 
 
@@ -377,6 +384,7 @@ RUNNERS: dict[str, Callable[[Context, dict], Measured]] = {
     "single": run_single,
     "single_raw": run_single_raw,
     "gpipe": run_gpipe,
+    "gpipe_dp": run_gpipe,
     "executor": run_executor,
     "ddp": run_ddp,
     "torch_gpipe": run_torch,
@@ -449,7 +457,9 @@ def limit_step_s(row: dict, forward_s: float) -> float:
         return per_pass * forward_s
     if row["impl"] == "ddp":
         return per_pass * forward_s / k
-    return (m + k - 1) * per_pass * forward_s / (k * m)  # F-then-B and 1F1B: M+K-1 slots of one micro-batch
+    d = row.get("dp", 1)  # replicas, each a pipeline of k / d stages on batch / d
+    k //= d
+    return (m + k - 1) * per_pass * forward_s / (d * k * m)  # F-then-B and 1F1B: M+K-1 slots of one micro-batch
 
 
 def combine(row: dict, runs: list[dict], batch: int, forward_s: float = 0.0) -> dict:

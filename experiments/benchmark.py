@@ -3,7 +3,8 @@
 On one machine, with one model, batch and optimizer, measures ``single`` (plain Lightning, one process with
 all threads), ``single_raw`` (a plain PyTorch loop, the same threads), ``gpipe`` (GPipeStrategy), ``executor``
 (this project's executor without Lightning), ``torch_gpipe`` / ``torch_1f1b`` (torch.distributed.pipelining), and
-``ddp`` (Lightning's DDP on the same K processes and global batch: data parallelism, for comparison).
+``ddp`` (Lightning's DDP on the same K processes and global batch: data parallelism, for comparison),
+``gpipe_dp`` (on 4 or more processes: two data-parallel replicas of a K/2-stage pipeline, each on half the batch).
 Each K starts its K processes once and runs all of its rows in them. Written to DIR: ``benchmark.json``,
 ``benchmark.md``, four PNG plots, each rank's log under ``logs/`` and a Chrome trace per gpipe row under
 ``traces/``. ``--quick`` is the small CI preset.
@@ -52,6 +53,7 @@ class Config:
 
 
 FULL = {"ks": [2, 4], "ms": [1, 2, 4, 8, 16], "width": 512, "depth": 32, "batch": 512, "timed": 4, "rounds": 2}
+DP = 2  # data-parallel replicas of the gpipe_dp rows
 QUICK = {"ks": [2], "ms": [1, 4], "width": 256, "depth": 16, "batch": 128, "timed": 2, "rounds": 2}
 # Emulated: one micro-batch's forward on one stage lasts 20 ms at K=4, M=8 and 5 ms at K=8, M=16, long against
 # one gloo message (0.3 to 1.8 ms here). The emulated device does not drift, so the quick preset runs once.
@@ -158,6 +160,8 @@ def plan(cfg: Config) -> dict[int, list[dict]]:
             rows += [{"impl": impl, "k": k, "m": m, "checkpoint": "never"} for impl in ("executor", "torch_gpipe")]
             if m >= k:
                 rows.append({"impl": "torch_1f1b", "k": k, "m": m, "checkpoint": "never"})
+            if k >= 4 and k % DP == 0 and (cfg.batch // DP) % m == 0:  # D x K/D on the same processes
+                rows.append({"impl": "gpipe_dp", "k": k, "m": m, "checkpoint": "never", "dp": DP})
     groups.setdefault(1, single)
     return dict(sorted(groups.items()))
 
@@ -172,8 +176,9 @@ def steps_per_run(timed: int) -> int:
 
 
 def _rows_per_pass(cfg: Config, row: dict) -> int:
-    """Samples in one micro-batch (pipelines) or in one process's share of the batch (ddp)."""
-    return cfg.batch // (row["k"] if row["impl"] == "ddp" else row["m"])
+    """Samples in one micro-batch (pipelines; a replica's share of the batch in M parts) or in one process's share
+    of the batch (ddp)."""
+    return cfg.batch // (row["k"] if row["impl"] == "ddp" else row["m"] * row.get("dp", 1))
 
 
 def threads_per_process(cfg: Config, processes: int) -> int:

@@ -166,6 +166,7 @@ def test_an_emulated_block_takes_its_configured_time():
         ({"impl": "gpipe", "k": 4, "m": 8, "checkpoint": "always"}, 11 * 4.0 / 32),  # ... and a recompute
         ({"impl": "torch_1f1b", "k": 2, "m": 4, "checkpoint": "never"}, 5 * 3.0 / 8),
         ({"impl": "ddp", "k": 2, "m": 1, "checkpoint": "never"}, 1.5),
+        ({"impl": "gpipe_dp", "k": 4, "m": 8, "checkpoint": "never", "dp": 2}, 9 * 3.0 / 32),  # 2 x K=2, half batch
     ],
 )
 def test_emulated_limits(row, seconds):
@@ -185,6 +186,10 @@ def test_emulated_quick_run(emulated):
     """K in {2, 4}, M in {4, 8}: every row has its exact limit, and the summary holds the ratios to it."""
     rows = _rows(emulated)
     assert {(k, m) for impl, k, m, _ in rows if impl == "gpipe"} == {(2, 4), (2, 8), (4, 4), (4, 8)}
+    for m in (4, 8):  # two replicas of two stages on the four processes, each on half the batch
+        replicated = rows[("gpipe_dp", 4, m, "never")]
+        assert (replicated["dp"], replicated["microbatch_size"]) == (2, emulated["config"]["batch"] // (2 * m))
+        assert replicated["bubble_theory"] == pytest.approx(1 / (m + 1))
     forward_s = emulated["config"]["emulate_ms"] / 1e3
     for row in rows.values():
         assert row["limit_samples_per_s"] == pytest.approx(emulated["config"]["batch"] / limit_step_s(row, forward_s))
