@@ -9,6 +9,7 @@ as NCCL requires; gloo additionally gets a distinct tag per message kind and mic
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -119,6 +120,20 @@ class StageLink:
         self._sends.clear()
 
 
+class _TensorPickler(pickle.Pickler):
+    """Pickles CPU tensors as numpy arrays: several times faster than torch's own pickling, which serializes
+    every storage as a small file."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is Tensor and obj.device.type == "cpu" and not obj.requires_grad and obj.dtype in _NUMPY:
+            return torch.from_numpy, (obj.numpy(),)
+        return NotImplemented
+
+
+_NUMPY = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+          torch.uint8, torch.bool)  # fmt: skip
+
+
 def _tag(i: int, kind: int) -> int:
     return 3 * i + kind
 
@@ -153,28 +168,43 @@ def _decode_header(header: Tensor) -> list[tuple[list[int], torch.dtype]]:
 class ObjectBroadcast:
     """A picklable object from one rank to all, without the sender waiting for the receivers.
 
-    The last stage shares what its step produced this way: it goes on to its backward at once, while
-    the other stages, idle until their gradients arrive anyway, take the object in.
+    The last stage shares what its step produced this way, while the other stages, done with their backward
+    or idle until their gradients arrive, take the object in. An object that pickles into less than
+    ``capacity`` bytes (a step's logs and loss do) travels in one message; a larger one in two.
     """
 
-    def __init__(self, device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
-        self.device, self.group = device, group
+    def __init__(self, device: torch.device, group: Optional[dist.ProcessGroup] = None, capacity: int = 4096) -> None:
+        self.device, self.group, self.capacity = device, group, capacity
         self._pending: list[tuple[dist.Work, Tensor]] = []
 
     def send(self, obj: Any) -> None:
         self.wait()
-        data = pickle.dumps(obj)
-        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
-        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        buffer = io.BytesIO()
+        _TensorPickler(buffer).dump(obj)
+        data = buffer.getbuffer()
+        head = bytearray(self.capacity)
+        head[:8] = len(data).to_bytes(8, "little")
+        first = min(len(data), self.capacity - 8)
+        head[8 : 8 + first] = data[:first]
+        parts = [torch.frombuffer(head, dtype=torch.uint8)]
+        if len(data) > first:
+            parts.append(torch.frombuffer(bytearray(data[first:]), dtype=torch.uint8))
         src = dist.get_rank()
-        self._pending = [(dist.broadcast(t, src, group=self.group, async_op=True), t) for t in (size, payload)]
+        self._pending = [
+            (dist.broadcast(t, src, group=self.group, async_op=True), t) for t in (p.to(self.device) for p in parts)
+        ]
 
     def receive(self, src: int) -> Any:
-        size = torch.empty(1, dtype=torch.int64, device=self.device)
-        dist.broadcast(size, src, group=self.group)
-        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-        dist.broadcast(payload, src, group=self.group)
-        return pickle.loads(payload.cpu().numpy().tobytes())
+        head = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+        dist.broadcast(head, src, group=self.group)
+        raw = head.cpu().numpy().tobytes()
+        size = int.from_bytes(raw[:8], "little")
+        data = raw[8 : 8 + size]
+        if size > len(data):
+            rest = torch.empty(size - len(data), dtype=torch.uint8, device=self.device)
+            dist.broadcast(rest, src, group=self.group)
+            data += rest.cpu().numpy().tobytes()
+        return pickle.loads(data)
 
     def wait(self) -> None:
         """Until the receivers have everything sent so far."""

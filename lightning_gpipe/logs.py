@@ -67,4 +67,4 @@ def _portable(name: str, value: Any) -> Any:
             f"self.log({name!r}, <{type(value).__name__}>): under GPipeStrategy only the last stage computes"
             " the loss and metrics, so log the metric's value (a tensor) instead of the Metric object"
         )
-    return apply_to_collection(value, Tensor, lambda t: t.detach().cpu())
+    return apply_to_collection(value, Tensor, Tensor.detach)  # moved to the CPU when shared, after the backward

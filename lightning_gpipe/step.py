@@ -7,23 +7,26 @@ routed through the pipeline. One training step on stage j of K, in the order thi
     1. the user's step code up to self(x)           1. the same (every stage runs it, on the same batch)
     2. self(x): forward of micro-batches 0..M-1,    2. self(x): receive and forward 0..M-1; self(x)
        each output sent on as it is ready              returns the merged outputs
-    3. the step ends there (_StageFinished); post   3. the user's code after self(x): loss, logs
-       every gradient receive at once
-    4. backward of M-1..0, each as its gradient     4. share its results, without waiting: logs, the
-       arrives, input gradients sent back; the         step's output, trainer.should_stop, the
-       fresh gradients are held aside                  rank-wide random state (or its error, after
-                                                       sending zero gradients so step 4 ends)
-    5. receive the last stage's results (or its     5. Lightning: zero_grad, strategy.backward: the loss
-       error, raised here too), replay its logs        fills the gradients of the merged outputs, then
-       and return its output                           the backward of M-1..0, each micro-batch's input
+    3. the step ends there (_StageFinished); post   3. the user's code after self(x): loss, logs; its
+       every gradient receive at once                  results are kept (logs, the step's output,
+                                                       trainer.should_stop, the rank-wide random state
+                                                       if that code drew from it); an error instead is
+                                                       sent at once, after zero gradients end step 4
+    4. backward of M-1..0, each as its gradient     4. Lightning: zero_grad, strategy.backward: the loss
+       arrives, input gradients sent back; the         fills the gradients of the merged outputs, then
+       fresh gradients are held aside                  the backward of M-1..0, each micro-batch's input
                                                        gradients sent back at once
+    5. receive the last stage's results (or its     5. share the results, without waiting
+       error, raised here too), replay its logs
+       and return its output
     6. Lightning: zero_grad, strategy.backward:
        the held gradients become .grad
     7. the optimizer step; clipping by norm takes one all-reduce of the stages' squared norms
 
-So no stage's backward waits for the last stage's results: they travel while the gradients do. Step 4 runs
-inside the step only where that is exact (see :class:`BackwardPlan`); otherwise a non-last stage receives
-the results first and runs its backward in step 6, as the last stage does.
+So no stage's backward waits for the last stage's results, and nothing of them is moved or pickled before
+the last stage's gradients are on their way. Step 4 runs inside the step only where that is exact (see
+:class:`BackwardPlan`); otherwise the last stage shares its results at the end of its step, and a non-last
+stage receives them first and runs its backward in step 6, as the last stage does.
 
 Evaluation steps run 1 to 3 and 5, without gradients. Besides the point-to-point transfers, a step's
 collectives are the exchange of steps 4/5 and clipping's all-reduce; an observed step
@@ -161,6 +164,7 @@ class PipelineCall:
         self.check = check  # called with the first input, to verify the module's forward contract
         self.calls = 0
         self.returned = False  # whether the pipeline ran to the end and handed the step its output
+        self.random_at_return: Optional[dict[str, Any]] = None  # last stage: the rank-wide streams as self(x) returned
         self.samples = self.n = 0  # batch size and micro-batch count, once called
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -190,6 +194,8 @@ class PipelineCall:
             raise _StageFinished
         assert outputs is not None
         self.returned = True
+        if executor.k > 1:  # the other stages' streams are here too; what the step draws after this is shared
+            self.random_at_return = rank_random_state(executor.device)
         return merge(outputs)
 
 
@@ -210,6 +216,7 @@ class StageStep:
         self._running: Optional[tuple[str, PipelineCall]] = None  # the hook under way and its self(x)
         self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
         self.plan: Optional[BackwardPlan] = None  # the latest training step's
+        self._results: Optional[tuple[dict[str, Any], str]] = None  # last stage: shared after its backward
         self.held = HeldGradients()  # a non-last stage's gradients from a backward run in the step
 
     def check_collective(self, name: str) -> None:
@@ -223,9 +230,14 @@ class StageStep:
             )
 
     @property
+    def _early(self) -> bool:
+        """Whether the non-last stages run this training step's backward inside the step (step 4)."""
+        return self.plan in (BackwardPlan.FRESH, BackwardPlan.ACCUMULATE)
+
+    @property
     def backward_ran(self) -> bool:
         """Whether this stage's backward already ran inside the latest training step (step 4)."""
-        return not self.executor.is_last and self.plan in (BackwardPlan.FRESH, BackwardPlan.ACCUMULATE)
+        return not self.executor.is_last and self._early
 
     def run(
         self, module: LightningModule, hook: str, train: bool, args: tuple, kwargs: dict,
@@ -259,23 +271,26 @@ class StageStep:
                 output = None
             except Exception as error:
                 if call.returned and executor.k > 1:  # the other stages wait for this one's results: send the error
-                    self._fail(Failure.of(error))
+                    self._fail(Failure.of(error), drain=self._early)
                 raise
             finally:
                 self._running = None
         if executor.k == 1:
             return output
         if executor.is_last:
-            self._share(
-                {
-                    "records": records,
-                    "output": apply_to_collection(output, Tensor, _cpu),
-                    "should_stop": module.trainer.should_stop,
-                    "random": rank_random_state(self.device),
-                    "param_groups": _hyperparameters(module) if train else None,
-                },
-                where,
-            )
+            random = rank_random_state(self.device)
+            results = {
+                "records": records,
+                "output": apply_to_collection(output, Tensor, Tensor.detach),
+                "should_stop": module.trainer.should_stop,
+                # Only when the code after self(x) drew from them: the other stages are where this one was then.
+                "random": None if _same_random(random, call.random_at_return) else random,
+                "param_groups": _hyperparameters(module) if train else None,
+            }
+            if self._early:  # the others need the results only after their backward: so does this stage
+                self._results = (results, where)
+            else:
+                self._share(results, where, before_backward=train)
             return output
         if self.backward_ran:  # step 4: nothing this stage needs from the last stage's results
             executor.expect_gradients()
@@ -285,11 +300,18 @@ class StageStep:
                 self.averager.start(self.held.gradients() if held else executor.gradients())
         return self._take_shared(module)
 
-    def _share(self, results: Any, where: str = "") -> None:
+    def share_results(self) -> None:
+        """Last stage: send the training step's results, held until its backward has sent every gradient."""
+        if self._results is not None:
+            results, where = self._results
+            self._results = None
+            self._share(results, where, before_backward=False)
+
+    def _share(self, results: Any, where: str, before_backward: bool) -> None:
         """Send ``results`` to the other stages; if they cannot travel, send them the error instead, and raise it."""
         assert self.sharing is not None
         try:
-            self.sharing.send(results)
+            self.sharing.send(apply_to_collection(results, Tensor, _cpu))
         except Exception as error:
             failure = Failure.of(
                 TypeError(
@@ -297,13 +319,13 @@ class StageStep:
                     " Return and log tensors and plain Python values."
                 )
             )
-            self._fail(failure)
+            self._fail(failure, drain=before_backward and self._early)
             raise failure.error from error
 
-    def _fail(self, failure: Failure) -> None:
-        """Send the last stage's error to the others, first ending the backward they may be in (step 4)."""
+    def _fail(self, failure: Failure, drain: bool) -> None:
+        """Send the last stage's error to the others; ``drain``: first end the backward they are in (step 4)."""
         assert self.sharing is not None
-        if self.plan in (BackwardPlan.FRESH, BackwardPlan.ACCUMULATE):
+        if drain:
             self.executor.drain()
         self.sharing.send(failure)
 
@@ -316,7 +338,8 @@ class StageStep:
             raise shared.error
         if self.plan is BackwardPlan.LATE:  # the backward follows: let the last stage send at once
             self.executor.expect_gradients()
-        set_rank_random_state(shared["random"], self.device)
+        if shared["random"] is not None:
+            set_rank_random_state(shared["random"], self.device)
         module.trainer.should_stop = shared["should_stop"]
         if shared["param_groups"] is not None:
             _set_hyperparameters(module, shared["param_groups"])
@@ -342,6 +365,23 @@ def _hyperparameters(module: LightningModule) -> list[list[dict[str, Any]]]:
 
 def _cpu(t: Tensor) -> Tensor:
     return t.detach().cpu()
+
+
+def _same_random(a: dict[str, Any], b: Optional[dict[str, Any]]) -> bool:
+    """Whether two :func:`rank_random_state` snapshots are the same state."""
+    return b is not None and a.keys() == b.keys() and all(_equal(a[key], b[key]) for key in a)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if hasattr(a, "shape"):  # a numpy array
+        return bool((a == b).all())
+    return bool(a == b)
 
 
 def _set_hyperparameters(module: LightningModule, settings: list[list[dict[str, Any]]]) -> None:

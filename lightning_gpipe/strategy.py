@@ -570,6 +570,7 @@ class GPipeStrategy(ParallelStrategy):
             if self._averaging:
                 assert self._averager is not None
                 self._averager.start(executor.gradients())
+            flow.share_results()  # the last stage's results, held until its gradients were on their way
         if self._averager is not None and self._averager.started:
             self._averager.finish()  # the replicas' average, before on_after_backward and clipping read it
         flow.held.release()

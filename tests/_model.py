@@ -236,6 +236,18 @@ class GathersInValidation(Classifier):
         self.log("val_loss", self.all_gather(F.cross_entropy(self(x), y)).mean())
 
 
+class DrawsAfterForward(Classifier):
+    """Draws from the global random stream after self(x), on the last stage only; a shuffling loader draws next."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        weight = 1.0 + 0.1 * torch.rand(())  # a random loss weight
+        loss = weight * F.cross_entropy(logits, y)
+        self.log("weight", weight)
+        return loss
+
+
 class BarrierInValidation(Classifier):
     """A collective of every rank in the step after self(x)."""
 

@@ -61,6 +61,7 @@ K2 = [
     _refused("averaging", "Classifier", averaging=True),
     _named("refit", "FrozenFirstLayer", refit=True, save=True),
     _named("norm_before_zero_grad", "NormBeforeZeroGrad"),
+    _named("draws_after_forward", "DrawsAfterForward", data={"shuffle": True}),
     _named("norm_before_backward", "NormBeforeBackward"),
 ]
 
@@ -156,6 +157,16 @@ def test_gradients_read_before_the_backward_are_single_devices(name, model_class
     values = [metrics[key] for _, metrics in reference["logged"] if key in metrics]
     assert len(values) >= 4 and max(values) > 0  # the hooks saw real gradients
     _same_as_reference(runs[name], reference)
+
+
+def test_random_draws_after_self_x_reach_every_stage(k2):
+    """The last stage's draws after self(x) move the rank-wide stream there; the others take its state, so the
+    next epoch's shuffle is the same everywhere, and the same as on one device."""
+    ranks = k2["draws_after_forward"]
+    reference = reference_run(model_class="DrawsAfterForward", data={"shuffle": True})
+    _same_as_reference(ranks, reference)
+    assert ranks[0]["batch_sums"] == ranks[1]["batch_sums"] == reference["batch_sums"]
+    assert len({metrics["weight"] for _, metrics in reference["logged"] if "weight" in metrics}) > 3
 
 
 def test_grad_norm_is_lightnings_off_the_pipeline():
