@@ -252,7 +252,7 @@ class StageStep:
             self._checked_modes.add(module.training)
             check = partial(check_forward, module, self.sequential)
         call = self.call = PipelineCall(executor, self.microbatches, train, check)
-        # The last stage logs for real; the others drop their own calls and replay its records (step 4).
+        # The last stage logs for real; the others drop their own calls and replay its records (step 5).
         logging = record_logs(module) if executor.is_last else muted_logs(module)
         where = f"{type(module).__name__}.{hook}"
         refusal = (
@@ -290,7 +290,7 @@ class StageStep:
             if self._early:  # the others need the results only after their backward: so does this stage
                 self._results = (results, where)
             else:
-                self._share(results, where, before_backward=train)
+                self._share(results, where)
             return output
         if self.backward_ran:  # step 4: nothing this stage needs from the last stage's results
             executor.expect_gradients()
@@ -305,9 +305,9 @@ class StageStep:
         if self._results is not None:
             results, where = self._results
             self._results = None
-            self._share(results, where, before_backward=False)
+            self._share(results, where)
 
-    def _share(self, results: Any, where: str, before_backward: bool) -> None:
+    def _share(self, results: Any, where: str) -> None:
         """Send ``results`` to the other stages; if they cannot travel, send them the error instead, and raise it."""
         assert self.sharing is not None
         try:
@@ -319,7 +319,7 @@ class StageStep:
                     " Return and log tensors and plain Python values."
                 )
             )
-            self._fail(failure, drain=before_backward and self._early)
+            self._fail(failure, drain=False)  # shared before the others' backward, or after this one's
             raise failure.error from error
 
     def _fail(self, failure: Failure, drain: bool) -> None:

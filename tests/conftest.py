@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +14,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 from _model import StepRecorder, RecordingLogger, loaders  # noqa: E402
-from launch import launch  # noqa: E402
+from launch import fresh_env, launch  # noqa: E402
 
 WORKER = TESTS / "_worker.py"
 ATOL = 1e-5  # fp32: micro-batching changes only the order of a few floating-point sums
@@ -35,6 +37,19 @@ def run_scenarios(k: int, scenarios: list[dict], workdir: Path, timeout: float =
         s["name"]: [torch.load(workdir / f"{s['name']}.rank{r}.pt", weights_only=False) for r in range(k)]
         for s in scenarios
     }
+
+
+def run_launched(scenarios: list[dict], workdir: Path, timeout: float = 180) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``scenarios`` as a user does: one process, whose Lightning launcher starts the other ranks. Returns the
+    finished process and the seconds it ran."""
+    spec = workdir / "launched.json"
+    spec.write_text(json.dumps(scenarios))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(spec), str(workdir)],
+        capture_output=True, text=True, timeout=timeout, env=fresh_env(),
+    )  # fmt: skip
+    return proc, time.monotonic() - start
 
 
 def scenario(name: str, k: int, m: int, checkpoint: str = "except_last", **extra) -> dict:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORKER, assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
-from launch import fresh_env
+from conftest import (
+    assert_same_logs,
+    assert_same_params,
+    full_params,
+    reference_run,
+    run_launched,
+    run_scenarios,
+    scenario,
+)
 
 from lightning_gpipe import GPipeStrategy
 from lightning_gpipe.topology import Topology, check_layout
@@ -41,6 +44,8 @@ def d2k2(tmp_path_factory) -> tuple[Path, dict]:
         _dp("from_sharded", 2, 2, resume_from="sharded_e1"),
         {**_dp("one_layer", 2, 2, expect_error=True), "model_class": "OneLayer"},
         {**_dp("synced", 2, 2), "model_class": "SyncedLogs"},
+        # Each replica monitors its own shard's val_loss, as DDP's ranks do: the decision to save is every rank's.
+        _dp("monitored", 2, 2, model_checkpoint={"dirpath": str(out / "best"), "monitor": "val_loss", "save_top_k": 1}),
         _dp("observed", 2, 2, tensorboard=True, trainer={"max_steps": 3}, strategy={"observe_every_n_steps": 1},
             accumulate=1),
     ]
@@ -83,6 +88,12 @@ def test_sync_dist_averages_over_the_replicas(d2k2, two):
         assert_same_logs(rank["logged"], ddp[0]["logged"])
     assert ddp[0]["logged"] == ddp[1]["logged"]
     assert_same_params(full_params(ranks), ddp[0]["params"])
+
+
+def test_checkpoints_monitoring_a_replicas_value_decide_alike(d2k2):
+    saved = sorted(p.name for p in (d2k2[0] / "best").iterdir())
+    assert len(saved) == 1 and saved[0].startswith("epoch="), saved
+    assert_same_params(full_params(d2k2[1]["monitored"]), full_params(d2k2[1]["whole"]))
 
 
 def test_observed_steps_report_the_replicas_gradient_average(d2k2):
@@ -149,13 +160,7 @@ def test_ranks_are_laid_out_replica_major():
 
 def test_failure_in_another_replica_ends_every_rank(tmp_path):
     """Lightning's own launcher starts ranks 1 to 3; an error on rank 3 (stage 1 of replica 1) ends all four."""
-    spec = tmp_path / "fault.json"
-    spec.write_text(json.dumps([_dp("fault", 2, 2, epochs=2, fail_at={"rank": 3, "batch": 1})]))
-    start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(spec), str(tmp_path)],
-        capture_output=True, text=True, timeout=180, env=fresh_env(),
-    )  # fmt: skip
+    proc, seconds = run_launched([_dp("fault", 2, 2, epochs=2, fail_at={"rank": 3, "batch": 1})], tmp_path)
     assert proc.returncode != 0
     assert "RuntimeError: deliberate failure on rank 3 at batch 1" in proc.stderr
-    assert time.monotonic() - start < 120
+    assert seconds < 120

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 
 import lightning as L
 import pytest
 import torch
 from _model import Classifier, loaders
-from conftest import ATOL, WORKER, assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
-from launch import fresh_env
+from conftest import (
+    ATOL,
+    assert_same_logs,
+    assert_same_params,
+    full_params,
+    reference_run,
+    run_launched,
+    run_scenarios,
+    scenario,
+)
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gpipe import GPipeStrategy
@@ -208,17 +212,11 @@ def test_registered_by_name():
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_failure_on_one_rank_ends_all_ranks(failing_rank, tmp_path):
     """Lightning's own launcher starts rank 1; an error on either rank ends both, with the error shown."""
-    spec = tmp_path / "fault.json"
-    spec.write_text(json.dumps([scenario("fault", 2, 2, fail_at={"rank": failing_rank, "batch": 1})]))
-    start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(spec), str(tmp_path)],
-        capture_output=True, text=True, timeout=180, env=fresh_env(),
-    )  # fmt: skip
+    proc, seconds = run_launched([scenario("fault", 2, 2, fail_at={"rank": failing_rank, "batch": 1})], tmp_path)
     assert proc.returncode != 0
     assert f"RuntimeError: deliberate failure on rank {failing_rank} at batch 1" in proc.stderr
     assert f"GPipeStrategy: stage {1 - failing_rank} lost the connection to another stage" in proc.stderr
-    assert time.monotonic() - start < 120
+    assert seconds < 120
 
 
 # -- bad input on one process: each error names the values and what to do -------------------------
