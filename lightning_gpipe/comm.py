@@ -125,7 +125,10 @@ class _TensorPickler(pickle.Pickler):
     every storage as a small file."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is Tensor and obj.device.type == "cpu" and not obj.requires_grad and obj.dtype in _NUMPY:
+        if (
+            type(obj) is Tensor and obj.device.type == "cpu" and obj.layout is torch.strided and not obj.requires_grad
+            and obj.dtype in _NUMPY and not obj.is_neg()
+        ):  # fmt: skip
             return torch.from_numpy, (obj.numpy(),)
         return NotImplemented
 

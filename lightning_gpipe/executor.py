@@ -146,9 +146,9 @@ class StageExecutor:
         """This stage's parameters, each once."""
         return list({id(p): p for layer in self.layers for p in layer.parameters()}.values())
 
-    def gradients(self) -> list[Tensor]:
-        """The gradients this stage's parameters hold."""
-        return [p.grad for p in self.parameters() if p.grad is not None]
+    def trainable_parameters(self) -> list[Tensor]:
+        """This stage's parameters that may get gradients, each once."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def drain(self) -> None:
         """Instead of a backward: send zeros as every micro-batch's input gradients, in the backward's order.

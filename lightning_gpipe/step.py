@@ -37,6 +37,7 @@ collectives are the exchange of steps 4/5 and clipping's all-reduce; an observed
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import Enum
@@ -134,8 +135,13 @@ class HeldGradients:
             for p in params:
                 p.grad = None
 
-    def gradients(self) -> list[Tensor]:
-        return [g for _, g in self._held]
+    def of(self, params: list[Tensor]) -> list[Optional[Tensor]]:
+        """The held gradient of each of ``params`` (``None`` where there is none)."""
+        held = {id(p): g for p, g in self._held}
+        return [held.get(id(p)) for p in params]
+
+    def replace(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> None:
+        self._held = [(p, g) for p, g in zip(params, grads) if g is not None]
 
     def discard(self) -> None:
         self._held = []
@@ -212,6 +218,7 @@ class StageStep:
         self.sharing = sharing
         self.source = executor.k - 1 if source is None else source  # the last stage's global rank
         self.averager: Optional[GradientAverager] = None  # set for a step whose gradients the replicas average
+        self._averaged: tuple[list[Tensor], bool] = ([], False)  # the parameters averaged, and whether held
         self.call: Optional[PipelineCall] = None  # the latest step's, for what it measured
         self._running: Optional[tuple[str, PipelineCall]] = None  # the hook under way and its self(x)
         self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
@@ -247,6 +254,8 @@ class StageStep:
         return what the last stage's step returned. ``plan`` (training only) places a non-last stage's backward."""
         executor = self.executor
         self.plan = plan if train and executor.k > 1 else None
+        self._results = None  # nothing of an earlier step that failed may travel as this one's
+        self.held.discard()
         check = None
         if module.training not in self._checked_modes:  # forward may branch on self.training: check both
             self._checked_modes.add(module.training)
@@ -278,6 +287,10 @@ class StageStep:
         if executor.k == 1:
             return output
         if executor.is_last:
+            problem = _loss_problem(output, where) if train else None
+            if problem is not None:  # Lightning would refuse it before the backward the others are in
+                self._fail(Failure.of(problem), drain=self._early)
+                raise problem
             random = rank_random_state(self.device)
             results = {
                 "records": records,
@@ -294,11 +307,39 @@ class StageStep:
             return output
         if self.backward_ran:  # step 4: nothing this stage needs from the last stage's results
             executor.expect_gradients()
-            self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
-            if self.averager is not None:  # the replicas' average travels while this stage waits for the results
-                held = self.plan is BackwardPlan.FRESH
-                self.averager.start(self.held.gradients() if held else executor.gradients())
+            with torch.autocast(self.device.type, enabled=False):  # as Lightning's backward, outside the step
+                self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
+            self.start_average()  # the replicas' average travels while this stage waits for the results
         return self._take_shared(module)
+
+    def start_average(self) -> None:
+        """Post the average over the replicas of this stage's gradients (held or in ``.grad``), if this step's
+        gradients are averaged; right after this stage's backward."""
+        if self.averager is None:
+            return
+        params = self.executor.trainable_parameters()
+        held = self.backward_ran and self.plan is BackwardPlan.FRESH
+        self.averager.start(params, self.held.of(params) if held else [p.grad for p in params])
+        self._averaged = (params, held)
+
+    def finish_average(self) -> None:
+        """Wait for the average posted by :meth:`start_average` and put it where the gradients were."""
+        if self.averager is None or not self.averager.started:
+            return
+        averaged = self.averager.finish()
+        params, held = self._averaged
+        self._averaged = ([], False)
+        if held:
+            self.held.replace(params, averaged)
+        else:
+            for p, g in zip(params, averaged):
+                p.grad = g
+
+    def abandon(self, error: Exception) -> None:
+        """Last stage: its backward failed before sending any gradient; end the others' backward, send the error."""
+        if self._results is not None:
+            self._results = None
+            self._fail(Failure.of(error), drain=True)
 
     def share_results(self) -> None:
         """Last stage: send the training step's results, held until its backward has sent every gradient."""
@@ -361,6 +402,23 @@ def _hyperparameters(module: LightningModule) -> list[list[dict[str, Any]]]:
         ]
         for o in module.trainer.optimizers
     ]
+
+
+def _loss_problem(output: Any, where: str) -> Optional[Exception]:
+    """Why Lightning's automatic optimization would refuse ``output`` of a training step, or ``None``."""
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if isinstance(loss, Tensor):
+        return None
+    if output is None:
+        return RuntimeError(
+            f"GPipeStrategy: {where} returned None. A pipeline cannot skip a step (its other stages are already in"
+            " their backward), as distributed Lightning cannot: return the loss."
+        )
+    what = "a dict without a 'loss' tensor" if isinstance(output, Mapping) else f"a {type(output).__name__}"
+    return TypeError(
+        f"GPipeStrategy: {where} returned {what}; in automatic optimization it returns the loss, or a dict with"
+        " the loss under 'loss'"
+    )
 
 
 def _cpu(t: Tensor) -> Tensor:

@@ -564,15 +564,16 @@ class GPipeStrategy(ParallelStrategy):
         if not flow.backward_ran:  # else it ran in the step, before the last stage's results came (step.py's step 4)
             if executor.is_last:
                 # The loss (already divided by accumulate_grad_batches) fills the gradients of the stage outputs ...
-                self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+                try:
+                    self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
+                except Exception as error:  # the others are in their backward (step.py's step 4): end it, tell them
+                    flow.abandon(error)
+                    raise
             # ... which drive each micro-batch's backward, in reverse, through every stage.
             executor.backward()
-            if self._averaging:
-                assert self._averager is not None
-                self._averager.start(executor.gradients())
+            flow.start_average()
             flow.share_results()  # the last stage's results, held until its gradients were on their way
-        if self._averager is not None and self._averager.started:
-            self._averager.finish()  # the replicas' average, before on_after_backward and clipping read it
+        flow.finish_average()  # the replicas' average, before on_after_backward and clipping read it
         flow.held.release()
         flow.wait()
         if self._observing:

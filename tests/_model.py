@@ -248,6 +248,21 @@ class DrawsAfterForward(Classifier):
         return loss
 
 
+class ReturnsNoneOnce(Classifier):
+    """Skips the second training step by returning None, as single-device Lightning allows."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx == 1 else loss
+
+
+class DetachedLoss(Classifier):
+    """Returns a loss without a graph: Lightning's backward fails on the last stage."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx).detach()
+
+
 class BarrierInValidation(Classifier):
     """A collective of every rank in the step after self(x)."""
 

@@ -57,6 +57,9 @@ K2 = [
     _named("warmup_in_step", "WarmupInStep"),
     _named("gathers_in_validation", "GathersInValidation"),
     _refused("barrier_in_validation", "BarrierInValidation"),
+    {**_refused("returns_none", "ReturnsNoneOnce"), "accumulate": 1},  # a step whose backward is in the step
+    {**_refused("returns_none_accumulating", "ReturnsNoneOnce")},  # batch 1 accumulates: backward in the step too
+    _refused("detached_loss", "DetachedLoss"),
     _refused("unpicklable_output", "UnpicklableOutput"),
     _refused("averaging", "Classifier", averaging=True),
     _named("refit", "FrozenFirstLayer", refit=True, save=True),
@@ -330,6 +333,11 @@ def test_a_second_fit_with_other_trainable_parameters(k2):
          " before self(x), or in a hook every stage runs (such as on_validation_epoch_end)."),
         ("unpicklable_output", "TypeError: GPipeStrategy: what UnpicklableOutput.training_step returned or logged cannot"
          " be sent to the other stages"),
+        ("returns_none", "RuntimeError: GPipeStrategy: ReturnsNoneOnce.training_step returned None. A pipeline cannot"
+         " skip a step (its other stages are already in their backward), as distributed Lightning cannot: return the"
+         " loss."),
+        ("returns_none_accumulating", "RuntimeError: GPipeStrategy: ReturnsNoneOnce.training_step returned None."),
+        ("detached_loss", "RuntimeError: element 0 of tensors does not require grad"),
         ("averaging", "ValueError: GPipeStrategy cannot run EMAWeightAveraging: it copies the whole module before the"
          " pipeline cuts it, then pairs the copy's parameters with one stage's by position. Average weights after"
          " training, on the whole model that global rank 0 holds then."),

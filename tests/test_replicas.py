@@ -17,6 +17,8 @@ from conftest import (
 )
 
 from lightning_gpipe import GPipeStrategy
+from lightning_gpipe.replicas import GradientAverager
+from lightning_gpipe.timeline import Timeline
 from lightning_gpipe.topology import Topology, check_layout
 
 EPOCHS = 3
@@ -164,3 +166,27 @@ def test_failure_in_another_replica_ends_every_rank(tmp_path):
     assert proc.returncode != 0
     assert "RuntimeError: deliberate failure on rank 3 at batch 1" in proc.stderr
     assert seconds < 120
+
+
+def test_average_of_gradients_that_only_some_replicas_have(monkeypatch):
+    """Two replicas: the all-reduce is faked as adding the other replica's buffer, laid out as this one's."""
+    a, b, c, d = (torch.nn.Parameter(torch.zeros(2)) for _ in range(4))
+    here = [torch.tensor([2.0, 2.0]), torch.tensor([6.0, 6.0]), None, None]
+    there = [torch.tensor([1.0, 1.0]), None, torch.tensor([4.0, 4.0]), None]  # d: no replica has a gradient
+    buffer = torch.cat([(g if g is not None else torch.zeros(2)) / 2 for g in there] + [torch.tensor([1.0, 0, 1, 0])])
+
+    class Done:
+        def wait(self):
+            pass
+
+    def all_reduce(flat, group=None, async_op=False):
+        assert flat.shape == buffer.shape  # the same size on every replica, whichever gradients it has
+        flat.add_(buffer)
+        return Done()
+
+    monkeypatch.setattr("lightning_gpipe.replicas.dist.all_reduce", all_reduce)
+    averager = GradientAverager(None, 2, Timeline(0))
+    averager.start([a, b, c, d], here)
+    got = averager.finish()
+    assert [g.tolist() if g is not None else None for g in got] == [[1.5, 1.5], [3.0, 3.0], [2.0, 2.0], None]
+    assert got[0] is here[0]  # written into this replica's own gradient tensor
