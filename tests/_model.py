@@ -76,6 +76,33 @@ def loaders(n_train: int = 34, n_val: int = 12, width: int = 8, classes: int = 3
     return train_loader, DataLoader(val, batch_size=5)
 
 
+class _Float32(nn.Module):
+    """A layer kept in float32 under autocast (a common island for numerically touchy layers)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.layer(x.float())
+
+
+class AutocastIsland(Classifier):
+    """Its first layer runs in float32 under bf16-mixed."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.body[0] = _Float32(self.body[0])
+
+
+class AutocastIslandLate(AutocastIsland):
+    """The same, with a hook between the step and the backward: the non-last stages' backward runs late."""
+
+    def on_before_backward(self, loss):
+        pass
+
+
 class StepScheduled(Classifier):
     """The learning rate changes every optimizer step."""
 

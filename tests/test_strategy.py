@@ -42,6 +42,8 @@ K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES]
     scenario("summary_with_example", 2, 3, model={"example": True}, trainer={"enable_model_summary": True, "max_steps": 1}),
     scenario("bf16_always", 2, 3, "always", precision="bf16-mixed"),
     scenario("bf16_never", 2, 3, "never", precision="bf16-mixed"),
+    scenario("island", 2, 3, precision="bf16-mixed", model_class="AutocastIsland"),
+    scenario("island_late", 2, 3, precision="bf16-mixed", model_class="AutocastIslandLate"),
     _error("balance_sum", 2, [3, 3]),
     _error("balance_zero", 2, [0, 9]),
     _error("balance_length", 2, [9]),
@@ -185,6 +187,12 @@ def test_bf16_mixed(k2, reference):
     assert_same_params(always, never, atol=0)  # autocast is replayed on recompute too
     bf16_reference = reference_run(precision="bf16-mixed")["params"]
     assert_same_params(always, bf16_reference, atol=2e-2)  # bf16 rounds per micro-batch
+
+
+def test_backward_in_the_step_is_lightnings_backward(k2):
+    """Non-last stages run their backward inside the step, or (with a hook between step and backward) in
+    Lightning's backward: the same computation, outside autocast both times, so the same bits."""
+    assert_same_params(full_params(k2["island"]), full_params(k2["island_late"]), atol=0)
 
 
 @pytest.mark.parametrize(
