@@ -90,6 +90,15 @@ def test_one_pipelined_step_equals_single_device(name, tmp_path):
                        "m=3"], tmp_path, timeout=300)  # fmt: skip
     assert all(r.returncode == 0 for r in ranks), "\n".join(r.output[-3000:] for r in ranks)
     got = torch.load(tmp_path / "step.pt")  # global rank 0's module: the whole model after the run
+    # One device running the same 3 micro-batches (K=1): the pipeline adds no error of its own. Bit for bit for
+    # the MLP; the convnet and the transformer differ in the last bits once cut (measured: 3.7e-9 and 1.2e-10),
+    # an order of floating-point additions inside autograd that I did not trace further.
+    same_microbatches = one_step([*overrides, "k=1", "m=3"])
+    assert sorted(got) == sorted(same_microbatches)
+    for key in same_microbatches:
+        atol = 0.0 if name == "mlp" else 1e-8
+        torch.testing.assert_close(got[key], same_microbatches[key], rtol=0, atol=atol, msg=key)
+    # The whole batch at once: the same up to floating-point reassociation of the smaller products.
     expected = one_step([*overrides, "strategy=single"])
     assert sorted(got) == sorted(expected)
     for key in expected:
