@@ -183,7 +183,6 @@ class GPipeStrategy(ParallelStrategy):
         self._data_parallel_size = data_parallel_size
         self._topology: Optional[Topology] = None  # built with the process group
         self._averager: Optional[GradientAverager] = None  # with several replicas
-        self._averaging = False  # whether this training step ends in an optimizer step (replicas then average)
         self._state_dict_type = state_dict_type
         self._gather_model = gather_model
         self._deferred_batchnorm = deferred_batchnorm
@@ -507,9 +506,9 @@ class GPipeStrategy(ParallelStrategy):
         trainer = module.trainer
         self._plan = BackwardPlan.of(trainer, module, batch_idx)
         # Replicas average once per optimizer step, on its last batch of accumulation, as DDP does.
-        self._averaging = self._averager is not None and not trainer.fit_loop.epoch_loop._should_accumulate()
         if self._flow is not None:
-            self._flow.averager = self._averager if self._averaging else None
+            stepping = not trainer.fit_loop.epoch_loop._should_accumulate()
+            self._flow.averager = self._averager if stepping else None
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -65,14 +65,6 @@ class Topology:
     def replica(self) -> int:
         return self.rank // self.k
 
-    @property
-    def world(self) -> int:
-        return self.k * self.d
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage == self.k - 1
-
     def rank_of(self, stage: int, replica: Optional[int] = None) -> int:
         """The global rank of ``stage`` in ``replica`` (this rank's replica by default)."""
         return (self.replica if replica is None else replica) * self.k + stage
