@@ -1,4 +1,4 @@
-"""Asynchronous point-to-point transfers between neighbouring stages.
+"""Asynchronous point-to-point transfers between neighbouring stages, and between the two ends of a skip.
 
 Activations travel forward with a small header describing their shapes and dtypes, so nothing
 is fixed at the first step: batch sizes, sequence lengths and dtypes may change from step to step.
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_gpipe.microbatch import Tensors
+from lightning_gpipe.skip import Port
 
 __all__ = ["StageLink", "ObjectBroadcast", "carries_grad"]
 
@@ -29,6 +30,9 @@ _DTYPES = (
 )  # fmt: skip
 _HEADER_LEN = 64  # int64 slots: a count, then (dtype, ndim, *shape) per tensor
 _HEADER, _ACTIVATION, _GRADIENT = range(3)
+_KIND_BITS = 12  # a message's tag: its micro-batch, then its kind (gloo matches on tags; NCCL on order)
+#: Skip connections that may cross stages in one model (each takes three kinds of message).
+MAX_SKIPS = ((1 << _KIND_BITS) - 3) // 3
 
 
 def carries_grad(t: Tensor) -> bool:
@@ -48,6 +52,7 @@ class StageLink:
         self._sends: list[tuple[dist.Work, Tensor]] = []
         self._headers: dict[int, tuple[dist.Work, Tensor]] = {}
         self._gradients: dict[int, tuple[list[dist.Work], list[Optional[Tensor]]]] = {}
+        self._skip_gradients: dict[tuple[int, int], tuple[dist.Work, Tensor]] = {}
 
     def _rank(self, stage: int) -> int:
         return dist.get_global_rank(self.group, stage) if self.group is not None else stage
@@ -113,6 +118,41 @@ class StageLink:
         for g in grads:
             self._isend(g, self.stage - 1, _tag(i, _GRADIENT))
 
+    # -- skips: stage j sends a stashed tensor to the stage that pops it, which sends its gradient back --------
+
+    def send_skip(self, i: int, port: Port, x: Tensor) -> None:
+        """Post the sends of micro-batch ``i``'s stashed tensor to the stage that pops it."""
+        self._isend(_encode_header((x,), self.device), port.stage, _tag(i, _skip_kind(port.route, _HEADER)))
+        self._isend(x, port.stage, _tag(i, _skip_kind(port.route, _ACTIVATION)))
+
+    def recv_skip(self, i: int, port: Port) -> Tensor:
+        """Receive micro-batch ``i``'s tensor that ``port.stage`` stashed."""
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._irecv(header, port.stage, _tag(i, _skip_kind(port.route, _HEADER))).wait()
+        ((shape, dtype),) = _decode_header(header)
+        x = torch.empty(shape, dtype=dtype, device=self.device)
+        self._irecv(x, port.stage, _tag(i, _skip_kind(port.route, _ACTIVATION))).wait()
+        return x
+
+    def expect_skip_gradient(self, i: int, port: Port, shape: torch.Size, dtype: torch.dtype) -> None:
+        """Post the receive of the gradient for micro-batch ``i``'s tensor sent through ``port``."""
+        if _carries_grad(dtype):
+            g = torch.empty(shape, dtype=dtype, device=self.device)
+            work = self._irecv(g, port.stage, _tag(i, _skip_kind(port.route, _GRADIENT)))
+            self._skip_gradients[(i, port.route)] = (work, g)
+
+    def recv_skip_gradient(self, i: int, port: Port) -> Optional[Tensor]:
+        """The gradient posted by :meth:`expect_skip_gradient`, ``None`` for a tensor that carries none."""
+        if (i, port.route) not in self._skip_gradients:
+            return None
+        work, g = self._skip_gradients.pop((i, port.route))
+        work.wait()
+        return g
+
+    def send_skip_gradient(self, i: int, port: Port, g: Tensor) -> None:
+        """Post the send of the gradient for micro-batch ``i``'s tensor that ``port.stage`` stashed."""
+        self._isend(g, port.stage, _tag(i, _skip_kind(port.route, _GRADIENT)))
+
     def flush(self) -> None:
         """Wait until every posted send has completed, so their buffers may be freed."""
         for work, _ in self._sends:
@@ -138,7 +178,12 @@ _NUMPY = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32,
 
 
 def _tag(i: int, kind: int) -> int:
-    return 3 * i + kind
+    return (i << _KIND_BITS) | kind
+
+
+def _skip_kind(route: int, kind: int) -> int:
+    """Skip ``route``'s own kinds of message, after the three between neighbours."""
+    return 3 + 3 * route + kind
 
 
 def _encode_header(xs: Tensors, device: torch.device) -> Tensor:

@@ -16,6 +16,7 @@ from lightning_gpipe.memory import ActivationMeter
 from lightning_gpipe.microbatch import TensorOrTensors, Tensors, as_tuple, tensors_in
 from lightning_gpipe.rng import StageRandom
 from lightning_gpipe.schedule import Action, Phase, checkpoint_stop, fthenb
+from lightning_gpipe.skip import Key, Port, StageTracker, use_tracker
 from lightning_gpipe.timeline import Timeline
 
 __all__ = ["StageExecutor"]
@@ -32,7 +33,10 @@ class _Slot:
     state: Optional[ForwardState]  # set when re-materialized
     sent: tuple[tuple[torch.Size, torch.dtype], ...] = ()  # shapes and dtypes of the outputs sent forward
     leaves: Optional[Tensors] = None  # last stage: detached outputs that the loss is computed from
-    held: list = field(default_factory=list)  # what the activation meter counts for ``inputs``
+    held: list = field(default_factory=list)  # what the activation meter counts for ``inputs`` and ``popped``
+    popped: dict[Key, Tensor] = field(default_factory=dict)  # skips received from earlier stages: leaves too
+    stashed: Optional[Tensors] = None  # skips sent to later stages, in the ports' order; None when re-materialized
+    stashed_sent: tuple[tuple[torch.Size, torch.dtype], ...] = ()
 
 
 class StageExecutor:
@@ -53,9 +57,11 @@ class StageExecutor:
         checkpoint: str = "except_last",
         random: Optional[StageRandom] = None,
         schedule: Schedule = fthenb,
+        skips: tuple[list[Port], list[Port]] = ([], []),
     ) -> None:
         if k > 1 and link is None:
             raise ValueError(f"a pipeline of {k} stages needs a StageLink")
+        self.sends, self.receives = skips  # skips this stage stashes for later stages, and those it pops
         self.layers = list(layers)
         self.stage, self.k, self.device = stage, k, device
         self.link = link
@@ -108,14 +114,19 @@ class StageExecutor:
             else:
                 with self.timeline.span("recv", i):
                     x = self._receive(i, n, train)
+            popped = self._receive_skips(i, train)
             state = ForwardState.capture(self.device) if i < stop else None
             with self.timeline.span("forward", i), self.meter.saving(), torch.set_grad_enabled(train and state is None):
-                y = self.run_layers(_fresh(x))
+                y, stashed = self._run(x, popped)
             ys = as_tuple(y)
             if train:
-                sent = tuple((t.shape, t.dtype) for t in ys)
-                held = self.meter.hold(tensors_in(x)) if state else []
-                self._slots[i] = _Slot(inputs=x, outputs=None if state else ys, state=state, sent=sent, held=held)
+                held = self.meter.hold(tensors_in(x) + list(popped.values())) if state else []
+                self._slots[i] = _Slot(
+                    inputs=x, outputs=None if state else ys, state=state, sent=_specs(ys), held=held,
+                    popped=popped, stashed=None if state else stashed, stashed_sent=_specs(stashed),
+                )  # fmt: skip
+            for port, t in zip(self.sends, stashed):
+                self.link.send_skip(i, port, t)  # type: ignore[union-attr]
             if not self.is_last:
                 self.link.send_activations(i, ys)  # type: ignore[union-attr]
             elif train:
@@ -140,7 +151,10 @@ class StageExecutor:
             return
         self._expecting = True
         for action in self._actions(len(self._slots), Phase.BACKWARD):
-            self.link.expect_gradients(action.i, self._slots[action.i].sent)  # type: ignore[union-attr]
+            slot = self._slots[action.i]
+            self.link.expect_gradients(action.i, slot.sent)  # type: ignore[union-attr]
+            for port, (shape, dtype) in zip(self.sends, slot.stashed_sent):
+                self.link.expect_skip_gradient(action.i, port, shape, dtype)  # type: ignore[union-attr]
 
     def parameters(self) -> list[Tensor]:
         """This stage's parameters, each once."""
@@ -162,6 +176,10 @@ class StageExecutor:
             if not self.is_first:
                 zeros = [torch.zeros_like(x) for x in as_tuple(slot.inputs) if carries_grad(x)]
                 self.link.send_gradients(action.i, zeros)  # type: ignore[union-attr]
+            for port in self.receives:
+                popped = slot.popped[port.key]
+                if carries_grad(popped):
+                    self.link.send_skip_gradient(action.i, port, torch.zeros_like(popped))  # type: ignore[union-attr]
             self.meter.release(slot.held)
             self._slots[action.i] = None
         self._flush()
@@ -179,17 +197,24 @@ class StageExecutor:
             else:
                 with self.timeline.span("recv", i):
                     grads = self.link.recv_gradients(i)  # type: ignore[union-attr]
-            outputs = slot.outputs
+            skip_grads = [self.link.recv_skip_gradient(i, port) for port in self.sends]  # type: ignore[union-attr]
+            outputs, stashed = slot.outputs, slot.stashed
             if outputs is None:
                 with self.timeline.span("recompute", i), self.meter.saving(), batchnorm_stats_kept(self.layers):
                     with slot.state.replay():  # type: ignore[union-attr]
-                        outputs = as_tuple(self.run_layers(_fresh(slot.inputs)))
-            pairs = [(y, g) for y, g in zip(outputs, grads) if g is not None and y.requires_grad]
+                        y, stashed = self._run(slot.inputs, slot.popped)
+                        outputs = as_tuple(y)
+            roots = zip((*outputs, *stashed), (*grads, *skip_grads))  # type: ignore[misc]
+            pairs = [(y, g) for y, g in roots if g is not None and y.requires_grad]
             with self.timeline.span("backward", i):
                 if pairs:
                     torch.autograd.backward([y for y, _ in pairs], [g for _, g in pairs])
             if not self.is_first:
                 self.link.send_gradients(i, _input_grads(slot.inputs))  # type: ignore[union-attr]
+            for port in self.receives:
+                popped = slot.popped[port.key]
+                if carries_grad(popped):
+                    self.link.send_skip_gradient(i, port, _input_grads(popped)[0])  # type: ignore[union-attr]
             self.meter.release(slot.held)
             self._slots[i] = None
         self._flush()
@@ -203,10 +228,27 @@ class StageExecutor:
         return [a for a in self.schedule(self.k, n, self.stage) if a.phase is phase]
 
     def _receive(self, i: int, n: int, train: bool) -> Any:
-        xs = self.link.recv_activations(i, ahead=i + 1 if i + 1 < n else None)  # type: ignore[union-attr]
+        # Messages between two ranks keep one order on both (NCCL matches by order): a skip from the previous
+        # stage follows micro-batch i's activations, so the next header is posted after it is received.
+        ahead = i + 1 if i + 1 < n and not any(p.stage == self.stage - 1 for p in self.receives) else None
+        xs = self.link.recv_activations(i, ahead=ahead)  # type: ignore[union-attr]
         if train:
             xs = tuple(x.requires_grad_(carries_grad(x)) for x in xs)
         return xs[0] if len(xs) == 1 else xs
+
+    def _receive_skips(self, i: int, train: bool) -> dict[Key, Tensor]:
+        popped = {}
+        for port in self.receives:
+            with self.timeline.span("recv", i):
+                x = self.link.recv_skip(i, port)  # type: ignore[union-attr]
+            popped[port.key] = x.requires_grad_(train and carries_grad(x))
+        return popped
+
+    def _run(self, x: Any, popped: dict[Key, Tensor]) -> tuple[TensorOrTensors, Tensors]:
+        """The stage's layers on ``x``; also returns the tensors stashed for later stages, in the ports' order."""
+        with use_tracker(StageTracker(popped, (p.key for p in self.sends))) as tracker:
+            y = self.run_layers(_fresh(x))
+        return y, tuple(tracker.outgoing_tensors(self.sends))
 
 
 def _fresh(x: Any) -> Any:
@@ -217,6 +259,10 @@ def _fresh(x: Any) -> Any:
     if isinstance(x, tuple) and all(isinstance(t, Tensor) for t in x):
         return tuple(_fresh(t) for t in x)
     return x
+
+
+def _specs(xs: Tensors) -> tuple[tuple[torch.Size, torch.dtype], ...]:
+    return tuple((x.shape, x.dtype) for x in xs)
 
 
 def _input_grads(inputs: Any) -> list[Tensor]:

@@ -18,6 +18,7 @@ from lightning_gpipe.logs import muted_logs, patched
 from lightning_gpipe.memory import ActivationMeter, optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import _map, as_tuple
 from lightning_gpipe.rng import rank_random_state, set_rank_random_state
+from lightning_gpipe.skip import SkipTracker, use_tracker
 
 __all__ = ["LayerCosts", "profile_layers", "predicted_efficiency", "input_of_step", "optimizer_slots", "untouched_random"]
 
@@ -49,8 +50,8 @@ def profile_layers(layers: Sequence[nn.Module], sample: Any, device: torch.devic
     seconds, params, activations = [], [], []
     x = _to(sample, device)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        for layer in layers:
+    with torch.random.fork_rng(devices=devices, device_type=device.type), use_tracker(SkipTracker(keep=True)):
+        for layer in layers:  # a skip stashed by one layer waits for the layer that pops it, through repetitions
             with _visiting(layer, device):
                 runs = [_forward_backward(layer, x, device) for _ in range(repeats + 1)]  # the first warms up
                 seconds.append(statistics.median(runs[1:]))

@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from lightning_gpipe.assemble import fill_from_first, gather_layers
 from lightning_gpipe.batchnorm import defer, undefer
-from lightning_gpipe.comm import ObjectBroadcast, StageLink
+from lightning_gpipe.comm import MAX_SKIPS, ObjectBroadcast, StageLink
 from lightning_gpipe.contract import frozen_summaries, parameters_refused, seed_workers_alike, stage_parameters
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import patched
@@ -78,6 +78,7 @@ from lightning_gpipe.state import (
 )
 from lightning_gpipe.replicas import GradientAverager
 from lightning_gpipe.step import BackwardPlan, Failure, StageStep
+from lightning_gpipe.skip import SkipError, skip_routes, stage_ports
 from lightning_gpipe.topology import Topology, check_layout, check_replicas
 
 __all__ = ["GPipeStrategy"]
@@ -398,6 +399,9 @@ class GPipeStrategy(ParallelStrategy):
         else:
             resolve_balance(self._balance, seq, k)  # the same checks against the module given now
         layers = list(seq._modules.values())
+        routes = skip_routes(seq)
+        if len(routes) > MAX_SKIPS:
+            raise SkipError(f"{name} has {len(routes)} skip connections; a pipeline carries at most {MAX_SKIPS}")
         check_unshared(module, seq, self._balance)
         if fitting:
             check_stages_have_parameters(self._balance, layers)
@@ -418,7 +422,10 @@ class GPipeStrategy(ParallelStrategy):
         link = StageLink(stage, k, self.root_device, topology.pipeline_group) if k > 1 else None
         if self._stage_random is None:  # one stream per stage for the strategy's life: runs continue it
             self._stage_random = StageRandom(stage, self.root_device)
-        self._executor = StageExecutor(kept, stage, k, self.root_device, link, self._checkpoint, self._stage_random)
+        self._executor = StageExecutor(
+            kept, stage, k, self.root_device, link, self._checkpoint, self._stage_random,
+            skips=stage_ports(routes, self._balance, stage),
+        )  # fmt: skip
         sharing = ObjectBroadcast(self.root_device, topology.pipeline_group) if k > 1 else None
         self._flow = StageStep(self._executor, self._microbatches, name, self.root_device, sharing, topology.rank_of(k - 1))
         if topology.d > 1:
