@@ -69,6 +69,12 @@ def _check_model(cfg: DictConfig, model: L.LightningModule, datamodule: L.Lightn
             f"model {type(model).__name__} reads {reads} inputs, but data {type(datamodule).__name__} yields {yields}"
             " inputs; pick a matching pair (see conf/experiment/ for presets)"
         )
+    predicts, targets = getattr(model, "target_kind", "label"), getattr(datamodule, "target_kind", "label")
+    if predicts != targets:
+        raise ConfigError(
+            f"model {type(model).__name__} predicts {predicts} targets, but data {type(datamodule).__name__} yields"
+            f" {targets} targets; pick a matching pair (see conf/experiment/ for presets)"
+        )
     _, seq = find_sequential(model)
     if not (isinstance(cfg.strategy, DictConfig) and cfg.strategy._target_.endswith("GPipeStrategy")):
         return

@@ -12,6 +12,8 @@ class SplitDataModule(L.LightningDataModule):
 
     #: What the inputs are: ``"vector"``, ``"image"`` or ``"tokens"``; the model must read the same.
     kind = "vector"
+    #: What the targets are: ``"label"`` (one class per sample or token) or ``"pixels"`` (one per pixel).
+    target_kind = "label"
 
     def __init__(self, batch_size: int = 128, val_fraction: float = 0.1, seed: int = 1234) -> None:
         super().__init__()

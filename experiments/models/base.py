@@ -15,6 +15,8 @@ class Classifier(L.LightningModule):
 
     #: What the model reads: ``"vector"``, ``"image"`` or ``"tokens"``; a data module must yield the same.
     input_kind = "vector"
+    #: What the model predicts: ``"label"`` or ``"pixels"``; a data module must yield the same targets.
+    target_kind = "label"
     #: Log perplexity instead of accuracy (language models).
     perplexity = False
 
