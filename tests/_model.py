@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gpipe.microbatch import split_sizes
+from lightning_gpipe.skip import pop, skippable, stash
 
 
 class Classifier(L.LightningModule):
@@ -411,3 +412,46 @@ class RecordingLogger(Logger):
 
     def log_metrics(self, metrics, step=None):
         self.records.append((step, {k: float(v) for k, v in metrics.items()}))
+
+
+@skippable(stash=["early"])
+class _StashTanh(nn.Module):
+    """A linear layer and tanh whose input waits for a later layer."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x):
+        yield stash("early", x)
+        return torch.tanh(self.lin(x))
+
+
+@skippable(pop=["early"])
+class _PopAdd(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x):
+        early = yield pop("early")
+        return torch.tanh(self.lin(x) + early)
+
+
+class SkipClassifier(Classifier):
+    """The classifier with a skip from its first layer to the one before its head (layers 0 -> 4 of 6)."""
+
+    def __init__(self, width: int = 8, classes: int = 3, **kwargs):
+        super().__init__(width=width, classes=classes, **kwargs)
+        self.body = nn.Sequential(
+            _StashTanh(width), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), _PopAdd(width),
+            nn.Linear(width, classes),
+        )  # fmt: skip
+
+
+class UnpoppedSkip(Classifier):
+    """A stash that no layer pops."""
+
+    def __init__(self, width: int = 8, classes: int = 3, **kwargs):
+        super().__init__(width=width, classes=classes, **kwargs)
+        self.body = nn.Sequential(_StashTanh(width), nn.Linear(width, width), nn.Linear(width, classes))

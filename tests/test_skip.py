@@ -16,6 +16,8 @@ from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.microbatch import split
 from lightning_gpipe.skip import Namespace, Port, SkipError, pop, skip_routes, skippable, stage_ports, stash
 
+from conftest import assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
+
 MODES = ("always", "except_last", "never")
 
 
@@ -194,3 +196,20 @@ def test_skips_cross_stages_point_to_point(k, balance, between):
         assert from_first == [(64,), (2, 4)] * 3  # each micro-batch's skip, header and tensor, straight from stage 0
         to_first = [shape for src, shape in received[(0, checkpoint)] if src == last]
         assert to_first == [(2, 4)] * 3  # and its gradient straight back
+
+
+def test_a_lightning_module_with_a_skip_trains_as_on_one_device(tmp_path):
+    """K=3 (the skip goes from stage 0 to stage 2) and K=2, with clipping, accumulation, momentum and StepLR, equal
+    single-device Lightning; a stash without a pop stops every rank before training."""
+    skip = {"model_class": "SkipClassifier"}
+    scenarios = [scenario(f"k3_{mode}", 3, 4, mode, **skip) for mode in MODES]
+    (tmp_path / "k3").mkdir(), (tmp_path / "k2").mkdir()
+    ranks = run_scenarios(3, scenarios, tmp_path / "k3")
+    k2 = run_scenarios(2, [scenario("k2", 2, 3, **skip), {**scenario("unpopped", 2, 3), "model_class": "UnpoppedSkip",
+                       "expect_error": True}], tmp_path / "k2")  # fmt: skip
+    reference = reference_run(model_class="SkipClassifier")
+    for run in [*(ranks[s["name"]] for s in scenarios), k2["k2"]]:
+        assert_same_params(full_params(run), reference["params"])
+        assert_same_logs(run[0]["logged"], reference["logged"])
+    message = "SkipError: stashed but never popped: 'early' (layer 0 (_StashTanh)); every stash needs one pop in a later layer"
+    assert [r["error"] for r in k2["unpopped"]] == [message] * 2
