@@ -21,15 +21,19 @@ from torch import nn
 from lightning_gpipe.partition import AbsentLayer, live_layers
 from lightning_gpipe.state import gather_to_first
 
-__all__ = ["gather_layers", "fill_from_first"]
+__all__ = ["gather_layers", "fill_from_first", "shared_parameters"]
 
 
-def gather_layers(seq: nn.Sequential, stage: int, k: int, ranks: Optional[Sequence[int]] = None) -> None:
+def gather_layers(
+    seq: nn.Sequential, stage: int, k: int, ranks: Optional[Sequence[int]] = None, tied: Sequence[Sequence[str]] = ()
+) -> None:
     """Put every stage's layers into ``seq`` on the first stage; ``ranks`` are the stages' global ranks (0..k-1 by
-    default)."""
+    default). ``tied``: per parameter tied across stages, its names in ``seq``; its copies become one again."""
     parts = gather_to_first(live_layers(seq), stage, k, ranks)
     for part in parts[1:]:
         _insert(seq, part)
+    if stage == 0:
+        _tie(seq, tied)
 
 
 def fill_from_first(seq: nn.Sequential, stage: int, k: int, gather: Callable[[Any], list[Any]]) -> None:
@@ -51,13 +55,33 @@ def fill_from_first(seq: nn.Sequential, stage: int, k: int, gather: Callable[[An
         )
     if stage == 0:
         layers = list(seq._modules.values())
+        tied = shared_parameters(seq)  # which the receivers' copies must share again
         for rank in range(1, k):
             if wanted[rank]:
-                dist.send_object_list([[(i, layers[i]) for i in wanted[rank]]], dst=rank)
+                dist.send_object_list([([(i, layers[i]) for i in wanted[rank]], tied)], dst=rank)
     elif absent:
         box: list[Any] = [None]
         dist.recv_object_list(box, src=0)
-        _insert(seq, box[0])
+        layers, tied = box[0]
+        _insert(seq, layers)
+        _tie(seq, tied)
+
+
+def shared_parameters(seq: nn.Sequential) -> list[list[str]]:
+    """Per parameter that several layers of ``seq`` use, its names in ``seq``."""
+    names: dict[int, list[str]] = {}
+    for name, p in seq.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _tie(seq: nn.Sequential, tied: Sequence[Sequence[str]]) -> None:
+    """Make every name of each group in ``tied`` refer to the parameter under its first name."""
+    for first, *others in tied:
+        p = seq.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(seq.get_submodule(owner), attr, p)
 
 
 def _insert(seq: nn.Sequential, layers: list[tuple[int, nn.Module]]) -> None:

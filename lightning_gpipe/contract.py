@@ -73,8 +73,9 @@ def grad_norm(module: nn.Module, norm_type: Union[float, int, str], group_separa
     if norm_type <= 0:
         raise ValueError(f"`norm_type` must be a positive number or 'inf' (infinity norm). Got {norm_type}")
     prefix = f"grad_{norm_type}_norm"
-    local = {
-        f"{prefix}{group_separator}{name}": p.grad.data.norm(norm_type)
+    aliases = module.trainer.strategy.tied_names if _pipelined(module) else {}  # type: ignore[union-attr]
+    local = {  # a parameter tied across stages under its single-device name: once in the gathered norms
+        f"{prefix}{group_separator}{aliases.get(name, name)}": p.grad.data.norm(norm_type)
         for name, p in nn.Module.named_parameters(module)  # the module's own method, never a refusal
         if p.grad is not None
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any, Optional, Union
@@ -20,7 +20,6 @@ __all__ = [
     "check_forward",
     "check_stages_have_parameters",
     "check_stages_optimized",
-    "check_unshared",
     "find_sequential",
     "keep_stage",
     "live_layers",
@@ -195,25 +194,6 @@ def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:
     return counts
 
 
-def check_unshared(module: nn.Module, seq: nn.Sequential, balance: Sequence[int]) -> None:
-    """Raise if one parameter belongs to layers of different stages: each stage would train its own copy."""
-    names = {id(p): name for name, p in module.named_parameters()}
-    owners: dict[int, set[int]] = {}
-    layers = list(seq._modules.values())
-    for stage in range(len(balance)):
-        for index in stage_layers(balance, stage):
-            if not isinstance(layers[index], AbsentLayer):
-                for p in layers[index].parameters():
-                    owners.setdefault(id(p), set()).add(stage)
-    shared = {names.get(pid, "?"): sorted(stages) for pid, stages in owners.items() if len(stages) > 1}
-    if shared:
-        name, stages = next(iter(shared.items()))
-        raise BalanceError(
-            f"parameter {name!r} is shared by layers on stages {stages} (balance {list(balance)}); stages cannot"
-            " share weights, so choose a balance that puts the layers sharing it on one stage"
-        )
-
-
 def stage_layers(balance: Sequence[int], stage: int) -> range:
     """Indices of the layers that ``stage`` runs."""
     start = sum(balance[:stage])
@@ -257,12 +237,16 @@ def check_stages_have_parameters(balance: Sequence[int], layers: list[nn.Module]
             )
 
 
-def check_stages_optimized(balance: Sequence[int], seq_name: str, layers: list[nn.Module], optimized: set[str]) -> None:
+def check_stages_optimized(
+    balance: Sequence[int], seq_name: str, layers: list[nn.Module], optimized: set[str], aliases: Mapping[str, str] = {}
+) -> None:
     """Raise if ``configure_optimizers`` (which optimizes the parameters named in ``optimized``) gives some stage
-    none of its parameters: that stage's optimizer would be empty."""
+    none of its parameters: that stage's optimizer would be empty. ``aliases`` name tied parameters as
+    ``optimized`` does."""
     for stage in range(len(balance)):
         indices = stage_layers(balance, stage)
-        names = {f"{seq_name}.{i}.{n}" for i in indices for n, _ in layers[i].named_parameters()}
+        names = {f"{seq_name}.{i}.{n}" for i in indices for n, _ in layers[i].named_parameters(remove_duplicate=False)}
+        names = {aliases.get(n, n) for n in names}
         if not names & optimized:
             shown = sorted(optimized)
             listed = ", ".join(shown[:4]) + (", ..." if len(shown) > 4 else "")

@@ -9,7 +9,7 @@ balance wrote it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch.distributed as dist
@@ -24,6 +24,7 @@ __all__ = [
     "optimizer_state_by_name",
     "merge_optimizer_states",
     "optimizer_state_for",
+    "parameter_names",
 ]
 
 #: Per parameter group, the names of its parameters in the optimizer's order.
@@ -52,9 +53,15 @@ def gather_to_first(local: Any, stage: int, k: int, ranks: Optional[Sequence[int
     return gathered
 
 
-def optimizer_state_by_name(optimizer: Optimizer, module: nn.Module) -> dict[str, Any]:
+def parameter_names(module: nn.Module, aliases: Mapping[str, str] = {}) -> dict[int, str]:
+    """Each parameter's name by identity; a name in ``aliases`` (a tied parameter's other names) is replaced by the
+    one single-device training gives it."""
+    return {id(p): aliases.get(name, name) for name, p in module.named_parameters()}
+
+
+def optimizer_state_by_name(optimizer: Optimizer, module: nn.Module, aliases: Mapping[str, str] = {}) -> dict[str, Any]:
     """``optimizer.state_dict()`` with parameter names in place of positions."""
-    names = {id(p): name for name, p in module.named_parameters()}
+    names = parameter_names(module, aliases)
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     state = optimizer.state_dict()
     groups = [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]
@@ -104,7 +111,9 @@ def merge_optimizer_states(states: Sequence[dict[str, Any]], layout: Layout) -> 
     return {"state": numbered, "param_groups": groups}
 
 
-def optimizer_state_for(optimizer: Optimizer, module: nn.Module, saved: dict[str, Any], layout: Layout) -> dict[str, Any]:
+def optimizer_state_for(
+    optimizer: Optimizer, module: nn.Module, saved: dict[str, Any], layout: Layout, aliases: Mapping[str, str] = {}
+) -> dict[str, Any]:
     """The part of a saved optimizer state (PyTorch's layout, numbered as ``layout`` names) that belongs to
     ``optimizer``, this stage's, in its own numbering."""
     saved_groups = saved["param_groups"]
@@ -115,7 +124,7 @@ def optimizer_state_for(optimizer: Optimizer, module: nn.Module, saved: dict[str
             f" this stage's optimizer has {len(optimizer.param_groups)} groups: configure_optimizers must build"
             " the same groups as in the run that saved it"
         )
-    names = {id(p): name for name, p in module.named_parameters()}
+    names = parameter_names(module, aliases)
     groups, state, index = [], {}, 0
     for g, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved_groups)):
         where = dict(zip(layout[g], saved_group["params"]))

@@ -57,7 +57,6 @@ from lightning_gpipe.partition import (
     BalanceError,
     check_stages_have_parameters,
     check_stages_optimized,
-    check_unshared,
     find_sequential,
     keep_stage,
     resolve_balance,
@@ -79,6 +78,7 @@ from lightning_gpipe.state import (
 from lightning_gpipe.replicas import GradientAverager
 from lightning_gpipe.step import BackwardPlan, Failure, StageStep
 from lightning_gpipe.skip import SkipError, skip_routes, stage_ports
+from lightning_gpipe.tied import Tie, TiedGradients, find_ties, tied_names
 from lightning_gpipe.topology import Topology, check_layout, check_replicas
 
 __all__ = ["GPipeStrategy"]
@@ -184,6 +184,10 @@ class GPipeStrategy(ParallelStrategy):
         self._data_parallel_size = data_parallel_size
         self._topology: Optional[Topology] = None  # built with the process group
         self._averager: Optional[GradientAverager] = None  # with several replicas
+        self._ties: list[Tie] = []  # parameters that layers on different stages share
+        self._tied: Optional[TiedGradients] = None  # this stage's tied parameters, and their groups
+        self._tie_groups: dict[tuple[int, ...], Any] = {}  # process groups of tied stages, kept across runs
+        self._stepping = True  # whether this training batch ends an accumulation window
         self._state_dict_type = state_dict_type
         self._gather_model = gather_model
         self._deferred_batchnorm = deferred_batchnorm
@@ -267,6 +271,12 @@ class GPipeStrategy(ParallelStrategy):
         return self._topology
 
     @property
+    def tied_names(self) -> dict[str, str]:
+        """The other names of each parameter tied across stages, mapped to the name single-device training gives
+        it (its first in ``named_parameters()``)."""
+        return tied_names(self._ties)
+
+    @property
     def device_mesh(self) -> Any:
         """The ``("data_parallel", "pipeline")`` device mesh: row d is replica d, column j stage j of each."""
         return self.topology.mesh
@@ -342,6 +352,8 @@ class GPipeStrategy(ParallelStrategy):
             module.example_input_array = None
         self.model = self.precision_plugin.convert_module(module)
         self.model_to_device()
+        if self._tied:  # every copy of a tied parameter starts as the first stage's
+            self._tied.synchronize()
         if fitting:  # a configure_optimizers that fails on one stage fails on all
             self._together(partial(self.setup_optimizers, trainer))
         self.setup_precision_plugin()
@@ -400,13 +412,15 @@ class GPipeStrategy(ParallelStrategy):
             resolve_balance(self._balance, seq, k)  # the same checks against the module given now
         layers = list(seq._modules.values())
         routes = skip_routes(seq)
+        self._ties = find_ties(module, seq, self._balance)
+        aliases = tied_names(self._ties)
+        parameters = dict(module.named_parameters())  # by the names a single-device run gives them
         if len(routes) > MAX_SKIPS:
             raise SkipError(f"{name} has {len(routes)} skip connections; a pipeline carries at most {MAX_SKIPS}")
-        check_unshared(module, seq, self._balance)
         if fitting:
             check_stages_have_parameters(self._balance, layers)
             optimized = {n for layout in self._optimizer_layouts for group in layout for n in group}
-            check_stages_optimized(self._balance, name, layers, optimized)
+            check_stages_optimized(self._balance, name, layers, optimized, aliases)
         if not self._deferred_batchnorm and self._microbatches > 1 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for layer in layers for m in layer.modules()
         ):
@@ -430,6 +444,7 @@ class GPipeStrategy(ParallelStrategy):
         self._flow = StageStep(self._executor, self._microbatches, name, self.root_device, sharing, topology.rank_of(k - 1))
         if topology.d > 1:
             self._averager = GradientAverager(topology.replica_group, topology.d, self._executor.timeline)
+        self._tied = TiedGradients(self._ties, topology, parameters, self._tie_groups) if self._ties else None
         log.debug("stage %d of %d runs %s.%s", stage, k, name, stage_layers(self._balance, stage))
         replicas = f"{topology.d} replicas of " if topology.d > 1 else ""
         rank_zero_info(
@@ -514,8 +529,8 @@ class GPipeStrategy(ParallelStrategy):
         self._plan = BackwardPlan.of(trainer, module, batch_idx)
         # Replicas average once per optimizer step, on its last batch of accumulation, as DDP does.
         if self._flow is not None:
-            stepping = not trainer.fit_loop.epoch_loop._should_accumulate()
-            self._flow.averager = self._averager if stepping else None
+            self._stepping = not trainer.fit_loop.epoch_loop._should_accumulate()
+            self._flow.averager = self._averager if self._stepping else None
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -581,6 +596,8 @@ class GPipeStrategy(ParallelStrategy):
             flow.share_results()  # the last stage's results, held until its gradients were on their way
         flow.finish_average()  # the replicas' average, before on_after_backward and clipping read it
         flow.held.release()
+        if self._tied and self._stepping:  # once per optimizer step, as the replicas' average
+            self._tied.sum_gradients()
         flow.wait()
         if self._observing:
             self._report()
@@ -625,10 +642,12 @@ class GPipeStrategy(ParallelStrategy):
 
     def _clip_grad_by_global_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         """``clip_grad_norm_`` with the 2-norm taken over every stage's gradients."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         local = torch.zeros((), dtype=torch.float32, device=self.root_device)
-        for g in grads:
-            local += torch.linalg.vector_norm(g, 2, dtype=torch.float32) ** 2
+        for p in params:  # a tied parameter's summed gradient counts once, on the first of its stages
+            if self._tied is None or self._tied.counted_here(p):
+                local += torch.linalg.vector_norm(p.grad, 2, dtype=torch.float32) ** 2
         if self.topology.k > 1:  # one replica's stages: every replica holds the same averaged gradients
             dist.all_reduce(local, op=ReduceOp.SUM, group=self.topology.pipeline_group)
         total = local.sqrt()
@@ -735,6 +754,9 @@ class GPipeStrategy(ParallelStrategy):
         full: dict[str, Any] = {}
         for part in self._gather_first_replica(local):
             full.update(part)
+        for alias, name in self.tied_names.items():  # one tensor under every name, as on one device
+            if alias in full and name in full:
+                full[alias] = full[name]
         return full
 
     def _gather_first_replica(self, local: Any) -> list[Any]:
@@ -750,7 +772,7 @@ class GPipeStrategy(ParallelStrategy):
         module's order; with ``state_dict_type="sharded"``, this stage's own, by parameter name."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         assert self.lightning_module is not None
-        local = optimizer_state_by_name(optimizer, self.lightning_module)
+        local = optimizer_state_by_name(optimizer, self.lightning_module, self.tied_names)
         if self._state_dict_type == "sharded":
             return local
         states = self._gather_first_replica(local)
@@ -826,7 +848,7 @@ class GPipeStrategy(ParallelStrategy):
         # parameters as configure_optimizers builds them on the whole module.
         layouts = checkpoint.get("gpipe", {}).get("optimizer_param_names") or self._optimizer_layouts
         for optimizer, saved, layout in zip(self.optimizers, saved_states, layouts):
-            optimizer.load_state_dict(optimizer_state_for(optimizer, self.lightning_module, saved, layout))
+            optimizer.load_state_dict(optimizer_state_for(optimizer, self.lightning_module, saved, layout, self.tied_names))
         _optimizers_to_device(self.optimizers, self.root_device)
         # The last of the training state Lightning restores (loops, precision, optimizers, schedulers).
         self._restore_random()
@@ -885,7 +907,9 @@ class GPipeStrategy(ParallelStrategy):
             seq = module.get_submodule(self._sequential_name)
             topology = self.topology
             if self._gather_model and not self._failed and topology.replica == 0:
-                gather_layers(seq, topology.stage, topology.k, topology.pipeline_ranks)
+                prefix = f"{self._sequential_name}."
+                tied = [[n.removeprefix(prefix) for n in tie.names if n.startswith(prefix)] for tie in self._ties]
+                gather_layers(seq, topology.stage, topology.k, topology.pipeline_ranks, tied)  # tied copies: one
             for layer in seq:  # what this process does not hold now fails loudly when asked for
                 if isinstance(layer, AbsentLayer):
                     layer.after_run = True

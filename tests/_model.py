@@ -455,3 +455,17 @@ class UnpoppedSkip(Classifier):
     def __init__(self, width: int = 8, classes: int = 3, **kwargs):
         super().__init__(width=width, classes=classes, **kwargs)
         self.body = nn.Sequential(_StashTanh(width), nn.Linear(width, width), nn.Linear(width, classes))
+
+
+class TiedClassifier(Classifier):
+    """The first layer's weight is also the head's (as a language model ties its embedding to its output): layers
+    0 and 6 of 7, so the first and the last stage share it."""
+
+    def __init__(self, width: int = 8, classes: int = 8, **kwargs):
+        assert classes == width, "the head reuses the first layer's (width x width) weight"
+        super().__init__(width=width, classes=classes, **kwargs)
+        first, head = nn.Linear(width, width, bias=False), nn.Linear(width, width)
+        head.weight = first.weight
+        self.body = nn.Sequential(
+            first, nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), head,
+        )  # fmt: skip

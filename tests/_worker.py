@@ -168,6 +168,8 @@ def run(scenario: dict, out: Path) -> None:
         result["outputs"] = {"train": steps.train, "val": steps.val}
         result["params"] = _held(model)
         result["module_types"] = [type(m).__name__ for m in model.modules()]
+        with stage_view():
+            result["parameter_count"] = len(list(model.parameters()))  # tied parameters count once
         result["logged"] = logger.records
         result["callback_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if scenario.get("use_after_fit"):  # the module itself, as user code after fit uses it

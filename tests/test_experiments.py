@@ -21,10 +21,11 @@ TRAIN = ROOT / "experiments" / "train.py"
 SMALL = {
     "mlp": ["model=mlp", "model.depth=2", "model.width=32"],
     "transformer": ["model=transformer", "data=text", "model.depth=2", "model.width=32", "data.context=16",
-                    "data.max_bytes=20000", "data.batch_size=8"],
+                    "data.max_bytes=20000", "data.batch_size=8", "model.tie_embeddings=false"],
     "convnet": ["model=convnet", "data=digits", "data.flatten=false", "model.channels=8", "model.blocks=2"],
     "unet": ["experiment=unet_digits", "model.channels=8"],
 }  # fmt: skip
+SMALL["transformer_tied"] = SMALL["transformer"][:-1]  # the embedding is the head's weight: first and last stage
 
 
 def _compose(overrides: list[str]):
@@ -93,7 +94,7 @@ def _launched_step(tmp_path: Path, name: str, k: int, overrides: list[str]) -> d
     return torch.load(tmp_path / f"{name}.pt")
 
 
-@pytest.mark.parametrize("name, k", [*((name, 2) for name in sorted(SMALL)), ("unet", 4)])
+@pytest.mark.parametrize("name, k", [*((name, 2) for name in sorted(SMALL)), ("unet", 4), ("transformer_tied", 4)])
 def test_one_pipelined_step_equals_single_device(name, k, tmp_path):
     """At K=2 the U-Net's two skips go from stage 0 to stage 1; at K=4 the outer one from stage 0 to stage 2."""
     overrides = [*SMALL[name], "trainer.max_epochs=1", "m=3"]
@@ -102,8 +103,11 @@ def test_one_pipelined_step_equals_single_device(name, k, tmp_path):
     # test process's own thread count changes the convolutions' sums): the pipeline adds no error of its own.
     same_microbatches = _launched_step(tmp_path, "one_device", 1, overrides)
     assert sorted(got) == sorted(same_microbatches)
+    # A tied weight's gradient is summed in another order: each stage's micro-batches, then the two stages (one
+    # device interleaves them); after one AdamW step that measured 3.7e-9.
+    atol = 1e-7 if name.endswith("tied") else 0.0
     for key in same_microbatches:
-        torch.testing.assert_close(got[key], same_microbatches[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(got[key], same_microbatches[key], rtol=0, atol=atol, msg=key)
     # The whole batch at once: the same up to floating-point reassociation of the smaller products.
     expected = one_step([*overrides, "strategy=single"])
     assert sorted(got) == sorted(expected)

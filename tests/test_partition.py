@@ -8,7 +8,6 @@ from lightning_gpipe.partition import (
     AbsentLayerError,
     absent_parameters_refused,
     BalanceError,
-    check_unshared,
     find_sequential,
     keep_stage,
     live_layers,
@@ -100,13 +99,3 @@ def test_absent_layers_refuse_their_parameters_and_state_when_asked_to():
         seq.state_dict()
     with stage_view():
         assert list(seq.state_dict()) == ["1.weight", "1.bias"]
-
-
-def test_weights_shared_across_stages_are_refused():
-    embed, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
-    head.weight = embed.weight  # tied, as language models do
-    holder = nn.Module()
-    holder.net = nn.Sequential(embed, nn.Tanh(), head)
-    check_unshared(holder, holder.net, [3])  # one stage: fine
-    with pytest.raises(BalanceError, match=r"parameter 'net.0.weight' is shared by layers on stages \[0, 1\] \(balance \[2, 1\]\)"):
-        check_unshared(holder, holder.net, [2, 1])

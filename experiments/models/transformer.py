@@ -67,7 +67,8 @@ class Transformer(Classifier):
 
     def __init__(
         self, vocab_size: int = 256, context: int = 64, width: int = 128, depth: int = 4, heads: int = 4,
-        dropout: float = 0.0, optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
+        dropout: float = 0.0, tie_embeddings: bool = True,
+        optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None,
     ) -> None:  # fmt: skip
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["optimizer"])
@@ -77,6 +78,8 @@ class Transformer(Classifier):
             nn.LayerNorm(width),
             nn.Linear(width, vocab_size, bias=False),
         )
+        if tie_embeddings:  # as GPT-2: the head scores tokens with their input embeddings (first and last stage)
+            self.net[-1].weight = self.net[0].tokens.weight
         self.net.apply(init_linear)
         for block in self.net[1 : 1 + depth]:
             block.attn.proj.apply(partial(init_linear, depth=depth))

@@ -1,0 +1,62 @@
+"""Weights tied across stages: found before training, equal copies, gradients summed between their stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _model import TiedClassifier
+from conftest import assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
+
+from lightning_gpipe.tied import Tie, find_ties, tied_names
+
+TIED = {"model_class": "TiedClassifier", "data": {"classes": 8}}
+EPOCHS = 3
+
+
+def test_ties_are_found_by_stage():
+    model = TiedClassifier()
+    tie = Tie("body.0.weight", ("body.0.weight", "body.6.weight"), (0, 2))
+    assert find_ties(model, model.body, [3, 2, 2]) == [tie]
+    assert find_ties(model, model.body, [4, 3]) == [Tie(tie.name, tie.names, (0, 1))]
+    assert find_ties(model, model.body, [7]) == []  # one stage: nothing to share
+    assert tied_names([tie]) == {"body.6.weight": "body.0.weight"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = {}
+    for k, m in ((2, 3), (3, 4)):
+        folder = tmp_path_factory.mktemp(f"k{k}")
+        out[k] = run_scenarios(k, [scenario("tied", k, m, epochs=EPOCHS, save=True, **TIED)], folder)["tied"]
+    folder = tmp_path_factory.mktemp("resumed")
+    resume = scenario("resumed", 3, 2, epochs=EPOCHS + 1, resume_from=out[2][0]["checkpoint"], **TIED)
+    out["resumed"] = run_scenarios(3, [resume], folder)["resumed"]
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_tied_weights_train_as_on_one_device(k, runs):
+    """Clipping 0.05, accumulation 2, SGD momentum, StepLR: parameters and logged losses of K=2 (the tie spans both
+    stages) and K=3 (stages 0 and 2; stage 1 takes no part) equal single-device Lightning's."""
+    reference = reference_run(model_class="TiedClassifier", data={"classes": 8}, trainer_kwargs={"max_epochs": EPOCHS})
+    ranks = runs[k]
+    assert_same_params(full_params(ranks), reference["params"])
+    assert_same_logs(ranks[0]["logged"], reference["logged"])
+    # After the run global rank 0's module is whole, with the tie restored: one parameter under both names.
+    assert ranks[0]["parameter_count"] == len(list(reference["model"].parameters())) == 6
+
+
+def test_the_checkpoint_holds_the_tied_parameter_once(runs):
+    checkpoint = torch.load(runs[2][0]["checkpoint"], weights_only=False)
+    reference = reference_run(model_class="TiedClassifier", data={"classes": 8}, trainer_kwargs={"max_epochs": EPOCHS})
+    names = checkpoint["gpipe"]["optimizer_param_names"][0][0]
+    assert names == [n for n, _ in reference["model"].named_parameters()]  # single-device naming: body.0.weight once
+    (state,) = checkpoint["optimizer_states"]
+    assert sorted(state["state"]) == list(range(6)) and state["param_groups"][0]["params"] == list(range(6))
+    state_dict = checkpoint["state_dict"]
+    assert state_dict["body.6.weight"] is state_dict["body.0.weight"]  # one tensor under both names, as saved on one device
+    # Resumed at K=3 (another balance) from K=2's checkpoint: as single-device Lightning resumed from it.
+    resumed = reference_run(model_class="TiedClassifier", data={"classes": 8}, ckpt_path=runs[2][0]["checkpoint"],
+                            trainer_kwargs={"max_epochs": EPOCHS + 1})  # fmt: skip
+    assert_same_params(full_params(runs["resumed"]), resumed["params"])
+    assert_same_logs(runs["resumed"][0]["logged"], resumed["logged"])
