@@ -74,6 +74,7 @@ from lightning_gpipe.state import (
     optimizer_layouts,
     optimizer_state_by_name,
     optimizer_state_for,
+    parameter_names,
 )
 from lightning_gpipe.replicas import GradientAverager
 from lightning_gpipe.step import BackwardPlan, Failure, StageStep
@@ -815,7 +816,7 @@ class GPipeStrategy(ParallelStrategy):
         module = self.lightning_module
         assert module is not None
         if is_sharded(checkpoint_path):
-            names = [n for n, _ in module.named_parameters()]
+            names = list(parameter_names(module, self.tied_names).values())  # a tied parameter's state by its name
             checkpoint = load_sharded(checkpoint_path, module.state_dict(), names, weights_only=weights_only)
         elif type(self.checkpoint_io) is TorchCheckpointIO and Path(checkpoint_path).is_file():
             # Memory-mapped on the CPU: each rank reads only its own stage's tensors, not K copies of the model.

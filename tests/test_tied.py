@@ -24,14 +24,21 @@ def test_ties_are_found_by_stage():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    out = {}
-    for k, m in ((2, 3), (3, 4)):
-        folder = tmp_path_factory.mktemp(f"k{k}")
-        out[k] = run_scenarios(k, [scenario("tied", k, m, epochs=EPOCHS, save=True, **TIED)], folder)["tied"]
-    folder = tmp_path_factory.mktemp("resumed")
-    resume = scenario("resumed", 3, 2, epochs=EPOCHS + 1, resume_from=out[2][0]["checkpoint"], **TIED)
-    out["resumed"] = run_scenarios(3, [resume], folder)["resumed"]
-    return out
+    folder = tmp_path_factory.mktemp("k2")
+    sharded = {"microbatches": 3, "state_dict_type": "sharded"}
+    k2 = run_scenarios(2, [
+        scenario("tied", 2, 3, epochs=EPOCHS, save=True, **TIED),
+        # A validation run first: the fit then takes the layers back from rank 0, and must tie them again.
+        scenario("validated_first", 2, 3, epochs=EPOCHS, validate_first=True, **TIED),
+        scenario("sharded", 2, 3, epochs=EPOCHS, save=True, strategy=sharded, **TIED),
+    ], folder)  # fmt: skip
+    k3 = run_scenarios(3, [
+        scenario("tied", 3, 4, epochs=EPOCHS, **TIED),
+        scenario("resumed", 3, 2, epochs=EPOCHS + 1, resume_from=k2["tied"][0]["checkpoint"], **TIED),
+        scenario("resumed_sharded", 3, 2, epochs=EPOCHS + 1, resume_from=k2["sharded"][0]["checkpoint"], **TIED),
+    ], tmp_path_factory.mktemp("k3"))  # fmt: skip
+    return {2: k2["tied"], 3: k3["tied"], **{name: k2[name] for name in ("validated_first", "sharded")},
+            **{name: k3[name] for name in ("resumed", "resumed_sharded")}}  # fmt: skip
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -44,6 +51,9 @@ def test_tied_weights_train_as_on_one_device(k, runs):
     assert_same_logs(ranks[0]["logged"], reference["logged"])
     # After the run global rank 0's module is whole, with the tie restored: one parameter under both names.
     assert ranks[0]["parameter_count"] == len(list(reference["model"].parameters())) == 6
+    if k == 2:
+        assert_same_params(full_params(runs["validated_first"]), reference["params"])
+        assert_same_params(full_params(runs["sharded"]), reference["params"])
 
 
 def test_the_checkpoint_holds_the_tied_parameter_once(runs):
@@ -58,5 +68,6 @@ def test_the_checkpoint_holds_the_tied_parameter_once(runs):
     # Resumed at K=3 (another balance) from K=2's checkpoint: as single-device Lightning resumed from it.
     resumed = reference_run(model_class="TiedClassifier", data={"classes": 8}, ckpt_path=runs[2][0]["checkpoint"],
                             trainer_kwargs={"max_epochs": EPOCHS + 1})  # fmt: skip
-    assert_same_params(full_params(runs["resumed"]), resumed["params"])
-    assert_same_logs(runs["resumed"][0]["logged"], resumed["logged"])
+    for name in ("resumed", "resumed_sharded"):  # from the full checkpoint and from the sharded folder
+        assert_same_params(full_params(runs[name]), resumed["params"])
+        assert_same_logs(runs[name][0]["logged"], resumed["logged"])
