@@ -469,3 +469,12 @@ class TiedClassifier(Classifier):
         self.body = nn.Sequential(
             first, nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), head,
         )  # fmt: skip
+
+
+class TiedGradNorm(TiedClassifier):
+    """Logs lightning_gpipe's grad_norm of the tied model: the shared weight once, under its first name."""
+
+    def on_before_optimizer_step(self, optimizer):
+        from lightning_gpipe import grad_norm
+
+        self.log_dict(grad_norm(self, norm_type=2))

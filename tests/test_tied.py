@@ -31,13 +31,14 @@ def runs(tmp_path_factory) -> dict:
         # A validation run first: the fit then takes the layers back from rank 0, and must tie them again.
         scenario("validated_first", 2, 3, epochs=EPOCHS, validate_first=True, **TIED),
         scenario("sharded", 2, 3, epochs=EPOCHS, save=True, strategy=sharded, **TIED),
+        scenario("grad_norm", 2, 3, epochs=1, **{**TIED, "model_class": "TiedGradNorm"}),
     ], folder)  # fmt: skip
     k3 = run_scenarios(3, [
         scenario("tied", 3, 4, epochs=EPOCHS, **TIED),
         scenario("resumed", 3, 2, epochs=EPOCHS + 1, resume_from=k2["tied"][0]["checkpoint"], **TIED),
         scenario("resumed_sharded", 3, 2, epochs=EPOCHS + 1, resume_from=k2["sharded"][0]["checkpoint"], **TIED),
     ], tmp_path_factory.mktemp("k3"))  # fmt: skip
-    return {2: k2["tied"], 3: k3["tied"], **{name: k2[name] for name in ("validated_first", "sharded")},
+    return {2: k2["tied"], 3: k3["tied"], **{name: k2[name] for name in ("validated_first", "sharded", "grad_norm")},
             **{name: k3[name] for name in ("resumed", "resumed_sharded")}}  # fmt: skip
 
 
@@ -71,3 +72,11 @@ def test_the_checkpoint_holds_the_tied_parameter_once(runs):
     for name in ("resumed", "resumed_sharded"):  # from the full checkpoint and from the sharded folder
         assert_same_params(full_params(runs[name]), resumed["params"])
         assert_same_logs(runs[name][0]["logged"], resumed["logged"])
+
+
+def test_grad_norm_names_the_tied_weight_once(runs):
+    reference = reference_run(model_class="TiedGradNorm", data={"classes": 8}, trainer_kwargs={"max_epochs": 1})
+    logged = reference["logged"][0][1]
+    assert "grad_2.0_norm/body.0.weight" in logged and "grad_2.0_norm/body.6.weight" not in logged
+    for rank in runs["grad_norm"]:
+        assert_same_logs(rank["logged"], reference["logged"])
