@@ -94,9 +94,9 @@ def _launched_step(tmp_path: Path, name: str, k: int, overrides: list[str]) -> d
     return torch.load(tmp_path / f"{name}.pt")
 
 
-@pytest.mark.parametrize("name, k", [*((name, 2) for name in sorted(SMALL)), ("unet", 4), ("transformer_tied", 4)])
+@pytest.mark.parametrize("name, k", [*((name, 2) for name in sorted(SMALL) if name != "unet"), ("unet", 4)])
 def test_one_pipelined_step_equals_single_device(name, k, tmp_path):
-    """At K=2 the U-Net's two skips go from stage 0 to stage 1; at K=4 the outer one from stage 0 to stage 2."""
+    """The U-Net at K=4: its outer skip goes from stage 0 to stage 2, its inner one from stage 1 to stage 2."""
     overrides = [*SMALL[name], "trainer.max_epochs=1", "m=3"]
     got = _launched_step(tmp_path, "pipeline", k, overrides)
     # One device running the same 3 micro-batches (K=1), in a process set up as the ranks are (one thread: the
