@@ -156,7 +156,9 @@ def _skip_worker(rank: int, port: int, k: int, balance: list[int], received: dic
                 mine, rank, k, torch.device("cpu"), link, checkpoint, skips=stage_ports(routes, balance, rank)
             )
             sources.clear()
+            executor.meter.start(executor.parameters())
             outputs = executor.forward(split(x, 3), 3, train=True)
+            received[(rank, checkpoint, "held")] = executor.meter.current
             if executor.is_last:
                 y = torch.cat(outputs)
                 torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
@@ -196,6 +198,8 @@ def test_skips_cross_stages_point_to_point(k, balance, between):
         assert from_first == [(64,), (2, 4)] * 3  # each micro-batch's skip, header and tensor, straight from stage 0
         to_first = [shape for src, shape in received[(0, checkpoint)] if src == last]
         assert to_first == [(2, 4)] * 3  # and its gradient straight back
+    # Re-materializing every micro-batch, the last stage keeps each one's input and popped skip: 3 x 2 x (2, 4) fp32.
+    assert received[(last, "always", "held")] == 3 * 2 * 2 * 4 * 4
 
 
 def test_a_lightning_module_with_a_skip_trains_as_on_one_device(tmp_path):
