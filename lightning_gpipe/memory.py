@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["ActivationMeter", "tensor_bytes", "optimizer_state_bytes"]
+__all__ = ["ActivationMeter", "tensor_bytes", "optimizer_state_bytes", "host_peak_bytes"]
 
 _Key = tuple[int, int, torch.dtype]
 
 
 def tensor_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def host_peak_bytes() -> Optional[int]:
+    """This process's peak resident memory (``getrusage``), or None where the platform does not report it."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

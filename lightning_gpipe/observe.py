@@ -27,6 +27,7 @@ class StageReport:
     param_bytes: int
     optimizer_bytes: int
     cuda_max_allocated: Optional[int] = None
+    host_peak_bytes: Optional[int] = None  # the process's peak resident memory so far (None where unknown)
 
 
 def summarize(reports: Sequence[StageReport], m: int, samples: int) -> dict[str, float]:
@@ -54,6 +55,8 @@ def summarize(reports: Sequence[StageReport], m: int, samples: int) -> dict[str,
         scalars[f"memory/optimizer_bytes_stage{j}"] = r.optimizer_bytes
         if r.cuda_max_allocated is not None:
             scalars[f"memory/cuda_max_allocated_stage{j}"] = r.cuda_max_allocated
+        if r.host_peak_bytes is not None:
+            scalars[f"memory/host_peak_bytes_stage{j}"] = r.host_peak_bytes
     return scalars
 
 

@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,8 @@ def profile_layers(layers: Sequence[nn.Module], sample: Any, device: torch.devic
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type), use_tracker(SkipTracker(keep=True)):
         for layer in layers:  # a skip stashed by one layer waits for the layer that pops it, through repetitions
+            if any(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()]):
+                layer = _stand_in(layer, device)  # built without storage: measured on a copy, one layer at a time
             with _visiting(layer, device):
                 runs = [_forward_backward(layer, x, device) for _ in range(repeats + 1)]  # the first warms up
                 seconds.append(statistics.median(runs[1:]))
@@ -133,6 +136,19 @@ def _generators(loaders: Any) -> list[torch.Generator]:
         if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
             found.append(generator)
     return found
+
+
+def _stand_in(layer: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of a meta-device layer with storage on ``device`` and small random values: its timings and sizes are
+    those of the real layer."""
+    copy = deepcopy(layer).to_empty(device=device)
+    with torch.no_grad():
+        for t in [*copy.parameters(), *copy.buffers()]:
+            if t.is_floating_point():
+                t.normal_(0.0, 0.02)
+            else:
+                t.zero_()
+    return copy
 
 
 @contextmanager

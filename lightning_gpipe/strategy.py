@@ -22,7 +22,6 @@ from lightning.fabric.utilities.distributed import (
     _init_dist_connection,
     _sync_ddp_if_available,
 )
-from lightning.fabric.utilities.init import _EmptyInit
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
@@ -44,9 +43,10 @@ from lightning_gpipe.assemble import fill_from_first, gather_layers
 from lightning_gpipe.batchnorm import defer, undefer
 from lightning_gpipe.comm import MAX_SKIPS, ObjectBroadcast, StageLink
 from lightning_gpipe.contract import frozen_summaries, parameters_refused, seed_workers_alike, stage_parameters
+from lightning_gpipe.deferred import DeferredInit, DeferredInitError, has_meta_tensors
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.logs import patched
-from lightning_gpipe.memory import optimizer_state_bytes, tensor_bytes
+from lightning_gpipe.memory import host_peak_bytes, optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import split
 from lightning_gpipe.observe import BalanceReport, Reporter, StageReport
 from lightning_gpipe.partition import (
@@ -186,6 +186,7 @@ class GPipeStrategy(ParallelStrategy):
         self._topology: Optional[Topology] = None  # built with the process group
         self._averager: Optional[GradientAverager] = None  # with several replicas
         self._ties: list[Tie] = []  # parameters that layers on different stages share
+        self._deferred: Optional[DeferredInit] = None  # how the model was built, when built on the meta device
         self._tied: Optional[TiedGradients] = None  # this stage's tied parameters, and their groups
         self._tie_groups: dict[tuple[int, ...], Any] = {}  # process groups of tied stages, kept across runs
         self._stepping = True  # whether this training batch ends an accumulation window
@@ -415,7 +416,6 @@ class GPipeStrategy(ParallelStrategy):
         routes = skip_routes(seq)
         self._ties = find_ties(module, seq, self._balance)
         aliases = tied_names(self._ties)
-        parameters = dict(module.named_parameters())  # by the names a single-device run gives them
         if len(routes) > MAX_SKIPS:
             raise SkipError(f"{name} has {len(routes)} skip connections; a pipeline carries at most {MAX_SKIPS}")
         if fitting:
@@ -432,6 +432,15 @@ class GPipeStrategy(ParallelStrategy):
                 " from the whole mini-batch"
             )
         kept = keep_stage(seq, self._balance, stage)
+        if has_meta_tensors(module):  # built by tensor_init_context: this stage's layers get storage, now
+            if self._deferred is None:
+                raise DeferredInitError(
+                    f"{type(module).__name__} has parameters on the meta device that this GPipeStrategy did not see"
+                    " built; build the model in configure_model, or under trainer.init_module() of this Trainer"
+                )
+            self._deferred.materialize([module])
+            self._deferred = None  # what it recorded of the other stages goes too
+        parameters = {aliases.get(n, n): p for n, p in module.named_parameters(remove_duplicate=False)}
         if self._deferred_batchnorm:
             self._deferred_norms = defer(kept)
         link = StageLink(stage, k, self.root_device, topology.pipeline_group) if k > 1 else None
@@ -510,9 +519,18 @@ class GPipeStrategy(ParallelStrategy):
     @override
     @contextmanager
     def tensor_init_context(self, empty_init: Optional[bool] = None) -> Iterator[None]:
-        # The whole model is built on the CPU (``configure_model`` runs in here); only this rank's stage
-        # moves to its device, once partitioned.
-        with _EmptyInit(enabled=bool(empty_init)), torch.device("cpu"), self.precision_plugin.tensor_init_context():
+        """Where ``configure_model`` and ``trainer.init_module(empty_init=...)`` build the model.
+
+        By default (``None``) on the meta device, recorded: each rank later materializes only its own stage, with
+        the values single-device construction gives it (see :mod:`lightning_gpipe.deferred`). ``True``: the same,
+        but left uninitialised, for weights loaded from a checkpoint. ``False``: the whole model on the CPU.
+        """
+        if empty_init is False:
+            with torch.device("cpu"), self.precision_plugin.tensor_init_context():
+                yield
+            return
+        self._deferred = self._deferred or DeferredInit()
+        with self._deferred.recording(replay=empty_init is None), self.precision_plugin.tensor_init_context():
             yield
 
     @override
@@ -632,6 +650,7 @@ class GPipeStrategy(ParallelStrategy):
             param_bytes=tensor_bytes(stage_parameters(module)),
             optimizer_bytes=sum(optimizer_state_bytes(getattr(o, "_optimizer", o)) for o in self.optimizers),
             cuda_max_allocated=torch.cuda.max_memory_allocated(self.root_device) if self.root_device.type == "cuda" else None,
+            host_peak_bytes=host_peak_bytes(),
         )
         topology = self.topology
         if topology.replica != 0:  # the first replica's steps stand for all

@@ -20,11 +20,15 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters()
         if example:
             self.example_input_array = torch.zeros(2, width)
+        self.body = self.layers()
+
+    def layers(self) -> nn.Sequential:
+        width, depth, dropout = self.hparams.width, self.hparams.depth, self.hparams.dropout
         layers: list[nn.Module] = [nn.Linear(width, width), nn.Tanh()]
         for _ in range(depth - 1):
             layers += [nn.Dropout(dropout), nn.Linear(width, width), nn.Tanh()] if dropout else [nn.Linear(width, width), nn.Tanh()]
-        layers.append(nn.Linear(width, classes))
-        self.body = nn.Sequential(*layers)
+        layers.append(nn.Linear(width, self.hparams.classes))
+        return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -478,3 +482,14 @@ class TiedGradNorm(TiedClassifier):
         from lightning_gpipe import grad_norm
 
         self.log_dict(grad_norm(self, norm_type=2))
+
+
+class Configured(Classifier):
+    """Builds its layers in ``configure_model``, as Lightning suggests for models too large for one device."""
+
+    def layers(self):
+        return None  # not yet: configure_model builds them
+
+    def configure_model(self):
+        if self.body is None:
+            self.body = Classifier.layers(self)

@@ -7,6 +7,7 @@ Each scenario trains (or fails) with GPipeStrategy and saves what the tests comp
 from __future__ import annotations
 
 import json
+from functools import partial
 import os
 import signal
 import sys
@@ -118,7 +119,8 @@ def run(scenario: dict, out: Path) -> None:
     try:
         if scenario.get("seed", 0) is not None:
             L.seed_everything(scenario.get("seed", 0), verbose=False, workers=scenario.get("seed_workers", False))
-        model = getattr(_model, scenario.get("model_class", "Classifier"))(**scenario.get("model", {}))
+        build = partial(getattr(_model, scenario.get("model_class", "Classifier")), **scenario.get("model", {}))
+        model = None if "init_module" in scenario else build()
         train, val = loaders(**scenario.get("data", {}))
         strategy = "ddp" if scenario.get("ddp") else GPipeStrategy(**scenario.get("strategy", {}))
         logger = RecordingLogger()
@@ -128,6 +130,9 @@ def run(scenario: dict, out: Path) -> None:
 
             loggers.append(TensorBoardLogger(save_dir=out, name=scenario["name"], version=""))
         trainer = trainer_for(scenario, strategy, loggers)
+        if model is None:  # built as Lightning suggests for large models: under the strategy's init context
+            with trainer.init_module(empty_init=scenario["init_module"]):
+                model = build()
         fail_at = scenario.get("fail_at")
         if fail_at is not None and rank == fail_at["rank"]:
             original = model.training_step

@@ -116,8 +116,10 @@ def test_observed_run_reaches_tensorboard(observed):
     scalars = set(events.Tags()["scalars"])
     for tag in ("pipeline/bubble_measured", "pipeline/bubble_theory", "pipeline/bubble_measured_stage1",
                 "pipeline/compute_s_stage0", "pipeline/comm_wait_s_stage1", "memory/activation_bytes_peak_stage0",
-                "memory/param_bytes_stage1", "memory/optimizer_bytes_stage0"):  # fmt: skip
+                "memory/param_bytes_stage1", "memory/optimizer_bytes_stage0", "memory/host_peak_bytes_stage1"):  # fmt: skip
         assert tag in scalars, tag
+    peaks = [e.value for e in events.Scalars("memory/host_peak_bytes_stage1")]
+    assert 100 * 2**20 < peaks[0] <= peaks[-1] < 8 * 2**30  # torch alone takes over 100 MiB; a peak only grows
     assert [e.value for e in events.Scalars("pipeline/bubble_theory")] == pytest.approx([1 / 5, 1 / 5])
     assert all(0 < e.value < 1 for e in events.Scalars("pipeline/bubble_measured"))
     assert events.Tags()["images"] == ["pipeline/schedule"]

@@ -1,0 +1,234 @@
+"""Building the model without storage, then giving each rank only its own stage, initialised exactly.
+
+Under :class:`DeferredInit` the model is built on the meta device, so no rank allocates it, while every tensor
+operation of its construction (``nn.Linear``'s own initialisation, an ``apply(init_fn)`` pass, a buffer's fill)
+is recorded. When the recording ends, the random draws of the construction run once more on scratch tensors, one
+at a time, from the random state it started in: the generator ends where building the model on the CPU would
+have left it, and the state before each draw is kept.
+
+:meth:`DeferredInit.materialize` later replays, for the layers one stage keeps, only the operations that write
+their tensors (and what those read), each draw from its kept state: the stage's initial values are those of
+single-device construction, bit for bit, and no rank ever holds more than its stage plus one scratch tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["DeferredInit", "DeferredInitError", "has_meta_tensors"]
+
+_META = torch.device("meta")
+
+
+class DeferredInitError(RuntimeError):
+    """A model's construction cannot be replayed one stage at a time."""
+
+
+@dataclass
+class _Op:
+    func: Any  # an aten overload
+    args: tuple
+    kwargs: dict
+    outputs: list[Tensor]  # the tensors it returned
+    replay: bool = True  # False: built under empty_init=True, its values are not wanted
+    random: Optional[Tensor] = None  # for a draw: the CPU generator's state before it, in single-device order
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, Tensor)]
+
+
+def _draws(func: Any) -> bool:
+    return torch.Tag.nondeterministic_seeded in func.tags
+
+
+def _writes(op: _Op) -> list[Tensor]:
+    """The tensors an operation writes: its mutated arguments (in-place and ``out=``), and what it returns."""
+    written = []
+    for i, argument in enumerate(op.func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            written += _tensors(op.args[i] if i < len(op.args) else op.kwargs.get(argument.name))
+    return written + op.outputs
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, ops: list[_Op]) -> None:
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if _draws(func) and any(t.device != _META for t in _tensors((args, kwargs, out))):
+            raise DeferredInitError(
+                f"building the model drew random numbers on a real device ({func}); under GPipeStrategy's deferred"
+                " construction build every tensor on the default device, so that each stage can be initialised as"
+                " single-device construction would"
+            )
+        self.ops.append(_Op(func, args, kwargs, _tensors(out)))
+        return out
+
+
+class _Constants(TorchFunctionMode):
+    """``torch.tensor(data)`` keeps its values for the replay: made on the CPU, then copied to the meta device (a
+    copy the recorder sees, from a real tensor)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") in (None, _META, "meta"):
+            return func(*args, **{**kwargs, "device": "cpu"}).to(_META)
+        return func(*args, **kwargs)
+
+
+class DeferredInit:
+    """Records a model's construction on the meta device; materializes any part of it later."""
+
+    def __init__(self) -> None:
+        self.ops: list[_Op] = []
+
+    @contextmanager
+    def recording(self, replay: bool = True) -> Iterator[None]:
+        """Build on the meta device inside the block. ``replay=False`` leaves what is built there uninitialised
+        when materialized (for weights loaded from a checkpoint)."""
+        start, first = torch.get_rng_state(), len(self.ops)
+        with torch.device(_META), _Constants(), _Recorder(self.ops):
+            yield
+        for op in self.ops[first:]:
+            op.replay = replay
+        torch.set_rng_state(start)
+        self._advance(self.ops[first:])
+
+    def _advance(self, ops: list[_Op]) -> None:
+        """Draw what single-device construction would have drawn, on scratch tensors one at a time, keeping the
+        generator's state before each draw."""
+        scratch = _Scratch()
+        with torch.no_grad():
+            for op in ops:
+                if not _draws(op.func):
+                    continue
+                op.random = torch.get_rng_state()
+                args, kwargs = scratch.stand_ins((op.args, op.kwargs))
+                op.func(*args, **kwargs)
+
+    def materialize(self, modules: Iterable[nn.Module]) -> None:
+        """Give the parameters and buffers of ``modules`` (meta tensors built under :meth:`recording`) storage on
+        the CPU and their initial values; the rest of the model stays on the meta device."""
+        modules = list(modules)
+        kept = {_storage(t) for m in modules for t in [*m.parameters(), *m.buffers()] if t.device == _META}
+        real: dict[int, Tensor] = {}
+        with torch.no_grad():
+            self._replay(self._needed(kept), real)
+            for storage in kept - set(real):  # never written while building (or not replayed): uninitialised
+                t = self._created(storage)
+                real[storage] = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu")
+        swapped: dict[int, nn.Parameter] = {}
+        for module in modules:
+            for m in module.modules():
+                for name, p in list(m._parameters.items()):
+                    if p is not None and p.device == _META:
+                        if id(p) not in swapped:  # a parameter shared within the stage stays one parameter
+                            swapped[id(p)] = nn.Parameter(_real(p, real), requires_grad=p.requires_grad)
+                        m._parameters[name] = swapped[id(p)]
+                for name, b in list(m._buffers.items()):
+                    if b is not None and b.device == _META:
+                        m._buffers[name] = _real(b, real)
+
+    def _needed(self, kept: set[int]) -> list[bool]:
+        """Which operations the kept storages depend on: those that write them, and what those read, back to front."""
+        needed_storages = set(kept)
+        needed = [False] * len(self.ops)
+        for index in range(len(self.ops) - 1, -1, -1):
+            op = self.ops[index]
+            if op.replay and any(_storage(t) in needed_storages for t in _writes(op) if t.device == _META):
+                needed[index] = True
+                needed_storages.update(_storage(t) for t in _tensors((op.args, op.kwargs)) if t.device == _META)
+        return needed
+
+    def _replay(self, needed: list[bool], real: dict[int, Tensor]) -> None:
+        state = torch.get_rng_state()
+        try:
+            for op, wanted in zip(self.ops, needed):
+                if not wanted:
+                    continue
+                if op.random is not None:
+                    torch.set_rng_state(op.random)
+                args, kwargs = tree_map(lambda x: _real(x, real) if _is_meta(x) else _on_cpu(x), (op.args, op.kwargs))
+                out = op.func(*args, **kwargs)
+                for meta, value in zip(op.outputs, _tensors(out)):
+                    real.setdefault(_storage(meta), value)
+        finally:
+            torch.set_rng_state(state)
+
+    def _created(self, storage: int) -> Tensor:
+        for op in self.ops:
+            for t in op.outputs:
+                if _storage(t) == storage:
+                    return t
+        raise DeferredInitError("a meta tensor that was not built under GPipeStrategy's deferred construction")
+
+
+def has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.device == _META for t in [*module.parameters(), *module.buffers()])
+
+
+def _is_meta(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.device == _META
+
+
+def _on_cpu(x: Any) -> Any:
+    return torch.device("cpu") if isinstance(x, torch.device) and x.type == "meta" else x
+
+
+def _real(meta: Tensor, real: dict[int, Tensor]) -> Tensor:
+    """``meta``'s real counterpart: the same view of its storage's real tensor."""
+    base = real.get(_storage(meta))
+    if base is None:
+        raise DeferredInitError(f"a tensor of shape {list(meta.shape)} is read before anything built it")
+    if base.dtype != meta.dtype:
+        raise DeferredInitError(f"a {meta.dtype} view of a {base.dtype} tensor cannot be replayed")
+    return base.as_strided(meta.size(), meta.stride(), meta.storage_offset())
+
+
+class _Scratch:
+    """Zero-filled CPU stand-ins for meta tensors, laid out as they are (how much a draw takes depends on the
+    layout). One buffer per dtype serves every draw: a fresh tensor per draw, between the small states kept, would
+    fragment the heap until it held the whole model."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Tensor] = {}
+
+    def stand_ins(self, tree: Any) -> Any:
+        offsets: dict[int, int] = {}  # storage -> where its stand-in starts in its dtype's buffer
+        ends: dict[torch.dtype, int] = {}
+        for t in _tensors(tree):
+            if _is_meta(t) and _storage(t) not in offsets:
+                offsets[_storage(t)] = ends.get(t.dtype, 0)
+                ends[t.dtype] = offsets[_storage(t)] + t.untyped_storage().nbytes() // t.element_size()
+        for dtype, end in ends.items():
+            if dtype not in self._buffers or self._buffers[dtype].numel() < end:
+                self._buffers.pop(dtype, None)
+                self._buffers[dtype] = torch.zeros(end, dtype=dtype)
+            else:
+                self._buffers[dtype][:end].zero_()
+
+        def stand_in(x: Any) -> Any:
+            if isinstance(x, torch.device):
+                return _on_cpu(x)
+            if not _is_meta(x):
+                return x
+            return self._buffers[x.dtype].as_strided(x.size(), x.stride(), offsets[_storage(x)] + x.storage_offset())
+
+        return tree_map(stand_in, tree)
