@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, read_write
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `experiments.*` targets import
 
 from experiments.processes import RENDEZVOUS  # noqa: E402
+from lightning_gpipe import GPipeStrategy  # noqa: E402
 from lightning_gpipe.partition import BALANCE_RULES, BalanceError, find_sequential, resolve_balance  # noqa: E402
 
 
@@ -30,12 +31,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # k x dp processes share this machine's cores: give each its share instead of letting them fight.
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // (cfg.k * cfg.dp)))
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
-    _check_model(cfg, model, datamodule)
     strategy = hydra.utils.instantiate(cfg.strategy) if isinstance(cfg.strategy, DictConfig) else cfg.strategy
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, strategy=strategy, logger=logger, callbacks=callbacks)
+    model = build_model(cfg, trainer)
+    _check_model(cfg, model, datamodule)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if logger:
@@ -45,6 +46,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             print(f"Logs: {logger.log_dir}\nView them with: tensorboard --logdir {Path(logger.log_dir).parent}")
     return metrics
+
+
+def build_model(cfg: DictConfig, trainer: L.Trainer) -> L.LightningModule:
+    """The model of ``cfg.model``. Under GPipeStrategy it is built on the meta device (``trainer.init_module()``)
+    and each rank later materializes only its own stage, with the values building it here would have given."""
+    if isinstance(trainer.strategy, GPipeStrategy):
+        with trainer.init_module():
+            return hydra.utils.instantiate(cfg.model)
+    return hydra.utils.instantiate(cfg.model)
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -57,9 +67,13 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _check(cfg: DictConfig) -> None:
+    """What the config alone shows to be wrong, before anything is built."""
     for key in ("k", "m", "dp"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r}: need a whole number of at least 1")
+    balance = cfg.strategy.get("balance") if isinstance(cfg.strategy, DictConfig) else None
+    if isinstance(balance, str) and balance not in BALANCE_RULES:
+        raise ConfigError(f"balance={balance}: choose one of {', '.join(BALANCE_RULES)} or a list of layer counts")
 
 
 def _check_model(cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
@@ -84,8 +98,6 @@ def _check_model(cfg: DictConfig, model: L.LightningModule, datamodule: L.Lightn
             " lower k or make the model deeper"
         )
     balance = cfg.strategy.get("balance")
-    if isinstance(balance, str) and balance not in BALANCE_RULES:
-        raise ConfigError(f"balance={balance}: choose one of {', '.join(BALANCE_RULES)} or a list of layer counts")
     if isinstance(balance, ListConfig):
         try:
             resolve_balance(list(balance), seq, cfg.k)

@@ -19,6 +19,8 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from experiments.train import build_model  # noqa: E402
+
 
 def one_step(overrides: list[str]) -> dict[str, torch.Tensor] | None:
     """Parameters after one optimizer step of the composed experiment (no logger, no validation), as global rank 0's
@@ -27,12 +29,12 @@ def one_step(overrides: list[str]) -> dict[str, torch.Tensor] | None:
         cfg = compose("train", overrides=overrides)
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
     strategy = hydra.utils.instantiate(cfg.strategy) if not isinstance(cfg.strategy, str) else cfg.strategy
     trainer = hydra.utils.instantiate(
         cfg.trainer, strategy=strategy, logger=False, max_steps=1, limit_val_batches=0, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
+    model = build_model(cfg, trainer)  # as train.py builds it: on the meta device under GPipeStrategy
     trainer.fit(model, datamodule=datamodule)
     if not trainer.is_global_zero:
         return None
