@@ -125,8 +125,6 @@ class StageExecutor:
                     inputs=x, outputs=None if state else ys, state=state, sent=_specs(ys), held=held,
                     popped=popped, stashed=None if state else stashed, stashed_sent=_specs(stashed),
                 )  # fmt: skip
-            for port, t in zip(self.sends, stashed):
-                self.link.send_skip(i, port, t)  # type: ignore[union-attr]
             if not self.is_last:
                 self.link.send_activations(i, ys)  # type: ignore[union-attr]
             elif train:
@@ -135,6 +133,8 @@ class StageExecutor:
                 outputs.append(leaves[0] if isinstance(y, Tensor) else leaves)
             else:
                 outputs.append(y)
+            for port, t in zip(self.sends, stashed):  # after the activations, in the order the receiver takes them
+                self.link.send_skip(i, port, t)  # type: ignore[union-attr]
         if train:
             commit(self.deferred_norms)  # the whole mini-batch's statistics, once
         self._expecting = False

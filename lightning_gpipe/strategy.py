@@ -77,8 +77,8 @@ from lightning_gpipe.state import (
     parameter_names,
 )
 from lightning_gpipe.replicas import GradientAverager
-from lightning_gpipe.step import BackwardPlan, Failure, StageStep
 from lightning_gpipe.skip import SkipError, skip_routes, stage_ports
+from lightning_gpipe.step import BackwardPlan, Failure, StageStep
 from lightning_gpipe.tied import Tie, TiedGradients, find_ties, tied_names
 from lightning_gpipe.topology import Topology, check_layout, check_replicas
 
@@ -413,11 +413,11 @@ class GPipeStrategy(ParallelStrategy):
         else:
             resolve_balance(self._balance, seq, k)  # the same checks against the module given now
         layers = list(seq._modules.values())
-        routes = skip_routes(seq)
-        self._ties = find_ties(module, seq, self._balance)
-        aliases = tied_names(self._ties)
+        routes = skip_routes(seq)  # checked on every rank alike, before anything is cut
         if len(routes) > MAX_SKIPS:
             raise SkipError(f"{name} has {len(routes)} skip connections; a pipeline carries at most {MAX_SKIPS}")
+        self._ties = find_ties(module, seq, self._balance)
+        aliases = tied_names(self._ties)
         if fitting:
             check_stages_have_parameters(self._balance, layers)
             optimized = {n for layout in self._optimizer_layouts for group in layout for n in group}
