@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lightning_gpipe.state import Layout, merge_optimizer_states
 
-__all__ = ["META", "is_sharded", "save_sharded", "load_sharded", "to_full_checkpoint"]
+__all__ = ["META", "is_sharded", "save_sharded", "load_sharded", "to_full_checkpoint", "stage_weights"]
 
 META = "meta.pt"
 _MODEL, _OPTIMIZER = "state_dict.", "optimizer_states."
@@ -160,6 +160,21 @@ def load_sharded(
                 state.setdefault(names[name], {})[field] = value
         checkpoint["optimizer_states"].append({"state": state, "param_groups": saved["param_groups"]})
     return checkpoint
+
+
+def stage_weights(path: str | os.PathLike, own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries named by ``own``'s keys from a weights file you trust: a Lightning checkpoint, a sharded
+    checkpoint folder, or a state dict saved with ``torch.save``. Files are memory-mapped, and a folder is read by
+    key, so only those tensors are read."""
+    if is_sharded(path):
+        return load_sharded(path, own, optimizer_names=[], weights_only=False)["state_dict"]
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    state = saved.get("state_dict", saved) if isinstance(saved, dict) else saved
+    missing = [key for key in own if key not in state]
+    if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        raise KeyError(f"the weights in {str(path)!r} lack {len(missing)} of this stage's entries: {shown}")
+    return {key: state[key] for key in own}
 
 
 def to_full_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:

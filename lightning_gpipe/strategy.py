@@ -66,7 +66,7 @@ from lightning_gpipe.partition import (
 from lightning_gpipe.profile import input_of_step, optimizer_slots, profile_layers, untouched_random
 from lightning_gpipe.rng import StageRandom, rank_random_state, set_rank_random_state
 from lightning_gpipe.schedule import CHECKPOINT_MODES
-from lightning_gpipe.sharded import is_sharded, load_sharded, save_sharded
+from lightning_gpipe.sharded import is_sharded, load_sharded, save_sharded, stage_weights
 from lightning_gpipe.state import (
     Layout,
     gather_to_first,
@@ -135,6 +135,10 @@ class GPipeStrategy(ParallelStrategy):
             so that the module there is the whole trained model, as after single-device training. That needs the
             whole model's host memory on global rank 0; with ``False`` every rank keeps only its stage, and the
             module cannot be used in another run.
+        data_parallel_size: D, the replicas of the pipeline; K = (devices x num_nodes) / D.
+        weights: start the first run from these weights (fine-tuning): a Lightning checkpoint, a sharded
+            checkpoint folder or a ``torch.save``'d state dict, a file you trust. Each rank reads only its own
+            stage's tensors (memory-mapped); optimizer, loops and schedulers start fresh, unlike ``ckpt_path``.
     """
 
     strategy_name = "gpipe"
@@ -157,6 +161,7 @@ class GPipeStrategy(ParallelStrategy):
         deferred_batchnorm: bool = False,
         gather_model: bool = True,
         data_parallel_size: int = 1,
+        weights: Optional[Union[str, Path]] = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -187,6 +192,7 @@ class GPipeStrategy(ParallelStrategy):
         self._averager: Optional[GradientAverager] = None  # with several replicas
         self._ties: list[Tie] = []  # parameters that layers on different stages share
         self._deferred: Optional[DeferredInit] = None  # how the model was built, when built on the meta device
+        self._weights = weights  # read once, by the first run
         self._tied: Optional[TiedGradients] = None  # this stage's tied parameters, and their groups
         self._tie_groups: dict[tuple[int, ...], Any] = {}  # process groups of tied stages, kept across runs
         self._stepping = True  # whether this training batch ends an accumulation window
@@ -440,6 +446,11 @@ class GPipeStrategy(ParallelStrategy):
                 )
             self._deferred.materialize([module])
             self._deferred = None  # what it recorded of the other stages goes too
+        if self._weights is not None:  # this stage's tensors only, memory-mapped
+            with stage_view():
+                own = module.state_dict()
+            module.load_state_dict(stage_weights(self._weights, own))
+            self._weights = None
         parameters = {aliases.get(n, n): p for n, p in module.named_parameters(remove_duplicate=False)}
         if self._deferred_batchnorm:
             self._deferred_norms = defer(kept)

@@ -62,18 +62,24 @@ def test_uninitialised_when_not_replayed_and_real_draws_refused():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     configured = {"model_class": "Configured"}
+    folders = {k: tmp_path_factory.mktemp(f"k{k}") for k in (2, 4)}
+    sharded = {"microbatches": 3, "state_dict_type": "sharded"}
     scenarios = {
         2: [
-            scenario("configured", 2, 3, **configured),
+            scenario("configured", 2, 3, save=True, **configured),
             scenario("frozen", 2, 3, model={"lr": 0.0}, **configured),
             {**scenario("init_module", 2, 3), "init_module": None},
             # Measured balance: rank 0 times each layer on a stand-in with storage, one layer at a time.
             {**scenario("timed", 2, 3, **configured), "strategy": {"microbatches": 3, "balance": "time"}},
-            {**scenario("init_module_empty", 2, 3, save=True), "init_module": True},
+            {**scenario("init_module_empty", 2, 3), "init_module": True},
+            scenario("sharded", 2, 3, save=True, strategy=sharded, **configured),
+            # Fine-tuning from those weights (lr=0 keeps them), built uninitialised: each rank reads its own tensors.
+            *[{**scenario(f"from_{name}", 2, 3, model={"lr": 0.0}, strategy={"microbatches": 3, "weights": str(
+                folders[2] / f"{name}.ckpt")}), "init_module": True} for name in ("configured", "sharded")],
         ],
         4: [scenario("configured", 4, 3, **configured), scenario("frozen", 4, 3, model={"lr": 0.0}, **configured)],
     }
-    return {k: run_scenarios(k, runs, tmp_path_factory.mktemp(f"k{k}")) for k, runs in scenarios.items()}
+    return {k: run_scenarios(k, runs, folders[k]) for k, runs in scenarios.items()}
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -93,6 +99,14 @@ def test_init_module_builds_on_the_meta_device(runs):
     assert_same_params(full_params(runs[2]["init_module"]), reference_run()["params"])
     # empty_init=True: uninitialised stages, for weights loaded afterwards; the run itself works.
     assert all("error" not in rank for rank in runs[2]["init_module_empty"])
+
+
+@pytest.mark.parametrize("name", ["configured", "sharded"])
+def test_weights_start_a_run_from_a_checkpoint(name, runs):
+    """GPipeStrategy(weights=...) from a full checkpoint file and from a sharded folder: with lr=0 the run ends
+    with exactly the saved weights, which no rank read whole."""
+    saved = full_params(runs[2][name])  # what the saving run's module held when it saved
+    assert_same_params(full_params(runs[2][f"from_{name}"]), saved, atol=0.0)
 
 
 def test_no_rank_holds_the_whole_model(tmp_path):
