@@ -109,7 +109,8 @@ class DeferredInit:
         for op in self.ops[first:]:
             op.replay = replay
         torch.set_rng_state(start)
-        self._advance(self.ops[first:])
+        if replay:  # uninitialised, it draws nothing: as construction whose init functions are skipped
+            self._advance(self.ops[first:])
 
     def _advance(self, ops: list[_Op]) -> None:
         """Draw what single-device construction would have drawn, on scratch tensors one at a time, keeping the
@@ -131,8 +132,11 @@ class DeferredInit:
         real: dict[int, Tensor] = {}
         with torch.no_grad():
             self._replay(self._needed(kept), real)
-            for storage in kept - set(real):  # never written while building (or not replayed): uninitialised
-                t = self._created(storage)
+            created = {_storage(t): t for op in reversed(self.ops) for t in op.outputs}  # the first op's wins
+            for storage in kept - set(real):  # not replayed: uninitialised
+                if storage not in created:
+                    raise DeferredInitError("a meta tensor that was not built under GPipeStrategy's deferred construction")
+                t = created[storage]
                 real[storage] = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu")
         swapped: dict[int, nn.Parameter] = {}
         for module in modules:
@@ -171,13 +175,6 @@ class DeferredInit:
                     real.setdefault(_storage(meta), value)
         finally:
             torch.set_rng_state(state)
-
-    def _created(self, storage: int) -> Tensor:
-        for op in self.ops:
-            for t in op.outputs:
-                if _storage(t) == storage:
-                    return t
-        raise DeferredInitError("a meta tensor that was not built under GPipeStrategy's deferred construction")
 
 
 def has_meta_tensors(module: nn.Module) -> bool:
