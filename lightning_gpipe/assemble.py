@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_gpipe.partition import AbsentLayer, live_layers
 from lightning_gpipe.state import gather_to_first
+from lightning_gpipe.tied import names_by_parameter
 
 __all__ = ["gather_layers", "fill_from_first", "shared_parameters"]
 
@@ -69,10 +70,7 @@ def fill_from_first(seq: nn.Sequential, stage: int, k: int, gather: Callable[[An
 
 def shared_parameters(seq: nn.Sequential) -> list[list[str]]:
     """Per parameter that several layers of ``seq`` use, its names in ``seq``."""
-    names: dict[int, list[str]] = {}
-    for name, p in seq.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return [group for group in names.values() if len(group) > 1]
+    return [names for names in names_by_parameter(seq).values() if len(names) > 1]
 
 
 def _tie(seq: nn.Sequential, tied: Sequence[Sequence[str]]) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_gpipe.partition import stage_layers
 from lightning_gpipe.topology import Topology
 
-__all__ = ["Tie", "TiedGradients", "find_ties", "tied_names"]
+__all__ = ["Tie", "TiedGradients", "find_ties", "names_by_parameter", "tied_names"]
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,7 @@ def find_ties(module: nn.Module, seq: nn.Sequential, balance: Sequence[int]) -> 
 
     ``module`` is whole (every layer present), as before the pipeline cuts it.
     """
-    names: dict[int, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
+    names = names_by_parameter(module)
     stages: dict[int, set[int]] = {}
     layers = list(seq._modules.values())
     for stage in range(len(balance)):
@@ -52,6 +50,14 @@ def find_ties(module: nn.Module, seq: nn.Sequential, balance: Sequence[int]) -> 
             seen.add(id(p))
             ties.append(Tie(name, tuple(names[id(p)]), tuple(sorted(stages[id(p)]))))
     return ties
+
+
+def names_by_parameter(module: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter of ``module``, by the parameter's identity, in ``named_parameters()`` order."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
 
 
 def tied_names(ties: Sequence[Tie]) -> dict[str, str]:
