@@ -62,6 +62,9 @@ class StageExecutor:
         if k > 1 and link is None:
             raise ValueError(f"a pipeline of {k} stages needs a StageLink")
         self.sends, self.receives = skips  # skips this stage stashes for later stages, and those it pops
+        # Messages between two ranks keep one order on both (NCCL matches by order): a skip from the previous
+        # stage follows micro-batch i's activations, so the next header is posted only after it is received.
+        self._ahead = not any(port.stage == stage - 1 for port in self.receives)
         self.layers = list(layers)
         self.stage, self.k, self.device = stage, k, device
         self.link = link
@@ -228,9 +231,7 @@ class StageExecutor:
         return [a for a in self.schedule(self.k, n, self.stage) if a.phase is phase]
 
     def _receive(self, i: int, n: int, train: bool) -> Any:
-        # Messages between two ranks keep one order on both (NCCL matches by order): a skip from the previous
-        # stage follows micro-batch i's activations, so the next header is posted after it is received.
-        ahead = i + 1 if i + 1 < n and not any(p.stage == self.stage - 1 for p in self.receives) else None
+        ahead = i + 1 if i + 1 < n and self._ahead else None
         xs = self.link.recv_activations(i, ahead=ahead)  # type: ignore[union-attr]
         if train:
             xs = tuple(x.requires_grad_(carries_grad(x)) for x in xs)
@@ -246,6 +247,8 @@ class StageExecutor:
 
     def _run(self, x: Any, popped: dict[Key, Tensor]) -> tuple[TensorOrTensors, Tensors]:
         """The stage's layers on ``x``; also returns the tensors stashed for later stages, in the ports' order."""
+        if not self.sends and not self.receives:  # skips within the stage, if any, keep to the thread's own tracker
+            return self.run_layers(_fresh(x)), ()
         with use_tracker(StageTracker(popped, (p.key for p in self.sends))) as tracker:
             y = self.run_layers(_fresh(x))
         return y, tuple(tracker.outgoing_tensors(self.sends))
