@@ -11,9 +11,9 @@ from lightning.pytorch import LightningModule
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-__all__ = ["LogRecord", "record_logs", "replay_logs", "patched", "muted_logs"]
+__all__ = ["LogRecord", "record_logs", "replay_logs", "shareable", "patched", "muted_logs"]
 
-#: ``self.log`` call: name, value (on the CPU), and the remaining arguments as given.
+#: ``self.log`` call: name, value, and the remaining arguments as given.
 LogRecord = tuple[str, Any, tuple[Any, ...], dict[str, Any]]
 
 
@@ -34,13 +34,13 @@ def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 @contextmanager
 def record_logs(module: LightningModule) -> Iterator[list[LogRecord]]:
-    """Record the ``self.log`` calls made inside the block (``log_dict`` goes through ``log`` too)."""
+    """Record the ``self.log`` calls made inside the block, without making them (``log_dict`` goes through ``log``
+    too): the last stage makes them afterwards with :func:`replay_logs`, as every other stage does."""
     records: list[LogRecord] = []
-    original = module.log
 
     def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        records.append((name, _portable(name, value), args, kwargs))
-        original(name, value, *args, **kwargs)
+        _check_portable(name, value)
+        records.append((name, value, args, kwargs))
 
     with patched(module, "log", log):
         yield records
@@ -53,13 +53,23 @@ def muted_logs(module: LightningModule) -> Iterator[list[LogRecord]]:
         yield []
 
 
+def shareable(records: list[LogRecord]) -> list[LogRecord]:
+    """``records`` with their tensors detached, to be sent to the other stages (moved to the CPU there)."""
+    return [(name, apply_to_collection(value, Tensor, Tensor.detach), args, kwargs) for name, value, args, kwargs in records]
+
+
 def replay_logs(module: LightningModule, records: list[LogRecord], device: torch.device) -> None:
-    """Repeat recorded ``self.log`` calls on this rank."""
+    """Make recorded ``self.log`` calls on this rank. Every stage replays the same calls in the same state, so
+    an error Lightning raises for one of them is raised on every stage alike."""
     for name, value, args, kwargs in records:
-        module.log(name, apply_to_collection(value, Tensor, lambda t: t.to(device)), *args, **kwargs)
+        try:
+            module.log(name, apply_to_collection(value, Tensor, lambda t: t.to(device)), *args, **kwargs)
+        except Exception as error:
+            error.add_note(f"(raised by self.log({name!r}, ...) of the step, which GPipeStrategy makes after the step)")
+            raise
 
 
-def _portable(name: str, value: Any) -> Any:
+def _check_portable(name: str, value: Any) -> None:
     from torchmetrics import Metric
 
     if isinstance(value, Metric):
@@ -67,4 +77,3 @@ def _portable(name: str, value: Any) -> Any:
             f"self.log({name!r}, <{type(value).__name__}>): under GPipeStrategy only the last stage computes"
             " the loss and metrics, so log the metric's value (a tensor) instead of the Metric object"
         )
-    return apply_to_collection(value, Tensor, Tensor.detach)  # moved to the CPU when shared, after the backward

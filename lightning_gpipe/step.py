@@ -7,29 +7,29 @@ routed through the pipeline. One training step on stage j of K, in the order thi
     1. the user's step code up to self(x)           1. the same (every stage runs it, on the same batch)
     2. self(x): forward of micro-batches 0..M-1,    2. self(x): receive and forward 0..M-1; self(x)
        each output sent on as it is ready              returns the merged outputs
-    3. the step ends there (_StageFinished); post   3. the user's code after self(x): loss, logs; its
-       every gradient receive at once                  results are kept (logs, the step's output,
-                                                       trainer.should_stop, the rank-wide random state
-                                                       if that code drew from it); an error instead is
-                                                       sent at once, after zero gradients end step 4
-    4. backward of M-1..0, each as its gradient     4. Lightning: zero_grad, strategy.backward: the loss
-       arrives, input gradients sent back; the         fills the gradients of the merged outputs, then
-       fresh gradients are held aside                  the backward of M-1..0, each micro-batch's input
-                                                       gradients sent back at once
-    5. receive the last stage's results (or its     5. share the results, without waiting
-       error, raised here too), replay its logs
-       and return its output
-    6. Lightning: zero_grad, strategy.backward:
-       the held gradients become .grad
+    3. the step ends there (_StageFinished); post   3. the user's code after self(x): the loss; its
+       every gradient receive at once                  self.log calls are recorded, not made yet; an
+                                                       error is sent at once, after zero gradients end
+                                                       the others' step 4
+    4. backward of M-1..0, each as its gradient     4. the loss's backward, as Lightning would run it
+       arrives, input gradients sent back; the         after the step, then M-1..0, each micro-batch's
+       fresh gradients are held aside                  input gradients sent back at once; the fresh
+                                                       gradients are held aside
+    5. receive the last stage's results (or its     5. share the results without waiting: the log
+       error, raised here too), make its logged        records, the step's output, trainer.should_stop,
+       calls, return its output                        the rank-wide random state if the code after
+                                                       self(x) drew from it; make the logged calls
+    6. Lightning: zero_grad, strategy.backward: the held gradients become .grad (every stage)
     7. the optimizer step; clipping by norm takes one all-reduce of the stages' squared norms
 
-So no stage's backward waits for the last stage's results, and nothing of them is moved or pickled before
-the last stage's gradients are on their way. Step 4 runs inside the step only where that is exact (see
-:class:`BackwardPlan`); otherwise the last stage shares its results at the end of its step, and a non-last
-stage receives them first and runs its backward in step 6, as the last stage does.
+So no stage's backward waits for anything but its gradients: nothing of the results is moved, pickled or
+logged before the last stage's gradients are on their way, and every stage makes the same self.log calls at
+the same point, so an error Lightning raises for one is raised on every stage. Step 4 runs inside the step
+only where that is exact (see :class:`BackwardPlan`); otherwise the last stage shares its results at the end
+of its step, and every stage runs its backward in step 6, when Lightning calls it.
 
 Evaluation steps run 1 to 3 and 5, without gradients. Besides the point-to-point transfers, a step's
-collectives are the exchange of steps 4/5 and clipping's all-reduce; an observed step
+collectives are the results' broadcast of step 5 and clipping's all-reduce; an observed step
 (``observe_every_n_steps``) adds a barrier before it and a gather after it, and Lightning adds its own
 (``self.log(..., sync_dist=True)``, ``EarlyStopping``'s decision).
 """
@@ -53,7 +53,7 @@ from torch import Tensor
 from lightning_gpipe.comm import ObjectBroadcast
 from lightning_gpipe.contract import StageError, parameters_refused
 from lightning_gpipe.executor import StageExecutor
-from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs
+from lightning_gpipe.logs import muted_logs, patched, record_logs, replay_logs, shareable
 from lightning_gpipe.microbatch import batch_size, merge, split, split_sizes
 from lightning_gpipe.partition import check_forward
 from lightning_gpipe.replicas import GradientAverager
@@ -84,7 +84,7 @@ class Failure:
 
 
 class BackwardPlan(Enum):
-    """Where a non-last stage runs its backward in a training step, decided alike on every rank.
+    """Where the stages run their backward in a training step, decided alike on every rank.
 
     In the step (step 4 of the diagram) unless user code runs between the step and the backward: Lightning's
     on_before_zero_grad, optimizer_zero_grad and on_before_backward hooks, of the module or of a callback. They
@@ -210,12 +210,13 @@ class StageStep:
 
     def __init__(
         self, executor: StageExecutor, microbatches: int, sequential: str, device: torch.device,
-        sharing: Optional[ObjectBroadcast], source: Optional[int] = None,
+        sharing: Optional[ObjectBroadcast], loss_backward: Callable[[Tensor], None], source: Optional[int] = None,
     ) -> None:  # fmt: skip
         if executor.k > 1 and sharing is None:
             raise ValueError(f"a pipeline of {executor.k} stages needs an ObjectBroadcast for the last stage's results")
         self.executor, self.microbatches, self.sequential, self.device = executor, microbatches, sequential, device
         self.sharing = sharing
+        self.loss_backward = loss_backward  # Lightning's backward of a step's (scaled) loss: hooks, precision
         self.source = executor.k - 1 if source is None else source  # the last stage's global rank
         self.averager: Optional[GradientAverager] = None  # set for a step whose gradients the replicas average
         self._averaged: tuple[list[Tensor], bool] = ([], False)  # the parameters averaged, and whether held
@@ -223,7 +224,6 @@ class StageStep:
         self._running: Optional[tuple[str, PipelineCall]] = None  # the hook under way and its self(x)
         self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
         self.plan: Optional[BackwardPlan] = None  # the latest training step's
-        self._results: Optional[tuple[dict[str, Any], str]] = None  # last stage: shared after its backward
         self.held = HeldGradients()  # a non-last stage's gradients from a backward run in the step
 
     def check_collective(self, name: str) -> None:
@@ -244,7 +244,7 @@ class StageStep:
     @property
     def backward_ran(self) -> bool:
         """Whether this stage's backward already ran inside the latest training step (step 4)."""
-        return not self.executor.is_last and self._early
+        return self._early
 
     def run(
         self, module: LightningModule, hook: str, train: bool, args: tuple, kwargs: dict,
@@ -254,15 +254,15 @@ class StageStep:
         return what the last stage's step returned. ``plan`` (training only) places a non-last stage's backward."""
         executor = self.executor
         self.plan = plan if train and executor.k > 1 else None
-        self._results = None  # nothing of an earlier step that failed may travel as this one's
         self.held.discard()
         check = None
         if module.training not in self._checked_modes:  # forward may branch on self.training: check both
             self._checked_modes.add(module.training)
             check = partial(check_forward, module, self.sequential)
         call = self.call = PipelineCall(executor, self.microbatches, train, check)
-        # The last stage logs for real; the others drop their own calls and replay its records (step 5).
-        logging = record_logs(module) if executor.is_last else muted_logs(module)
+        # The last stage records its calls of self.log; the others drop their own. Every stage makes the recorded
+        # calls at the end of its step (step 5).
+        logging = nullcontext([]) if executor.k == 1 else record_logs(module) if executor.is_last else muted_logs(module)
         where = f"{type(module).__name__}.{hook}"
         refusal = (
             parameters_refused(module, module.get_submodule(self.sequential), where) if executor.k > 1 else nullcontext()
@@ -291,19 +291,19 @@ class StageStep:
             if problem is not None:  # Lightning would refuse it before the backward the others are in
                 self._fail(Failure.of(problem), drain=self._early)
                 raise problem
-            random = rank_random_state(self.device)
+            if self._early:  # step 4: the gradients leave before anything of the results is moved or pickled
+                self._backward_in_step(module, output)
+            random = rank_random_state(self.device)  # a backward leaves the rank-wide streams as they were
             results = {
-                "records": records,
+                "records": shareable(records),
                 "output": apply_to_collection(output, Tensor, Tensor.detach),
                 "should_stop": module.trainer.should_stop,
                 # Only when the code after self(x) drew from them: the other stages are where this one was then.
                 "random": None if _same_random(random, call.random_at_return) else random,
                 "param_groups": _hyperparameters(module) if train else None,
             }
-            if self._early:  # the others need the results only after their backward: so does this stage
-                self._results = (results, where)
-            else:
-                self._share(results, where)
+            self._share(results, where)
+            replay_logs(module, records, self.device)  # step 5, as on every other stage
             return output
         if self.backward_ran:  # step 4: nothing this stage needs from the last stage's results
             executor.expect_gradients()
@@ -311,6 +311,25 @@ class StageStep:
                 self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
             self.start_average()  # the replicas' average travels while this stage waits for the results
         return self._take_shared(module)
+
+    def _backward_in_step(self, module: LightningModule, output: Any) -> None:
+        """Last stage, step 4: the loss's backward as Lightning would run it after the step, then every
+        micro-batch's; the fresh gradients are held aside from Lightning's zero_grad as on the other stages."""
+        loss = output["loss"] if isinstance(output, Mapping) else output
+        closure_loss = loss / module.trainer.accumulate_grad_batches  # Lightning's own scaling of the step's loss
+        executor = self.executor
+
+        def backward() -> None:
+            try:
+                self.loss_backward(closure_loss)
+            except Exception as error:  # no gradient has left yet: end the others' backward, then tell them
+                self._fail(Failure.of(error), drain=True)
+                raise
+            executor.backward()
+
+        with torch.autocast(self.device.type, enabled=False):  # as Lightning's backward, outside the step
+            self.held.compute(backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
+        self.start_average()
 
     def start_average(self) -> None:
         """Post the average over the replicas of this stage's gradients (held or in ``.grad``), if this step's
@@ -334,19 +353,6 @@ class StageStep:
         else:
             for p, g in zip(params, averaged):
                 p.grad = g
-
-    def abandon(self, error: Exception) -> None:
-        """Last stage: its backward failed before sending any gradient; end the others' backward, send the error."""
-        if self._results is not None:
-            self._results = None
-            self._fail(Failure.of(error), drain=True)
-
-    def share_results(self) -> None:
-        """Last stage: send the training step's results, held until its backward has sent every gradient."""
-        if self._results is not None:
-            results, where = self._results
-            self._results = None
-            self._share(results, where)
 
     def _share(self, results: Any, where: str) -> None:
         """Send ``results`` to the other stages; if they cannot travel, send them the error instead, and raise it."""
@@ -377,14 +383,14 @@ class StageStep:
         if isinstance(shared, Failure):
             self.held.discard()
             raise shared.error
-        if self.plan is BackwardPlan.LATE:  # the backward follows: let the last stage send at once
-            self.executor.expect_gradients()
         if shared["random"] is not None:
             set_rank_random_state(shared["random"], self.device)
         module.trainer.should_stop = shared["should_stop"]
         if shared["param_groups"] is not None:
             _set_hyperparameters(module, shared["param_groups"])
-        replay_logs(module, shared["records"], self.device)
+        replay_logs(module, shared["records"], self.device)  # an error here is the last stage's too: raised alike
+        if self.plan is BackwardPlan.LATE:  # the backward follows
+            self.executor.expect_gradients()
         return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.device))
 
     def wait(self) -> None:
@@ -427,19 +433,11 @@ def _cpu(t: Tensor) -> Tensor:
 
 def _same_random(a: dict[str, Any], b: Optional[dict[str, Any]]) -> bool:
     """Whether two :func:`rank_random_state` snapshots are the same state."""
-    return b is not None and a.keys() == b.keys() and all(_equal(a[key], b[key]) for key in a)
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, Tensor):
-        return isinstance(b, Tensor) and torch.equal(a, b)
-    if isinstance(a, (tuple, list)):
-        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if hasattr(a, "shape"):  # a numpy array
-        return bool((a == b).all())
-    return bool(a == b)
+    if b is None or a.keys() != b.keys() or a["python"] != b["python"]:
+        return False
+    (kind, keys, *rest), (kind_b, keys_b, *rest_b) = a["numpy"], b["numpy"]
+    tensors = [(a[key], b[key]) for key in ("torch", "cuda") if key in a] + [(keys, keys_b)]
+    return kind == kind_b and rest == rest_b and all(torch.equal(x, y) for x, y in tensors)
 
 
 def _set_hyperparameters(module: LightningModule, settings: list[list[dict[str, Any]]]) -> None:

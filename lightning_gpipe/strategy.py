@@ -462,7 +462,9 @@ class GPipeStrategy(ParallelStrategy):
             skips=stage_ports(routes, self._balance, stage),
         )  # fmt: skip
         sharing = ObjectBroadcast(self.root_device, topology.pipeline_group) if k > 1 else None
-        self._flow = StageStep(self._executor, self._microbatches, name, self.root_device, sharing, topology.rank_of(k - 1))
+        self._flow = StageStep(
+            self._executor, self._microbatches, name, self.root_device, sharing, self._loss_backward, topology.rank_of(k - 1)
+        )
         if topology.d > 1:
             self._averager = GradientAverager(topology.replica_group, topology.d, self._executor.timeline)
         self._tied = TiedGradients(self._ties, topology, parameters, self._tie_groups) if self._ties else None
@@ -606,24 +608,19 @@ class GPipeStrategy(ParallelStrategy):
             return self._backward(closure_loss, optimizer, *args, **kwargs)
 
     def _backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
-        module, executor = self.lightning_module, self._executor
-        assert module is not None and executor is not None
-        self.pre_backward(closure_loss)
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        flow = self._flow
-        assert flow is not None
-        if not flow.backward_ran:  # else it ran in the step, before the last stage's results came (step.py's step 4)
+        module, executor, flow = self.lightning_module, self._executor, self._flow
+        assert module is not None and executor is not None and flow is not None
+        if not flow.backward_ran:
             if executor.is_last:
                 # The loss (already divided by accumulate_grad_batches) fills the gradients of the stage outputs ...
-                try:
-                    self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-                except Exception as error:  # the others are in their backward (step.py's step 4): end it, tell them
-                    flow.abandon(error)
-                    raise
+                self._loss_backward(closure_loss, optimizer, *args, **kwargs)
+            else:
+                self._before_backward(closure_loss)
             # ... which drive each micro-batch's backward, in reverse, through every stage.
             executor.backward()
             flow.start_average()
-            flow.share_results()  # the last stage's results, held until its gradients were on their way
+        elif not executor.is_last:  # it ran in the step (step.py's step 4); the last stage called these hooks there
+            self._before_backward(closure_loss)
         flow.finish_average()  # the replicas' average, before on_after_backward and clipping read it
         flow.held.release()
         if self._tied and self._stepping:  # once per optimizer step, as the replicas' average
@@ -634,6 +631,21 @@ class GPipeStrategy(ParallelStrategy):
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
         return closure_loss
+
+    def _before_backward(self, loss: Tensor) -> Tensor:
+        """Lightning's steps before a backward: the strategy's and the precision plugin's (which may scale the loss),
+        and with them the on_before_backward hooks."""
+        assert self.lightning_module is not None
+        self.pre_backward(loss)
+        return self.precision_plugin.pre_backward(loss, self.lightning_module)
+
+    def _loss_backward(self, loss: Tensor, optimizer: Optional[Optimizer] = None, *args: Any, **kwargs: Any) -> None:
+        """Last stage: Lightning's backward of the step's loss, into the gradients of the stage's outputs."""
+        module = self.lightning_module
+        assert module is not None
+        if optimizer is None:  # in the step (step.py's step 4): automatic optimization has exactly one
+            optimizer = module.trainer.optimizers[0]
+        self.precision_plugin.backward(self._before_backward(loss), module, optimizer, *args, **kwargs)
 
     def _maybe_observe(self) -> None:
         """Start timing and metering this step if it is one to observe (the same decision on every rank)."""
