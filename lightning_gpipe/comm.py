@@ -224,6 +224,7 @@ class ObjectBroadcast:
     def __init__(self, device: torch.device, group: Optional[dist.ProcessGroup] = None, capacity: int = 4096) -> None:
         self.device, self.group, self.capacity = device, group, capacity
         self._pending: list[tuple[dist.Work, Tensor]] = []
+        self._expected: Optional[tuple[dist.Work, Tensor, int]] = None  # a receive posted ahead, and its source
 
     def send(self, obj: Any) -> None:
         self.wait()
@@ -242,9 +243,22 @@ class ObjectBroadcast:
             (dist.broadcast(t, src, group=self.group, async_op=True), t) for t in (p.to(self.device) for p in parts)
         ]
 
-    def receive(self, src: int) -> Any:
+    def expect(self, src: int) -> None:
+        """Post the receive of the next object from ``src`` (its first message) ahead of time, so that it travels
+        while this rank works; :meth:`receive` then only waits for what has not arrived yet."""
         head = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
-        dist.broadcast(head, src, group=self.group)
+        self._expected = (dist.broadcast(head, src, group=self.group, async_op=True), head, src)
+
+    def receive(self, src: int) -> Any:
+        if self._expected is not None:
+            work, head, posted = self._expected
+            self._expected = None
+            if posted != src:
+                raise RuntimeError(f"a receive from rank {posted} was posted ahead; asked to receive from rank {src}")
+            work.wait()
+        else:
+            head = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+            dist.broadcast(head, src, group=self.group)
         raw = head.cpu().numpy().tobytes()
         size = int.from_bytes(raw[:8], "little")
         data = raw[8 : 8 + size]

@@ -19,17 +19,22 @@ LogRecord = tuple[str, Any, tuple[Any, ...], dict[str, Any]]
 
 @contextmanager
 def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    """Shadow ``obj.name`` with an instance attribute for the duration of the block."""
+    """Shadow ``obj.name`` with an instance attribute for the duration of the block.
+
+    Written to the instance's ``__dict__`` directly: the attribute is a plain value (a function, a method), which
+    ``nn.Module.__setattr__`` would store there too after its checks, and this runs several times per step.
+    """
+    attributes = obj.__dict__
     missing = object()
-    previous = obj.__dict__.get(name, missing)
-    setattr(obj, name, value)
+    previous = attributes.get(name, missing)
+    attributes[name] = value
     try:
         yield
     finally:
         if previous is missing:
-            delattr(obj, name)
+            del attributes[name]
         else:
-            setattr(obj, name, previous)
+            attributes[name] = previous
 
 
 @contextmanager

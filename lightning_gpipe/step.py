@@ -307,6 +307,7 @@ class StageStep:
             return output
         if self.backward_ran:  # step 4: nothing this stage needs from the last stage's results
             executor.expect_gradients()
+            self.sharing.expect(self.source)  # type: ignore[union-attr]  # the results arrive during the backward
             with torch.autocast(self.device.type, enabled=False):  # as Lightning's backward, outside the step
                 self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
             self.start_average()  # the replicas' average travels while this stage waits for the results
