@@ -43,8 +43,8 @@ class StageExecutor:
     """One pipeline stage: its layers, its links to the neighbouring stages, and its schedule.
 
     Training splits in two phases, as Lightning does: :meth:`forward` runs the schedule's
-    forward actions inside ``training_step``; :meth:`backward` runs the rest inside the
-    strategy's ``backward``, once the last stage's loss has filled the gradients of its outputs.
+    forward actions inside ``training_step``; :meth:`backward` runs the rest once the last
+    stage's loss has filled the gradients of its outputs (where, the step flow decides).
     """
 
     def __init__(
@@ -76,6 +76,7 @@ class StageExecutor:
         self.deferred_norms = deferred_norms(self.layers)  # batch norms that update once per mini-batch
         self._slots: list[Optional[_Slot]] = []
         self._expecting = False  # whether this step's gradient receives are posted
+        self._orders: dict[tuple[int, Phase], list[Action]] = {}
 
     @property
     def is_first(self) -> bool:
@@ -228,7 +229,11 @@ class StageExecutor:
                 self.link.flush()
 
     def _actions(self, n: int, phase: Phase) -> list[Action]:
-        return [a for a in self.schedule(self.k, n, self.stage) if a.phase is phase]
+        """This stage's actions of ``phase`` for ``n`` micro-batches, in order (the schedule, derived once per n)."""
+        key = (n, phase)
+        if key not in self._orders:
+            self._orders[key] = [a for a in self.schedule(self.k, n, self.stage) if a.phase is phase]
+        return self._orders[key]
 
     def _receive(self, i: int, n: int, train: bool) -> Any:
         ahead = i + 1 if i + 1 < n and self._ahead else None
