@@ -293,16 +293,17 @@ class StageStep:
                 raise problem
             if self._early:  # step 4: the gradients leave before anything of the results is moved or pickled
                 self._backward_in_step(module, output)
-            random = rank_random_state(self.device)  # a backward leaves the rank-wide streams as they were
-            results = {
-                "records": shareable(records),
-                "output": apply_to_collection(output, Tensor, Tensor.detach),
-                "should_stop": module.trainer.should_stop,
-                # Only when the code after self(x) drew from them: the other stages are where this one was then.
-                "random": None if _same_random(random, call.random_at_return) else random,
-                "param_groups": _hyperparameters(module) if train else None,
-            }
-            self._share(results, where)
+            with executor.timeline.span("results"):
+                random = rank_random_state(self.device)  # a backward leaves the rank-wide streams as they were
+                results = {
+                    "records": shareable(records),
+                    "output": apply_to_collection(output, Tensor, Tensor.detach),
+                    "should_stop": module.trainer.should_stop,
+                    # Only when the code after self(x) drew from them: the other stages are where this one was then.
+                    "random": None if _same_random(random, call.random_at_return) else random,
+                    "param_groups": _hyperparameters(module) if train else None,
+                }
+                self._share(results, where)
             replay_logs(module, records, self.device)  # step 5, as on every other stage
             return output
         if self.backward_ran:  # step 4: nothing this stage needs from the last stage's results

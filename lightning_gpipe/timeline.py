@@ -22,7 +22,7 @@ class Event:
     """One timed piece of a stage's work in a step; times in seconds from the step's common start."""
 
     stage: int
-    kind: str  # forward | backward | recompute | recv | send | results (the last stage's) | allreduce (replicas)
+    kind: str  # forward | backward | recompute | recv | send | results (the last stage's, sent or taken) | allreduce
     i: int  # micro-batch, or -1 for work that belongs to no single one
     start: float
     end: float

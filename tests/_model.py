@@ -202,6 +202,22 @@ class NormBeforeBackward(Classifier):
         self.log("norm_before_backward", _total_grad_norm(self))
 
 
+class LogsBatchOfValues(Classifier):
+    """Logs a tensor of two values after self(x): Lightning refuses it when the call is made."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("per_sample", loss.detach().expand(2))
+        return loss
+
+
+class LogsBatchOfValuesLate(LogsBatchOfValues):
+    """The same, with a hook between the step and the backward (the backward waits for the results)."""
+
+    def on_before_backward(self, loss):
+        pass
+
+
 class SoftmaxInEval(Classifier):
     """A forward that does more than the Sequential, in evaluation only."""
 

@@ -3,6 +3,8 @@ error on every rank (tests/_model.py holds the patterns, as users write them).""
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -61,6 +63,8 @@ K2 = [
     {**_refused("returns_none_accumulating", "ReturnsNoneOnce")},  # batch 1 accumulates: backward in the step too
     _refused("detached_loss", "DetachedLoss"),
     _refused("unpicklable_output", "UnpicklableOutput"),
+    _refused("logs_batch_of_values", "LogsBatchOfValues"),
+    _refused("logs_batch_of_values_late", "LogsBatchOfValuesLate"),
     _refused("averaging", "Classifier", averaging=True),
     _named("refit", "FrozenFirstLayer", refit=True, save=True),
     _named("norm_before_zero_grad", "NormBeforeZeroGrad"),
@@ -346,3 +350,15 @@ def test_a_second_fit_with_other_trainable_parameters(k2):
 def test_what_only_the_last_stage_could_do_is_refused_on_every_rank(name, message, k2):
     for rank in k2[name]:
         assert rank["error"].startswith(message)
+
+
+@pytest.mark.parametrize("name", ["logs_batch_of_values", "logs_batch_of_values_late"])
+def test_an_error_of_a_logged_call_is_raised_on_every_rank(name, k2):
+    """The last stage makes its logged calls after the step, as the others replay them: Lightning's own
+    refusal reaches every rank alike, whether the backward ran in the step or after it."""
+    (error,) = {rank["error"] for rank in k2[name]}  # the same on both ranks, the loss's value included
+    assert re.fullmatch(
+        r"ValueError: `self\.log\(per_sample, tensor\(\[(\d\.\d{4}), \1\]\)\)` was called, but the tensor must have a"
+        r" single element\. You can try doing `self\.log\(per_sample, tensor\(\[\1, \1\]\)\.mean\(\)\)`",
+        error,
+    ), error
