@@ -54,7 +54,8 @@ class Config:
 
 FULL = {"ks": [2, 4], "ms": [1, 2, 4, 8, 16], "width": 512, "depth": 32, "batch": 512, "timed": 4, "rounds": 2}
 DP = 2  # data-parallel replicas of the gpipe_dp rows
-QUICK = {"ks": [2], "ms": [1, 4], "width": 256, "depth": 16, "batch": 128, "timed": 2, "rounds": 2}
+# Steps of 10 to 20 ms: a few more timed steps per round, so that one slow step does not decide a row.
+QUICK = {"ks": [2], "ms": [1, 4], "width": 256, "depth": 16, "batch": 128, "timed": 8, "rounds": 2}
 # Emulated: one micro-batch's forward on one stage lasts 20 ms at K=4, M=8 and 5 ms at K=8, M=16, long against
 # one gloo message (0.3 to 1.8 ms here). The emulated device does not drift, so the quick preset runs once.
 EMULATE = {"ks": [2, 4, 8], "ms": [1, 2, 4, 8, 16], "width": 16, "depth": 8, "batch": 64, "timed": 4, "rounds": 2,
