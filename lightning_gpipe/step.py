@@ -115,7 +115,7 @@ _CALLBACK_HOOKS = ("on_before_zero_grad", "on_before_backward")
 
 
 class HeldGradients:
-    """A non-last stage's gradients from a backward run inside the step, held from Lightning's zero_grad."""
+    """A stage's gradients from a backward run inside the step, held from Lightning's zero_grad."""
 
     def __init__(self) -> None:
         self._held: list[tuple[Tensor, Tensor]] = []
@@ -224,7 +224,7 @@ class StageStep:
         self._running: Optional[tuple[str, PipelineCall]] = None  # the hook under way and its self(x)
         self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
         self.plan: Optional[BackwardPlan] = None  # the latest training step's
-        self.held = HeldGradients()  # a non-last stage's gradients from a backward run in the step
+        self.held = HeldGradients()  # this stage's gradients from a backward run in the step
 
     def check_collective(self, name: str) -> None:
         """Raise if the step's code after ``self(x)``, which runs on the last stage alone, starts a collective:
@@ -238,7 +238,7 @@ class StageStep:
 
     @property
     def _early(self) -> bool:
-        """Whether the non-last stages run this training step's backward inside the step (step 4)."""
+        """Whether the stages run this training step's backward inside the step (step 4)."""
         return self.plan in (BackwardPlan.FRESH, BackwardPlan.ACCUMULATE)
 
     @property
@@ -251,7 +251,7 @@ class StageStep:
         plan: Optional[BackwardPlan] = None,
     ) -> Any:  # fmt: skip
         """Run ``module.<hook>(*args, **kwargs)`` with ``self(x)`` routed through the pipeline; on every stage,
-        return what the last stage's step returned. ``plan`` (training only) places a non-last stage's backward."""
+        return what the last stage's step returned. ``plan`` (training only) places the stages' backward."""
         executor = self.executor
         self.plan = plan if train and executor.k > 1 else None
         self.held.discard()

@@ -222,7 +222,7 @@ class GPipeStrategy(ParallelStrategy):
         self._balance_report: Optional[BalanceReport] = None
         self._flow: Optional[StageStep] = None  # the step flow of this rank's stage
         self._stage_random: Optional[StageRandom] = None
-        self._plan = BackwardPlan.LATE  # where the non-last stages run this training step's backward
+        self._plan = BackwardPlan.LATE  # where the stages run this training step's backward
 
     # -- options ------------------------------------------------------------------------------
 
