@@ -41,6 +41,8 @@ from lightning_gpipe.memory import ActivationMeter
 from lightning_gpipe.microbatch import merge, split
 from lightning_gpipe.timeline import bubble
 
+from experiments.bench_report import ALONE
+
 LR = 1e-3  # small enough that a few dozen SGD steps on random targets stay finite
 
 
@@ -140,6 +142,7 @@ class Context:
     observe_every: int
     steps: int
     traces: Path
+    threads: int  # this rank's intra-op threads outside the rows that run alone
     seconds_per_row: float = 0.0  # each block's emulated forward cost per sample; 0 computes for real
 
     def net(self) -> nn.Sequential:
@@ -423,13 +426,22 @@ def _peak_rss() -> int:
 
 
 def measure_row(ctx: Context, row: dict) -> dict | None:
-    """Run one row once on every rank; rank 0 returns what every rank measured, the others ``None``."""
+    """Run one row once on every rank; rank 0 returns what every rank measured, the others ``None``.
+
+    ``single`` and ``single_raw`` run on rank 0 alone, with ``row["threads"]`` (every core); the other ranks
+    wait at the barrier after it, which holds no CPU.
+    """
     gc.collect()
     _barrier(ctx)
     _peak_rss_reset()
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
-    measured = RUNNERS[row["impl"]](ctx, row)
+    alone = row["impl"] in ALONE
+    torch.set_num_threads(row["threads"])
+    try:
+        measured = RUNNERS[row["impl"]](ctx, row) if ctx.rank == 0 or not alone else Measured([], None, [])
+    finally:
+        torch.set_num_threads(ctx.threads)
     local = {
         "activation": max(measured.activation, default=0),
         "rss": _peak_rss(),
@@ -437,6 +449,7 @@ def measure_row(ctx: Context, row: dict) -> dict | None:
     }
     ranks = _gather(local, ctx)
     _barrier(ctx)
+    ranks = ranks[:1] if alone else ranks
     if ctx.rank != 0:
         return None
     return {
@@ -507,7 +520,7 @@ def main(spec_path: Path) -> None:
     forward_s = model.get("emulate_forward_s", 0.0)  # the whole model's forward over the batch, when emulated
     ctx = Context(rank=rank, k=k, device=device, width=model["width"], depth=model["depth"], batch=model["batch"],
                   warmup=spec["warmup"], observe_every=spec["observe_every"], steps=spec["steps"],
-                  traces=Path(spec["traces"]), seconds_per_row=forward_s / (model["depth"] * model["batch"]))  # fmt: skip
+                  traces=Path(spec["traces"]), threads=spec["threads"], seconds_per_row=forward_s / (model["depth"] * model["batch"]))  # fmt: skip
     runs: list[list[dict]] = [[] for _ in spec["rows"]]
     try:
         for turn in range(spec["rounds"]):

@@ -5,7 +5,9 @@ all threads), ``single_raw`` (a plain PyTorch loop, the same threads), ``gpipe``
 (this project's executor without Lightning), ``torch_gpipe`` / ``torch_1f1b`` (torch.distributed.pipelining), and
 ``ddp`` (Lightning's DDP on the same K processes and global batch: data parallelism, for comparison),
 ``gpipe_dp`` (on 4 or more processes: two data-parallel replicas of a K/2-stage pipeline, each on half the batch).
-Each K starts its K processes once and runs all of its rows in them. Written to DIR: ``benchmark.json``,
+Each K starts its K processes once and runs all of its rows in them; ``single`` and ``single_raw`` run in
+every K group too, on rank 0 with every core while the other ranks wait, so that Lightning's own cost is
+measured in the same minutes as the pipelines it is compared with. Written to DIR: ``benchmark.json``,
 ``benchmark.md``, four PNG plots, each rank's log under ``logs/`` and a Chrome trace per gpipe row under
 ``traces/``. ``--quick`` is the small CI preset.
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_report import write_report
+from experiments.bench_report import ALONE, write_report
 from experiments.processes import free_port, without_rendezvous
 
 WORKER = Path(__file__).resolve().parent / "bench_worker.py"
@@ -145,15 +147,20 @@ def check(cfg: Config) -> None:
 
 
 def plan(cfg: Config) -> dict[int, list[dict]]:
-    """The rows of each process group, keyed by its process count; ``single`` runs alone in a group of 1.
+    """The rows of each process group, keyed by its process count.
 
-    For each M the implementations run back to back, so rows compared with each other run close in time.
-    ``torch_1f1b`` refuses M < K.
+    Every group starts with ``single`` and ``single_raw`` (``window``: the group; emulated, the first group
+    only), run by rank 0 alone with every core while the other ranks wait. For each M the implementations
+    run back to back, so rows compared with each other run close in time. ``torch_1f1b`` refuses M < K.
     """
     groups: dict[int, list[dict]] = {}
-    single = [{"impl": impl, "k": 1, "m": 1, "checkpoint": "never"} for impl in ("single", "single_raw")]
+    # Lightning's own cost, measured in each group's window (rank 0 alone, every core) so that the
+    # strategy_overhead goal compares rows the machine ran in the same minutes. The emulated device judges
+    # the schedule only, and measures it once.
+    windows = cfg.ks[:1] if cfg.emulate_ms else cfg.ks
     for k in cfg.ks:
-        rows = groups.setdefault(k, list(single) if k == 1 else [])
+        alone = [{"impl": impl, "k": 1, "m": 1, "checkpoint": "never", "window": k} for impl in ALONE]
+        rows = groups.setdefault(k, alone if k in windows else [])
         if k > 1:  # data parallelism on the same K processes and global batch, for comparison
             rows.append({"impl": "ddp", "k": k, "m": 1, "checkpoint": "never"})
         for m in cfg.ms:
@@ -163,7 +170,6 @@ def plan(cfg: Config) -> dict[int, list[dict]]:
                 rows.append({"impl": "torch_1f1b", "k": k, "m": m, "checkpoint": "never"})
             if k >= 4 and k % DP == 0 and (cfg.batch // DP) % m == 0:  # D x K/D on the same processes
                 rows.append({"impl": "gpipe_dp", "k": k, "m": m, "checkpoint": "never", "dp": DP})
-    groups.setdefault(1, single)
     return dict(sorted(groups.items()))
 
 
@@ -193,7 +199,10 @@ def run_group(cfg: Config, k: int, rows: list[dict], out: Path) -> list[dict]:
     logs.mkdir(parents=True, exist_ok=True)
     threads = threads_per_process(cfg, k)
     spec = {
-        "rows": [{**row, "microbatch_size": _rows_per_pass(cfg, row), "threads": threads} for row in rows],
+        "rows": [
+            {**row, "microbatch_size": _rows_per_pass(cfg, row), "threads": cfg.cores if row["impl"] in ALONE else threads}
+            for row in rows
+        ],
         "model": {"width": cfg.width, "depth": cfg.depth, "batch": cfg.batch, "emulate_forward_s": cfg.emulate_ms / 1e3},
         "warmup": WARMUP, "observe_every": OBSERVE_EVERY, "steps": steps_per_run(cfg.timed), "rounds": cfg.rounds,
         "device": cfg.device, "threads": threads,

@@ -14,8 +14,9 @@ from launch import fresh_env
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.bench_report import k_cell  # noqa: E402
 from experiments.bench_worker import EmulatedBlock, limit_step_s  # noqa: E402
-from experiments.benchmark import BenchmarkError, parse  # noqa: E402
+from experiments.benchmark import BenchmarkError, parse, plan  # noqa: E402
 
 # The --quick preset: K=2, M in {1, 4}, a 16-block MLP of width 256, batch 128, two rounds.
 K, MS, BATCH, ROUNDS = 2, (1, 4), 128, 2
@@ -51,6 +52,10 @@ def test_every_row_measured(quick):
         assert r["samples_per_s"] > 0 and r["samples_per_s"] == pytest.approx(BATCH / r["step_s"])
         assert len(r["step_s_rounds"]) == ROUNDS and r["step_s"] == min(r["step_s_rounds"])
         assert r["microbatch_size"] == BATCH // (k if impl == "ddp" else m)  # ddp: each process's share
+        if impl.startswith("single"):  # measured in the K=2 group's window, on rank 0 alone with every core
+            assert r["window"] == K and r["threads"] == report["config"]["cores"]
+        else:
+            assert "window" not in r and r["threads"] == max(1, report["config"]["cores"] // K)
         assert r["activation_bytes_max"] > 0 and r["rss_max_bytes"] > 0
         if impl in ("gpipe", "executor"):
             assert 0 <= r["bubble_measured"] < 1
@@ -104,6 +109,7 @@ def test_summary_ratios_follow_from_rows(quick):
     }
     lightning = rows[("single", 1, 1, "never")]["samples_per_s"] / rows[("single_raw", 1, 1, "never")]["samples_per_s"]
     assert summary["single_vs_single_raw"] == pytest.approx(lightning)
+    assert summary["single_vs_single_raw_per_k"] == [{"k": K, "ratio": pytest.approx(lightning)}]
     overhead = summary["goals"]["strategy_overhead"]
     assert overhead["met"] == all(e["ratio"] >= 0.95 * lightning for e in summary["gpipe_vs_executor"])
 
@@ -113,7 +119,8 @@ def test_table_and_plots_written(quick):
     table = (out / "benchmark.md").read_text()
     assert report["machine"]["cpu"] in table and f"torch {report['machine']['torch']}" in table
     for r in report["rows"]:
-        assert f"| {r['impl']} | {r['k']} | {r['m']} | {r['checkpoint']} | {r['microbatch_size']} |" in table
+        assert f"| {r['impl']} | {k_cell(r)} | {r['m']} | {r['checkpoint']} | {r['microbatch_size']} |" in table
+    assert "| single | 1 (K=2 group) | 1 | never |" in table
     for name in ("throughput_vs_m.png", "bubble_vs_m.png", "activation_memory.png", "efficiency_vs_k.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -130,6 +137,19 @@ def test_table_and_plots_written(quick):
 def test_bad_settings_are_refused_with_their_values(argv, message):
     with pytest.raises(BenchmarkError, match=message):
         parse(["--out", "unused", *argv])
+
+
+@pytest.mark.parametrize(("argv", "windows"), [([], [2, 4]), (["--emulate"], [2])])
+def test_lightning_cost_is_measured_in_each_group(argv, windows):
+    """single and single_raw open every K group (emulated: the first), so strategy_overhead compares rows the
+    machine ran in the same minutes."""
+    cfg, _ = parse(["--out", "unused", "--k", "2", "4", *argv])
+    groups = plan(cfg)
+    assert sorted(groups) == [2, 4]
+    for k, rows in groups.items():
+        alone = [(r["impl"], r["k"], r["window"]) for r in rows if "window" in r]
+        assert alone == ([("single", 1, k), ("single_raw", 1, k)] if k in windows else [])
+        assert [r["impl"] for r in rows[: len(alone)]] == [impl for impl, _, _ in alone]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
