@@ -218,10 +218,11 @@ class ObjectBroadcast:
 
     The last stage shares what its step produced this way, while the other stages, done with their backward
     or idle until their gradients arrive, take the object in. An object that pickles into less than
-    ``capacity`` bytes (a step's logs and loss do) travels in one message; a larger one in two.
+    ``capacity`` bytes travels in one message, a larger one in two. A step's results fit in the default: its
+    logs and loss, and the rank-wide random state (about 14 KiB on CPU: torch's, numpy's and Python's).
     """
 
-    def __init__(self, device: torch.device, group: Optional[dist.ProcessGroup] = None, capacity: int = 4096) -> None:
+    def __init__(self, device: torch.device, group: Optional[dist.ProcessGroup] = None, capacity: int = 32768) -> None:
         self.device, self.group, self.capacity = device, group, capacity
         self._pending: list[tuple[dist.Work, Tensor]] = []
         self._expected: Optional[tuple[dist.Work, Tensor, int]] = None  # a receive posted ahead, and its source

@@ -16,9 +16,9 @@ routed through the pipeline. One training step on stage j of K, in the order thi
        fresh gradients are held aside                  input gradients sent back at once; the fresh
                                                        gradients are held aside
     5. receive the last stage's results (or its     5. share the results without waiting: the log
-       error, raised here too), make its logged        records, the step's output, trainer.should_stop,
-       calls, return its output                        the rank-wide random state if the code after
-                                                       self(x) drew from it; make the logged calls
+       error, raised here too); take its random        records, the step's output, trainer.should_stop,
+       state if the code after self(x) drew from       the rank-wide random state; make the logged
+       it; make its logged calls, return its output    calls
     6. Lightning: zero_grad, strategy.backward: the held gradients become .grad (every stage)
     7. the optimizer step; clipping by norm takes one all-reduce of the stages' squared norms
 
@@ -170,7 +170,6 @@ class PipelineCall:
         self.check = check  # called with the first input, to verify the module's forward contract
         self.calls = 0
         self.returned = False  # whether the pipeline ran to the end and handed the step its output
-        self.random_at_return: Optional[dict[str, Any]] = None  # last stage: the rank-wide streams as self(x) returned
         self.samples = self.n = 0  # batch size and micro-batch count, once called
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -200,8 +199,6 @@ class PipelineCall:
             raise _StageFinished
         assert outputs is not None
         self.returned = True
-        if executor.k > 1:  # the other stages' streams are here too; what the step draws after this is shared
-            self.random_at_return = rank_random_state(executor.device)
         return merge(outputs)
 
 
@@ -294,25 +291,29 @@ class StageStep:
             if self._early:  # step 4: the gradients leave before anything of the results is moved or pickled
                 self._backward_in_step(module, output)
             with executor.timeline.span("results"):
-                random = rank_random_state(self.device)  # a backward leaves the rank-wide streams as they were
                 results = {
                     "records": shareable(records),
                     "output": apply_to_collection(output, Tensor, Tensor.detach),
                     "should_stop": module.trainer.should_stop,
-                    # Only when the code after self(x) drew from them: the other stages are where this one was then.
-                    "random": None if _same_random(random, call.random_at_return) else random,
+                    # The others compare it with theirs (where this one's was at self(x)): the code after self(x)
+                    # may have drawn. A backward leaves the rank-wide streams as they were.
+                    "random": rank_random_state(self.device),
                     "param_groups": _hyperparameters(module) if train else None,
                 }
                 self._share(results, where)
             replay_logs(module, records, self.device)  # step 5, as on every other stage
             return output
-        if self.backward_ran:  # step 4: nothing this stage needs from the last stage's results
-            executor.expect_gradients()
-            self.sharing.expect(self.source)  # type: ignore[union-attr]  # the results arrive during the backward
-            with torch.autocast(self.device.type, enabled=False):  # as Lightning's backward, outside the step
-                self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
-            self.start_average()  # the replicas' average travels while this stage waits for the results
-        return self._take_shared(module)
+        if not self.backward_ran:
+            return self._take_shared(module, rank_random_state(self.device))
+        # step 4: nothing this stage needs from the last stage's results
+        executor.expect_gradients()
+        self.sharing.expect(self.source)  # type: ignore[union-attr]  # the results arrive during the backward
+        # The rank-wide streams as they were at self(x) on every stage, taken while the gradients travel.
+        random = rank_random_state(self.device)
+        with torch.autocast(self.device.type, enabled=False):  # as Lightning's backward, outside the step
+            self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
+        self.start_average()  # the replicas' average travels while this stage waits for the results
+        return self._take_shared(module, random)
 
     def _backward_in_step(self, module: LightningModule, output: Any) -> None:
         """Last stage, step 4: the loss's backward as Lightning would run it after the step, then every
@@ -356,11 +357,15 @@ class StageStep:
             for p, g in zip(params, averaged):
                 p.grad = g
 
-    def _share(self, results: Any, where: str) -> None:
-        """Send ``results`` to the other stages; if they cannot travel, send them the error instead, and raise it."""
+    def _share(self, results: dict[str, Any], where: str) -> None:
+        """Send ``results`` to the other stages; if they cannot travel, send them the error instead, and raise it.
+
+        Their tensors go to the CPU, but for the random state's: there already, and walking the 625 numbers of
+        Python's state would cost more than a millisecond here."""
         assert self.sharing is not None
         try:
-            self.sharing.send(apply_to_collection(results, Tensor, _cpu))
+            cpu = {key: v if key == "random" else apply_to_collection(v, Tensor, _cpu) for key, v in results.items()}
+            self.sharing.send(cpu)
         except Exception as error:
             failure = Failure.of(
                 TypeError(
@@ -378,14 +383,15 @@ class StageStep:
             self.executor.drain()
         self.sharing.send(failure)
 
-    def _take_shared(self, module: LightningModule) -> Any:
+    def _take_shared(self, module: LightningModule, random: dict[str, Any]) -> Any:
+        """Take the last stage's results; ``random``: this stage's rank-wide random state, as at self(x)."""
         assert self.sharing is not None
         with self.executor.timeline.span("results"):
             shared = self.sharing.receive(src=self.source)
         if isinstance(shared, Failure):
             self.held.discard()
             raise shared.error
-        if shared["random"] is not None:
+        if not _same_random(shared["random"], random):  # the step's code after self(x) drew from them
             set_rank_random_state(shared["random"], self.device)
         module.trainer.should_stop = shared["should_stop"]
         if shared["param_groups"] is not None:
@@ -433,9 +439,9 @@ def _cpu(t: Tensor) -> Tensor:
     return t.detach().cpu()
 
 
-def _same_random(a: dict[str, Any], b: Optional[dict[str, Any]]) -> bool:
+def _same_random(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two :func:`rank_random_state` snapshots are the same state."""
-    if b is None or a.keys() != b.keys() or a["python"] != b["python"]:
+    if a.keys() != b.keys() or a["python"] != b["python"]:
         return False
     (kind, keys, *rest), (kind_b, keys_b, *rest_b) = a["numpy"], b["numpy"]
     tensors = [(a[key], b[key]) for key in ("torch", "cuda") if key in a] + [(keys, keys_b)]
