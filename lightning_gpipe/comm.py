@@ -12,16 +12,18 @@ from __future__ import annotations
 import io
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_gpipe.microbatch import Tensors
 from lightning_gpipe.skip import Port
 
-__all__ = ["StageLink", "ObjectBroadcast", "carries_grad"]
+__all__ = ["StageLink", "ObjectBroadcast", "Packed", "pack", "unpack", "carries_grad"]
 
 _DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -200,7 +202,15 @@ def _encode_header(xs: Tensors, device: torch.device) -> Tensor:
         )
     header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
     header[: len(fields)] = torch.tensor(fields, dtype=torch.int64)
-    return header.to(device)
+    return _from_host(header, device)
+
+
+def _from_host(t: Tensor, device: torch.device) -> Tensor:
+    """Host tensor ``t`` on ``device``, without waiting for the device: a copy from pageable memory to a GPU
+    synchronizes the stream, so it goes through pinned memory there."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _decode_header(header: Tensor) -> list[tuple[list[int], torch.dtype]]:
@@ -220,10 +230,15 @@ class ObjectBroadcast:
     or idle until their gradients arrive, take the object in. An object that pickles into less than
     ``capacity`` bytes travels in one message, a larger one in two. A step's results fit in the default: its
     logs and loss, and the rank-wide random state (about 14 KiB on CPU: torch's, numpy's and Python's).
+    ``pack``: whether :meth:`send_packed` keeps tensors on the device (default: on every device but the CPU).
     """
 
-    def __init__(self, device: torch.device, group: Optional[dist.ProcessGroup] = None, capacity: int = 32768) -> None:
+    def __init__(
+        self, device: torch.device, group: Optional[dist.ProcessGroup] = None, capacity: int = 32768,
+        pack: Optional[bool] = None,
+    ) -> None:  # fmt: skip
         self.device, self.group, self.capacity = device, group, capacity
+        self.pack = device.type != "cpu" if pack is None else pack
         self._pending: list[tuple[dist.Work, Tensor]] = []
         self._expected: Optional[tuple[dist.Work, Tensor, int]] = None  # a receive posted ahead, and its source
 
@@ -241,8 +256,33 @@ class ObjectBroadcast:
             parts.append(torch.frombuffer(bytearray(data[first:]), dtype=torch.uint8))
         src = dist.get_rank()
         self._pending = [
-            (dist.broadcast(t, src, group=self.group, async_op=True), t) for t in (p.to(self.device) for p in parts)
+            (dist.broadcast(t, src, group=self.group, async_op=True), t)
+            for t in (_from_host(p, self.device) for p in parts)
         ]
+
+    def send_packed(self, obj: Any) -> None:
+        """Send ``obj`` with its tensors packed into one buffer on the device and the rest pickled: nothing waits
+        for the device's queued work (its tensors may still be computing), and nothing is copied to the host.
+        On the CPU (unless ``pack``) there is nothing to wait for: it travels pickled whole, in one message."""
+        if not self.pack:
+            self.send(apply_to_collection(obj, Tensor, Tensor.detach))
+            return
+        packed, buffer = pack(obj, self.device)
+        self.send(packed)
+        if buffer is not None:
+            self._pending.append((dist.broadcast(buffer, dist.get_rank(), group=self.group, async_op=True), buffer))
+
+    def receive_packed(self, src: int) -> Any:
+        """The object ``src`` sent with :meth:`send_packed`, its tensors on this rank's device; or whatever ``src``
+        sent with :meth:`send` instead (an error, say)."""
+        packed = self.receive(src)
+        if not isinstance(packed, Packed):
+            return packed
+        buffer = None
+        if packed.specs:
+            buffer = torch.empty(packed.nbytes, dtype=torch.uint8, device=self.device)
+            dist.broadcast(buffer, src, group=self.group)
+        return unpack(packed, buffer)
 
     def expect(self, src: int) -> None:
         """Post the receive of the next object from ``src`` (its first message) ahead of time, so that it travels
@@ -274,3 +314,65 @@ class ObjectBroadcast:
         for work, _ in self._pending:
             work.wait()
         self._pending = []
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where the ``index``-th tensor of a packed object was."""
+
+    index: int
+
+
+@dataclass
+class Packed:
+    """The host part of a packed object: the object with its tensors replaced by slots, and each tensor's shape
+    and dtype; the tensors' bytes lie in one buffer on the device (see :func:`pack`)."""
+
+    skeleton: Any
+    specs: list[tuple[torch.Size, torch.dtype]]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Each tensor's (start, size) in bytes in the buffer; every start aligned for any dtype's view."""
+        ranges, start = [], 0
+        for shape, dtype in self.specs:
+            size = shape.numel() * dtype.itemsize
+            ranges.append((start, size))
+            start += -(-size // _PACK_ALIGN) * _PACK_ALIGN
+        return ranges
+
+    @property
+    def nbytes(self) -> int:
+        start, size = self.ranges()[-1] if self.specs else (0, 0)
+        return start + size
+
+
+_PACK_ALIGN = 16  # bytes
+
+
+def pack(obj: Any, device: torch.device) -> tuple[Packed, Optional[Tensor]]:
+    """``obj``'s tensors (detached) as one byte buffer on ``device`` (``None`` without tensors), and the rest.
+    Only device work is queued: nothing waits for the tensors' values."""
+    tensors: list[Tensor] = []
+
+    def slot(t: Tensor) -> _Slot:
+        tensors.append(t.detach())
+        return _Slot(len(tensors) - 1)
+
+    packed = Packed(apply_to_collection(obj, Tensor, slot), [(t.shape, t.dtype) for t in tensors])
+    if not tensors:
+        return packed, None
+    buffer = torch.empty(packed.nbytes, dtype=torch.uint8, device=device)
+    for t, (start, size) in zip(tensors, packed.ranges()):
+        buffer[start : start + size].copy_(t.to(device).contiguous().reshape(-1).view(torch.uint8))
+    return packed, buffer
+
+
+def unpack(packed: Packed, buffer: Optional[Tensor]) -> Any:
+    """The object :func:`pack` took apart, its tensors views of ``buffer``."""
+    if buffer is None:
+        return packed.skeleton
+    tensors = [
+        buffer[start : start + size].view(dtype).reshape(shape)
+        for (shape, dtype), (start, size) in zip(packed.specs, packed.ranges())
+    ]
+    return apply_to_collection(packed.skeleton, _Slot, lambda s: tensors[s.index])

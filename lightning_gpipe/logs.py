@@ -70,7 +70,10 @@ def replay_logs(module: LightningModule, records: list[LogRecord], device: torch
         try:
             module.log(name, apply_to_collection(value, Tensor, lambda t: t.to(device)), *args, **kwargs)
         except Exception as error:
-            error.add_note(f"(raised by self.log({name!r}, ...) of the step, which GPipeStrategy makes after the step)")
+            error.add_note(
+                f"(raised by self.log({name!r}, ...) of the step: GPipeStrategy records the last stage's calls and"
+                " makes them on every stage, after the step's code)"
+            )
             raise
 
 

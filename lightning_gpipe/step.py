@@ -7,31 +7,36 @@ routed through the pipeline. One training step on stage j of K, in the order thi
     1. the user's step code up to self(x)           1. the same (every stage runs it, on the same batch)
     2. self(x): forward of micro-batches 0..M-1,    2. self(x): receive and forward 0..M-1; self(x)
        each output sent on as it is ready              returns the merged outputs
-    3. the step ends there (_StageFinished); post   3. the user's code after self(x): the loss; its
-       every gradient receive at once                  self.log calls are recorded, not made yet; an
-                                                       error is sent at once, after zero gradients end
-                                                       the others' step 4
+    3. the step ends there (_StageFinished);        3. the user's code after self(x): the loss; its
+       receive the last stage's logged calls (or       self.log calls are recorded, not made, and sent
+       its error, raised here too); post every         to the others at once (their tensors stay on the
+       receive still to come; make the calls           device); an error is sent instead
     4. backward of M-1..0, each as its gradient     4. the loss's backward, as Lightning would run it
        arrives, input gradients sent back; the         after the step, then M-1..0, each micro-batch's
        fresh gradients are held aside                  input gradients sent back at once; the fresh
                                                        gradients are held aside
-    5. receive the last stage's results (or its     5. share the results without waiting: the log
-       error, raised here too); take its random        records, the step's output, trainer.should_stop,
-       state if the code after self(x) drew from       the rank-wide random state; make the logged
-       it; make its logged calls, return its output    calls
+    5. receive the last stage's results (or its     5. share the results without waiting: the step's
+       error, raised here too); take its random        output, trainer.should_stop, the rank-wide random
+       state if the code after self(x) drew from       state; make the logged calls
+       it; return its output
     6. Lightning: zero_grad, strategy.backward: the held gradients become .grad (every stage)
     7. the optimizer step; clipping by norm takes one all-reduce of the stages' squared norms
 
-So no stage's backward waits for anything but its gradients: nothing of the results is moved, pickled or
-logged before the last stage's gradients are on their way, and every stage makes the same self.log calls at
-the same point, so an error Lightning raises for one is raised on every stage. Step 4 runs inside the step
-only where that is exact (see :class:`BackwardPlan`); otherwise the last stage shares its results at the end
-of its step, and every stage runs its backward in step 6, when Lightning calls it.
+So no stage's backward waits for anything but its gradients, and the stages' logged calls leave the critical
+path: the others make them while the last stage runs its backward, which it starts right after sending them.
+Nothing in that send waits for the device: the calls travel pickled, their tensors as one buffer on the
+device (on the CPU, pickled too). Every stage makes the same self.log calls, so an error Lightning raises for
+one is raised on every stage; the others post every receive still to come before making them, so that none
+of the last stage's messages is left without a receiver. Step 4 runs inside the step only where that is
+exact (see :class:`BackwardPlan`); otherwise the last stage shares its logged calls with its results at the
+end of its step, the others make them when they take the results, and every stage runs its backward in
+step 6, when Lightning calls it.
 
-Evaluation steps run 1 to 3 and 5, without gradients. Besides the point-to-point transfers, a step's
-collectives are the results' broadcast of step 5 and clipping's all-reduce; an observed step
-(``observe_every_n_steps``) adds a barrier before it and a gather after it, and Lightning adds its own
-(``self.log(..., sync_dist=True)``, ``EarlyStopping``'s decision).
+Evaluation steps run 1, 2, 3 (the last stage's code) and 5, without gradients; the logged calls travel with
+the results. Besides the point-to-point transfers, a step's collectives are the broadcasts of the logged calls
+(step 3: one, or two with tensors on a GPU) and of the results (step 5), and clipping's all-reduce; an
+observed step (``observe_every_n_steps``) adds a barrier before it and a gather after it, and Lightning adds
+its own (``self.log(..., sync_dist=True)``, ``EarlyStopping``'s decision).
 """
 
 from __future__ import annotations
@@ -258,7 +263,7 @@ class StageStep:
             check = partial(check_forward, module, self.sequential)
         call = self.call = PipelineCall(executor, self.microbatches, train, check)
         # The last stage records its calls of self.log; the others drop their own. Every stage makes the recorded
-        # calls at the end of its step (step 5).
+        # calls: the last at the end of its step (step 5), the others once they have them (step 3, or step 5).
         logging = nullcontext([]) if executor.k == 1 else record_logs(module) if executor.is_last else muted_logs(module)
         where = f"{type(module).__name__}.{hook}"
         refusal = (
@@ -276,8 +281,8 @@ class StageStep:
             except _StageFinished:
                 output = None
             except Exception as error:
-                if call.returned and executor.k > 1:  # the other stages wait for this one's results: send the error
-                    self._fail(Failure.of(error), drain=self._early)
+                if call.returned and executor.k > 1:  # the other stages wait for this one's logs: send the error
+                    self._fail(Failure.of(error), drain=False)
                 raise
             finally:
                 self._running = None
@@ -285,14 +290,16 @@ class StageStep:
             return output
         if executor.is_last:
             problem = _loss_problem(output, where) if train else None
-            if problem is not None:  # Lightning would refuse it before the backward the others are in
-                self._fail(Failure.of(problem), drain=self._early)
+            if problem is not None:  # Lightning would refuse it before the backward: so do the other stages
+                self._fail(Failure.of(problem), drain=False)
                 raise problem
-            if self._early:  # step 4: the gradients leave before anything of the results is moved or pickled
-                self._backward_in_step(module, output)
+            if self._early:
+                with executor.timeline.span("logs"):  # step 3: the logged calls, their tensors left on the device
+                    self._share(records, where, packed=True)
+                self._backward_in_step(module, output)  # step 4
             with executor.timeline.span("results"):
                 results = {
-                    "records": shareable(records),
+                    "records": None if self._early else shareable(records),
                     "output": apply_to_collection(output, Tensor, Tensor.detach),
                     "should_stop": module.trainer.should_stop,
                     # The others compare it with theirs (where this one's was at self(x)): the code after self(x)
@@ -301,15 +308,22 @@ class StageStep:
                     "param_groups": _hyperparameters(module) if train else None,
                 }
                 self._share(results, where)
-            replay_logs(module, records, self.device)  # step 5, as on every other stage
+            replay_logs(module, records, self.device)  # step 5: the same calls as every other stage
             return output
-        if not self.backward_ran:
-            return self._take_shared(module, rank_random_state(self.device))
-        # step 4: nothing this stage needs from the last stage's results
-        executor.expect_gradients()
-        self.sharing.expect(self.source)  # type: ignore[union-attr]  # the results arrive during the backward
-        # The rank-wide streams as they were at self(x) on every stage, taken while the gradients travel.
+        # The rank-wide streams as they were at self(x) on every stage, taken while this stage waits.
         random = rank_random_state(self.device)
+        if not self.backward_ran:
+            return self._take_shared(module, random)
+        with executor.timeline.span("logs"):  # step 3: while the last stage runs its backward
+            records = self.sharing.receive_packed(self.source)  # type: ignore[union-attr]
+            if isinstance(records, Failure):  # nothing was sent to this stage after it
+                raise records.error
+            # Every message still to come is posted first: should a logged call raise here, as it will on every
+            # stage, the last stage's gradients and results still have a receiver and it does not wait forever.
+            executor.expect_gradients()
+            self.sharing.expect(self.source)  # type: ignore[union-attr]  # the results arrive during the backward
+            replay_logs(module, records, self.device)
+        # step 4: nothing this stage needs from the last stage's results
         with torch.autocast(self.device.type, enabled=False):  # as Lightning's backward, outside the step
             self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
         self.start_average()  # the replicas' average travels while this stage waits for the results
@@ -357,15 +371,18 @@ class StageStep:
             for p, g in zip(params, averaged):
                 p.grad = g
 
-    def _share(self, results: dict[str, Any], where: str) -> None:
+    def _share(self, results: Any, where: str, packed: bool = False) -> None:
         """Send ``results`` to the other stages; if they cannot travel, send them the error instead, and raise it.
 
-        Their tensors go to the CPU, but for the random state's: there already, and walking the 625 numbers of
-        Python's state would cost more than a millisecond here."""
+        ``packed``: their tensors stay on the device (the logs, before the backward). Otherwise they go to the
+        CPU, but for the random state's: there already, and walking the 625 numbers of Python's state would cost
+        more than a millisecond here."""
         assert self.sharing is not None
         try:
-            cpu = {key: v if key == "random" else apply_to_collection(v, Tensor, _cpu) for key, v in results.items()}
-            self.sharing.send(cpu)
+            if packed:
+                self.sharing.send_packed(results)
+            else:
+                self.sharing.send({k: v if k == "random" else apply_to_collection(v, Tensor, _cpu) for k, v in results.items()})
         except Exception as error:
             failure = Failure.of(
                 TypeError(
@@ -396,7 +413,8 @@ class StageStep:
         module.trainer.should_stop = shared["should_stop"]
         if shared["param_groups"] is not None:
             _set_hyperparameters(module, shared["param_groups"])
-        replay_logs(module, shared["records"], self.device)  # an error here is the last stage's too: raised alike
+        if shared["records"] is not None:  # not sent ahead (step 3)
+            replay_logs(module, shared["records"], self.device)  # an error here is the last stage's too: raised alike
         if self.plan is BackwardPlan.LATE:  # the backward follows
             self.executor.expect_gradients()
         return apply_to_collection(shared["output"], Tensor, lambda t: t.to(self.device))

@@ -97,7 +97,8 @@ def observed3(tmp_path_factory):
 
 
 def test_backward_starts_before_the_last_stages_results_arrive(observed3):
-    """No stage's backward waits for the results: the last stage puts them together after its own backward."""
+    """No stage's backward waits for the results: the last stage puts them together after its own backward.
+    Its logged calls go ahead, and the other stages make them before their backward, while they wait."""
     trace = json.loads((observed3 / "pipeline_trace.json").read_text())["traceEvents"]
     spans = [e for e in trace if e["ph"] == "X"]
     for step in (1, 2):
@@ -108,9 +109,14 @@ def test_backward_starts_before_the_last_stages_results_arrive(observed3):
             assert first_backward < results["ts"], (step, stage)
             last_backward = max(e["ts"] + e["dur"] for e in mine if e["cat"] == "backward")
             assert last_backward <= results["ts"]  # the whole backward ran before the results were taken
+            (logs,) = [e for e in mine if e["cat"] == "logs"]
+            last_forward = max(e["ts"] + e["dur"] for e in mine if e["cat"] == "forward")
+            assert last_forward <= logs["ts"] and logs["ts"] + logs["dur"] <= first_backward, (step, stage)
         last = [e for e in spans if e["tid"] == 2 and e["args"]["step"] == step]
         (sent,) = [e for e in last if e["cat"] == "results"]
         assert max(e["ts"] + e["dur"] for e in last if e["cat"] == "backward") <= sent["ts"]  # sent after its backward
+        (logs,) = [e for e in last if e["cat"] == "logs"]
+        assert logs["ts"] + logs["dur"] <= min(e["ts"] for e in last if e["cat"] == "backward")  # sent before it
 
 
 def test_observed_run_reaches_tensorboard(observed):

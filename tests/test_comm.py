@@ -1,0 +1,86 @@
+"""comm.py's ObjectBroadcast: objects whose tensors stay on the device (packed), and plain pickled objects, in order."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_gpipe.comm import ObjectBroadcast, pack, unpack
+
+
+def _logged() -> list:
+    """Records as the last stage logs them: tensors of every kind among plain values."""
+    loss = torch.tensor(0.75, requires_grad=True) * 2
+    return [
+        ("loss", loss, (), {"prog_bar": True}),
+        ("mixed", {"mask": torch.tensor([True, False, True]), "counts": torch.arange(4).reshape(2, 2),
+                   "half": torch.linspace(0, 1, 5, dtype=torch.bfloat16), "z": torch.tensor([1 + 2j]),
+                   "empty": torch.empty(0, 3)}, (1, 2.5), {"batch_size": 7}),
+    ]  # fmt: skip
+
+
+def _assert_same(got: object, expected: object) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got, expected.detach()) and not got.requires_grad
+    elif isinstance(expected, (list, tuple)):
+        assert type(got) is type(expected) and len(got) == len(expected)
+        for g, e in zip(got, expected):
+            _assert_same(g, e)
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            _assert_same(got[key], expected[key])
+    else:
+        assert got == expected
+
+
+def test_pack_round_trip_keeps_every_dtype_and_shape():
+    records = _logged()
+    packed, buffer = pack(records, torch.device("cpu"))
+    assert buffer is not None and buffer.dtype == torch.uint8 and buffer.numel() == packed.nbytes
+    starts = [start for start, _ in packed.ranges()]
+    assert all(start % 16 == 0 for start in starts) and starts == sorted(starts)
+    # loss (4 B), mask (3 B), counts (32 B), half (10 B), z (8 B), empty (0 B): each from a 16-byte boundary
+    assert packed.ranges() == [(0, 4), (16, 3), (32, 32), (64, 10), (80, 8), (96, 0)]
+    _assert_same(unpack(packed, buffer), records)
+
+
+def test_pack_without_tensors():
+    packed, buffer = pack([("x", 1.5, (), {})], torch.device("cpu"))
+    assert buffer is None and packed.nbytes == 0
+    assert unpack(packed, buffer) == [("x", 1.5, (), {})]
+
+
+def _broadcast_worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cpu = torch.device("cpu")
+        for packing in (True, False):  # on a GPU the records travel packed; on the CPU pickled whole
+            channel = ObjectBroadcast(cpu, pack=packing)
+            if rank == 1:
+                channel.send_packed(_logged())
+                channel.send({"step": 3})
+                channel.send_packed([("no tensors", 2, (), {})])
+                channel.send(RuntimeError("an error instead"))
+                channel.wait()
+            else:
+                _assert_same(channel.receive_packed(1), _logged())
+                channel.expect(1)  # posted ahead, as a stage does before its backward
+                assert channel.receive(1) == {"step": 3}
+                assert channel.receive_packed(1) == [("no tensors", 2, (), {})]
+                error = channel.receive_packed(1)  # what send sent comes back as it is
+                assert isinstance(error, RuntimeError) and str(error) == "an error instead"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_packed_and_pickled_objects_arrive_in_order():
+    from launch import free_port
+
+    mp.spawn(_broadcast_worker, args=(free_port(),), nprocs=2, join=True)
