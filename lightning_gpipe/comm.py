@@ -363,7 +363,8 @@ def pack(obj: Any, device: torch.device) -> tuple[Packed, Optional[Tensor]]:
         return packed, None
     buffer = torch.empty(packed.nbytes, dtype=torch.uint8, device=device)
     for t, (start, size) in zip(tensors, packed.ranges()):
-        buffer[start : start + size].copy_(t.to(device).contiguous().reshape(-1).view(torch.uint8))
+        t = _from_host(t, device) if t.device.type == "cpu" else t.to(device)  # a value logged from the host
+        buffer[start : start + size].copy_(t.contiguous().reshape(-1).view(torch.uint8))
     return packed, buffer
 
 
