@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import statistics
 from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
@@ -40,6 +41,11 @@ def lightning_cost(rows: list[dict], window: int | None = None) -> float | None:
     return None if single is None or raw is None else single["samples_per_s"] / raw["samples_per_s"]
 
 
+def paired(row: dict, peer: dict) -> float:
+    """``row``'s speed over ``peer``'s, round by round (the two ran back to back in each), median over rounds."""
+    return statistics.median(p / r for r, p in zip(row["step_s_rounds"], peer["step_s_rounds"]))
+
+
 def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
     """Ratios between rows (see the module's goals) and whether each goal is met at every measured point.
 
@@ -51,9 +57,12 @@ def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
     never = [r for r in gpipe if r["checkpoint"] == "never"]
 
     def versus(peer: str) -> list[dict]:
-        """gpipe's samples per second over ``peer``'s, at each (K, M) both measured, without re-materialization."""
+        """gpipe's samples per second over ``peer``'s, at each (K, M) both measured, without re-materialization;
+        and ``paired``, the same round by round."""
         pairs = [(r, by.get((peer, r["k"], r["m"], "never"))) for r in never]
-        return [_point(r, ratio=r["samples_per_s"] / p["samples_per_s"]) for r, p in pairs if p is not None]
+        return [
+            _point(r, ratio=r["samples_per_s"] / p["samples_per_s"], paired=paired(r, p)) for r, p in pairs if p is not None
+        ]
 
     efficiency = []
     for r in gpipe:
@@ -73,8 +82,12 @@ def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
                 }
             )
     windows = sorted({r.get("window", 1) for r in rows if r["impl"] == "single"})
-    per_k = [{"k": w, "ratio": lightning_cost(rows, w)} for w in windows if lightning_cost(rows, w) is not None]
-    cost = {e["k"]: e["ratio"] for e in per_k}
+    per_k = [
+        {"k": w, "ratio": lightning_cost(rows, w), "paired": paired(alone(rows, "single", w), alone(rows, "single_raw", w))}
+        for w in windows
+        if lightning_cost(rows, w) is not None
+    ]
+    cost = {e["k"]: e["paired"] for e in per_k}
     singles = {w: alone(rows, "single", w) for w in windows}
     summary: dict[str, Any] = {
         "gpipe_vs_torch_gpipe": versus("torch_gpipe"),
@@ -128,9 +141,10 @@ def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
         ),
         "strategy_overhead": _goal(
             [e for e in summary["gpipe_vs_executor"] if e["k"] in cost],
-            lambda e: e["ratio"] >= OVERHEAD_GOAL * cost[e["k"]],
-            f"gpipe / executor >= {OVERHEAD_GOAL} x (single / single_raw, measured in the same K group's window):"
-            f" the strategy adds at most {1 - OVERHEAD_GOAL:.0%} beyond Lightning's own loop",
+            lambda e: e["paired"] >= OVERHEAD_GOAL * cost[e["k"]],
+            f"gpipe / executor >= {OVERHEAD_GOAL} x (single / single_raw, measured in the same K group): the"
+            f" strategy adds at most {1 - OVERHEAD_GOAL:.0%} beyond Lightning's own loop. Each ratio round by round"
+            " (the two rows back to back), median over rounds",
         ),
         "checkpoint_memory": _goal(
             judged,
@@ -245,7 +259,8 @@ def _overview_table(rows: list[dict]) -> list[str]:
                 f" {_mib(single['activation_bytes_max'])} MiB."
                 + (
                     f" single_raw (a plain PyTorch loop, the same threads): {raw['samples_per_s']:.0f} samples/s;"
-                    f" single / single_raw = {single['samples_per_s'] / raw['samples_per_s']:.2f}."
+                    f" single / single_raw = {single['samples_per_s'] / raw['samples_per_s']:.2f} (round by round,"
+                    f" the median: {paired(single, raw):.2f})."
                     if raw
                     else ""
                 )
@@ -337,10 +352,10 @@ def k_cell(row: dict) -> str:
 def _ratios_table(summary: dict[str, Any]) -> list[str]:
     lines = [
         (
-            "| K | M | gpipe / torch_gpipe | gpipe / torch_1f1b | gpipe / executor | efficiency / theory: never, always |"
-            " activation always / never | time always / never |"
+            "| K | M | gpipe / torch_gpipe | gpipe / torch_1f1b | gpipe / executor | the same, round by round |"
+            " efficiency / theory: never, always | activation always / never | time always / never |"
         ),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def pick(name: str, k: int, m: int, field: str = "ratio", mode: str = "never") -> str:
@@ -351,7 +366,7 @@ def _ratios_table(summary: dict[str, Any]) -> list[str]:
         efficiency = f"{pick('efficiency_vs_theory', k, m)}, {pick('efficiency_vs_theory', k, m, mode='always')}"
         lines.append(
             f"| {k} | {m} | {pick('gpipe_vs_torch_gpipe', k, m)} | {pick('gpipe_vs_torch_1f1b', k, m)} |"
-            f" {pick('gpipe_vs_executor', k, m)} | {efficiency} |"
+            f" {pick('gpipe_vs_executor', k, m)} | {pick('gpipe_vs_executor', k, m, 'paired')} | {efficiency} |"
             f" {pick('checkpoint_always_vs_never', k, m, 'activation_ratio')} |"
             f" {pick('checkpoint_always_vs_never', k, m, 'time_ratio')} |"
         )

@@ -56,8 +56,9 @@ class Config:
 
 FULL = {"ks": [2, 4], "ms": [1, 2, 4, 8, 16], "width": 512, "depth": 32, "batch": 512, "timed": 4, "rounds": 2}
 DP = 2  # data-parallel replicas of the gpipe_dp rows
-# Steps of 10 to 20 ms: a few more timed steps per round, so that one slow step does not decide a row.
-QUICK = {"ks": [2], "ms": [1, 4], "width": 256, "depth": 16, "batch": 128, "timed": 8, "rounds": 2}
+# Steps of 10 to 20 ms, on a machine whose speed drifts by 2x within seconds: 16 timed steps per round and five
+# rounds, so that strategy_overhead's round-by-round ratios have a median that one slow phase does not decide.
+QUICK = {"ks": [2], "ms": [1, 4], "width": 256, "depth": 16, "batch": 128, "timed": 16, "rounds": 5}
 # Emulated: one micro-batch's forward on one stage lasts 20 ms at K=4, M=8 and 5 ms at K=8, M=16, long against
 # one gloo message (0.3 to 1.8 ms here). The emulated device does not drift, so the quick preset runs once.
 EMULATE = {"ks": [2, 4, 8], "ms": [1, 2, 4, 8, 16], "width": 16, "depth": 8, "batch": 64, "timed": 4, "rounds": 2,
@@ -74,7 +75,7 @@ class BenchmarkError(ValueError):
 def parse(argv: list[str] | None = None) -> tuple[Config, Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the JSON, the table and the plots")
-    parser.add_argument("--quick", action="store_true", help="the small preset CI runs (K=2, M in 1, 4; under 2 min)")
+    parser.add_argument("--quick", action="store_true", help="the small preset (K=2, M in 1, 4; about a minute)")
     parser.add_argument(
         "--emulate", action="store_true", help="emulated device: timed waits of known cost instead of compute"
     )
@@ -164,8 +165,9 @@ def plan(cfg: Config) -> dict[int, list[dict]]:
         if k > 1:  # data parallelism on the same K processes and global batch, for comparison
             rows.append({"impl": "ddp", "k": k, "m": 1, "checkpoint": "never"})
         for m in cfg.ms:
-            rows += [{"impl": "gpipe", "k": k, "m": m, "checkpoint": mode} for mode in ("never", "always")]
-            rows += [{"impl": impl, "k": k, "m": m, "checkpoint": "never"} for impl in ("executor", "torch_gpipe")]
+            # gpipe then the executor, back to back: strategy_overhead compares them round by round
+            order = [("gpipe", "never"), ("executor", "never"), ("gpipe", "always"), ("torch_gpipe", "never")]
+            rows += [{"impl": impl, "k": k, "m": m, "checkpoint": mode} for impl, mode in order]
             if m >= k:
                 rows.append({"impl": "torch_1f1b", "k": k, "m": m, "checkpoint": "never"})
             if k >= 4 and k % DP == 0 and (cfg.batch // DP) % m == 0:  # D x K/D on the same processes
