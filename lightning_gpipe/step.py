@@ -269,6 +269,9 @@ class StageStep:
         refusal = (
             parameters_refused(module, module.get_submodule(self.sequential), where) if executor.k > 1 else nullcontext()
         )
+        # The stage's parameters, for a backward in the step (0.2 ms here): taken while nothing waits on this stage,
+        # on the last stage before its first input arrives, on the others after their forward.
+        params = executor.parameters() if self._early and executor.is_last else []
         self._running = (where, call)
         with patched(module, "forward", call), logging as records, refusal:
             try:
@@ -296,7 +299,7 @@ class StageStep:
             if self._early:
                 with executor.timeline.span("logs"):  # step 3: the logged calls, their tensors left on the device
                     self._share(records, where, packed=True)
-                self._backward_in_step(module, output)  # step 4
+                self._backward_in_step(module, output, params)  # step 4
             with executor.timeline.span("results"):
                 results = {
                     "records": None if self._early else shareable(records),
@@ -315,6 +318,7 @@ class StageStep:
         if not self.backward_ran:
             return self._take_shared(module, random)
         with executor.timeline.span("logs"):  # step 3: while the last stage runs its backward
+            params = executor.parameters()
             records = self.sharing.receive_packed(self.source)  # type: ignore[union-attr]
             if isinstance(records, Failure):  # nothing was sent to this stage after it
                 raise records.error
@@ -325,13 +329,14 @@ class StageStep:
             replay_logs(module, records, self.device)
         # step 4: nothing this stage needs from the last stage's results
         with torch.autocast(self.device.type, enabled=False):  # as Lightning's backward, outside the step
-            self.held.compute(executor.backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
+            self.held.compute(executor.backward, params, self.plan)  # type: ignore[arg-type]
         self.start_average()  # the replicas' average travels while this stage waits for the results
         return self._take_shared(module, random)
 
-    def _backward_in_step(self, module: LightningModule, output: Any) -> None:
+    def _backward_in_step(self, module: LightningModule, output: Any, params: list[Tensor]) -> None:
         """Last stage, step 4: the loss's backward as Lightning would run it after the step, then every
-        micro-batch's; the fresh gradients are held aside from Lightning's zero_grad as on the other stages."""
+        micro-batch's, into ``params`` (the stage's); the fresh gradients are held aside from Lightning's zero_grad
+        as on the other stages."""
         loss = output["loss"] if isinstance(output, Mapping) else output
         closure_loss = loss / module.trainer.accumulate_grad_batches  # Lightning's own scaling of the step's loss
         executor = self.executor
@@ -345,7 +350,7 @@ class StageStep:
             executor.backward()
 
         with torch.autocast(self.device.type, enabled=False):  # as Lightning's backward, outside the step
-            self.held.compute(backward, executor.parameters(), self.plan)  # type: ignore[arg-type]
+            self.held.compute(backward, params, self.plan)  # type: ignore[arg-type]
         self.start_average()
 
     def start_average(self) -> None:
