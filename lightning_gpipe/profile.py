@@ -40,28 +40,35 @@ class LayerCosts:
         ]
 
 
-def profile_layers(layers: Sequence[nn.Module], sample: Any, device: torch.device, repeats: int = 5) -> LayerCosts:
+def profile_layers(
+    layers: Sequence[nn.Module], sample: Any, device: torch.device, repeats: int = 5, passes: int = 3
+) -> LayerCosts:
     """Time and meter each layer's forward and backward in training mode, one layer at a time on ``device``.
 
     Each layer gets the previous layer's output on ``sample``. Layers go back where they were, with their
     gradients, buffers (batch-norm statistics) and every random stream as before: profiling changes nothing.
+    Every layer is timed ``repeats`` times in each of ``passes`` passes over all layers, and its time is the median
+    of them all: a machine slowed for a while (a shared host) then slows every layer alike, not the few it was on.
     """
-    if repeats < 1:
-        raise ValueError(f"profiling needs at least 1 repetition, got {repeats}")
-    seconds, params, activations = [], [], []
-    x = _to(sample, device)
+    if repeats < 1 or passes < 1:
+        raise ValueError(f"profiling needs at least 1 repetition and 1 pass, got repeats={repeats}, passes={passes}")
+    runs: list[list[float]] = [[] for _ in layers]
+    params, activations = [], []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type), use_tracker(SkipTracker(keep=True)):
-        for layer in layers:  # a skip stashed by one layer waits for the layer that pops it, through repetitions
-            if any(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()]):
-                layer = _stand_in(layer, device)  # built without storage: measured on a copy, one layer at a time
-            with _visiting(layer, device):
-                runs = [_forward_backward(layer, x, device) for _ in range(repeats + 1)]  # the first warms up
-                seconds.append(statistics.median(runs[1:]))
-                activations.append(_saved_bytes(layer, x))
-                params.append(tensor_bytes(p for p in layer.parameters() if p.requires_grad))
-                with torch.no_grad():
-                    x = layer(x)
+        for first_pass in [True] + [False] * (passes - 1):
+            x = _to(sample, device)
+            for i, layer in enumerate(layers):  # a skip stashed by one layer waits for the layer that pops it
+                if any(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()]):
+                    layer = _stand_in(layer, device)  # built without storage: measured on a copy, one at a time
+                with _visiting(layer, device):
+                    runs[i] += [_forward_backward(layer, x, device) for _ in range(repeats + 1)][1:]  # 1st warms up
+                    if first_pass:
+                        activations.append(_saved_bytes(layer, x))
+                        params.append(tensor_bytes(p for p in layer.parameters() if p.requires_grad))
+                    with torch.no_grad():
+                        x = layer(x)
+    seconds = [statistics.median(r) for r in runs]
     return LayerCosts(seconds, params, activations)
 
 

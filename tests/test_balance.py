@@ -1,6 +1,7 @@
 import itertools
 import random
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,31 @@ def test_profiling_leaves_no_trace():
     # Dropout its mask; the last Linear its input.
     assert costs.activation_bytes[0] == 8 * 4 * 4 and costs.activation_bytes[3] == 8 * 4 * 4
     assert costs.memory(optimizer_slots=2, held_microbatches=3)[3] == 40 * 4 + 3 * 128
+
+
+class _SlowAtFirst(nn.Linear):
+    """A layer whose first ``slow`` calls take 30 ms longer: a layer measured while the machine was busy."""
+
+    def __init__(self, slow: int) -> None:
+        super().__init__(4, 4)
+        self.calls, self.slow = 0, slow
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls <= self.slow:
+            time.sleep(0.03)
+        return super().forward(x)
+
+
+def test_a_slow_spell_during_one_pass_does_not_decide_a_layers_time():
+    """Each layer is timed in every pass over all layers: a spell that slows one pass's runs of a layer (here
+    its warm-up and both timed runs, all of the first pass) is outvoted by the other passes."""
+    for passes, slowed in [(1, True), (3, False)]:
+        layer = _SlowAtFirst(slow=3)  # repeats=2: a pass's warm-up and two timed runs come first
+        (seconds,) = profile_layers([layer], torch.randn(8, 4), torch.device("cpu"), repeats=2, passes=passes).seconds
+        assert (seconds >= 0.03) is slowed, (passes, seconds)
+        # per pass: 3 runs and the next layer's input; the first pass also meters the saved activations
+        assert layer.calls == 5 + 4 * (passes - 1)
 
 
 def test_an_expensive_layer_gets_a_stage_of_its_own():
