@@ -5,8 +5,8 @@ routed through the pipeline. One training step on stage j of K, in the order thi
 
     stage j < K-1                                   stage K-1 (the last)
     1. the user's step code up to self(x)           1. the same (every stage runs it, on the same batch)
-    2. self(x): forward of micro-batches 0..M-1,    2. self(x): receive and forward 0..M-1; self(x)
-       each output sent on as it is ready              returns the merged outputs
+    2. self(x): forward of micro-batches 0..M-1,    2. self(x): note the rank-wide random state, receive
+       each output sent on as it is ready              and forward 0..M-1; self(x) returns the merged outputs
     3. the step ends there (_StageFinished);        3. the user's code after self(x): the loss; its
        receive the last stage's logged calls (or       self.log calls are recorded, not made, and sent
        its error, raised here too); post every         to the others at once (their tensors stay on the
@@ -16,9 +16,9 @@ routed through the pipeline. One training step on stage j of K, in the order thi
        fresh gradients are held aside                  input gradients sent back at once; the fresh
                                                        gradients are held aside
     5. receive the last stage's results (or its     5. share the results without waiting: the step's
-       error, raised here too); take its random        output, trainer.should_stop, the rank-wide random
-       state if the code after self(x) drew from       state; make the logged calls
-       it; return its output
+       error, raised here too); take its random        output, trainer.should_stop, the optimizers'
+       state if it sent it; return its output          settings, and the rank-wide random state if the
+                                                       code after self(x) drew from it; make the calls
     6. Lightning: zero_grad, strategy.backward: the held gradients become .grad (every stage)
     7. the optimizer step; clipping by norm takes one all-reduce of the stages' squared norms
 
@@ -27,10 +27,12 @@ path: the others make them while the last stage runs its backward, which it star
 Nothing in that send waits for the device: the calls travel pickled, their tensors as one buffer on the
 device (on the CPU, pickled too). Every stage makes the same self.log calls, so an error Lightning raises for
 one is raised on every stage; the others post every receive still to come before making them, so that none
-of the last stage's messages is left without a receiver. Step 4 runs inside the step only where that is
-exact (see :class:`BackwardPlan`); otherwise the last stage shares its logged calls with its results at the
-end of its step, the others make them when they take the results, and every stage runs its backward in
-step 6, when Lightning calls it.
+of the last stage's messages is left without a receiver. The rank-wide random state (14 KiB on the CPU) joins
+the results only if the code after self(x) drew from it: the others' streams are as they were at self(x),
+where the last stage noted its own. Step 4 runs inside the step only where that is exact (see
+:class:`BackwardPlan`); otherwise the last stage shares its logged calls with its results at the end of its
+step, the others make them when they take the results, and every stage runs its backward in step 6, when
+Lightning calls it.
 
 Evaluation steps run 1, 2, 3 (the last stage's code) and 5, without gradients; the logged calls travel with
 the results. Besides the point-to-point transfers, a step's collectives are the broadcasts of the logged calls
@@ -176,6 +178,7 @@ class PipelineCall:
         self.calls = 0
         self.returned = False  # whether the pipeline ran to the end and handed the step its output
         self.samples = self.n = 0  # batch size and micro-batch count, once called
+        self.random: Optional[dict[str, Any]] = None  # last stage: the rank-wide random state at self(x)
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -192,6 +195,8 @@ class PipelineCall:
         if self.check is not None:
             self.check(x)
         executor = self.executor
+        if executor.is_last and executor.k > 1:  # idle until its first input arrives: no time lost
+            self.random = rank_random_state(executor.device)
         self.samples = batch_size(x)
         if executor.is_first:
             micro = split(x, self.microbatches)
@@ -301,22 +306,21 @@ class StageStep:
                     self._share(records, where, packed=True)
                 self._backward_in_step(module, output, params)  # step 4
             with executor.timeline.span("results"):
+                # The rank-wide streams, where the code after self(x) may have drawn (a backward leaves them as they
+                # were): the others have them as they were at self(x), so they need them only if that code drew.
+                random = rank_random_state(self.device)
                 results = {
                     "records": None if self._early else shareable(records),
                     "output": apply_to_collection(output, Tensor, Tensor.detach),
                     "should_stop": module.trainer.should_stop,
-                    # The others compare it with theirs (where this one's was at self(x)): the code after self(x)
-                    # may have drawn. A backward leaves the rank-wide streams as they were.
-                    "random": rank_random_state(self.device),
+                    "random": None if _same_random(random, call.random) else random,
                     "param_groups": _hyperparameters(module) if train else None,
                 }
                 self._share(results, where)
             replay_logs(module, records, self.device)  # step 5: the same calls as every other stage
             return output
-        # The rank-wide streams as they were at self(x) on every stage, taken while this stage waits.
-        random = rank_random_state(self.device)
         if not self.backward_ran:
-            return self._take_shared(module, random)
+            return self._take_shared(module)
         with executor.timeline.span("logs"):  # step 3: while the last stage runs its backward
             params = executor.parameters()
             records = self.sharing.receive_packed(self.source)  # type: ignore[union-attr]
@@ -331,7 +335,7 @@ class StageStep:
         with torch.autocast(self.device.type, enabled=False):  # as Lightning's backward, outside the step
             self.held.compute(executor.backward, params, self.plan)  # type: ignore[arg-type]
         self.start_average()  # the replicas' average travels while this stage waits for the results
-        return self._take_shared(module, random)
+        return self._take_shared(module)
 
     def _backward_in_step(self, module: LightningModule, output: Any, params: list[Tensor]) -> None:
         """Last stage, step 4: the loss's backward as Lightning would run it after the step, then every
@@ -405,15 +409,15 @@ class StageStep:
             self.executor.drain()
         self.sharing.send(failure)
 
-    def _take_shared(self, module: LightningModule, random: dict[str, Any]) -> Any:
-        """Take the last stage's results; ``random``: this stage's rank-wide random state, as at self(x)."""
+    def _take_shared(self, module: LightningModule) -> Any:
+        """Take the last stage's results."""
         assert self.sharing is not None
         with self.executor.timeline.span("results"):
             shared = self.sharing.receive(src=self.source)
         if isinstance(shared, Failure):
             self.held.discard()
             raise shared.error
-        if not _same_random(shared["random"], random):  # the step's code after self(x) drew from them
+        if shared["random"] is not None:  # the step's code after self(x) drew from the rank-wide streams
             set_rank_random_state(shared["random"], self.device)
         module.trainer.should_stop = shared["should_stop"]
         if shared["param_groups"] is not None:
