@@ -33,8 +33,9 @@ _DTYPES = (
 _HEADER_LEN = 64  # int64 slots: a count, then (dtype, ndim, *shape) per tensor
 _HEADER, _ACTIVATION, _GRADIENT = range(3)
 _KIND_BITS = 12  # a message's tag: its micro-batch, then its kind (gloo matches on tags; NCCL on order)
+_OBJECT = (1 << _KIND_BITS) - 1  # the tag of ObjectBroadcast's messages: a kind no micro-batch's message takes
 #: Skip connections that may cross stages in one model (each takes three kinds of message).
-MAX_SKIPS = ((1 << _KIND_BITS) - 3) // 3
+MAX_SKIPS = ((1 << _KIND_BITS) - 4) // 3
 
 
 def carries_grad(t: Tensor) -> bool:
@@ -231,6 +232,10 @@ class ObjectBroadcast:
     ``capacity`` bytes travels in one message, a larger one in two. A step's results fit in the default: its
     logs and loss, and the rank-wide random state (about 14 KiB on CPU: torch's, numpy's and Python's).
     ``pack``: whether :meth:`send_packed` keeps tensors on the device (default: on every device but the CPU).
+
+    Each message goes to each receiver point to point, on a tag of its own: gloo runs a collective on a thread
+    of its own, one more thread to wake on each side of every message (on a busy CPU, a scheduler's time slice
+    each). Between two ranks the messages keep their order with the stages' other messages, as NCCL requires.
     """
 
     def __init__(
@@ -254,11 +259,8 @@ class ObjectBroadcast:
         parts = [torch.frombuffer(head, dtype=torch.uint8)]
         if len(data) > first:
             parts.append(torch.frombuffer(bytearray(data[first:]), dtype=torch.uint8))
-        src = dist.get_rank()
-        self._pending = [
-            (dist.broadcast(t, src, group=self.group, async_op=True), t)
-            for t in (_from_host(p, self.device) for p in parts)
-        ]
+        for part in parts:
+            self._send(_from_host(part, self.device))
 
     def send_packed(self, obj: Any) -> None:
         """Send ``obj`` with its tensors packed into one buffer on the device and the rest pickled: nothing waits
@@ -270,7 +272,7 @@ class ObjectBroadcast:
         packed, buffer = pack(obj, self.device)
         self.send(packed)
         if buffer is not None:
-            self._pending.append((dist.broadcast(buffer, dist.get_rank(), group=self.group, async_op=True), buffer))
+            self._send(buffer)
 
     def receive_packed(self, src: int) -> Any:
         """The object ``src`` sent with :meth:`send_packed`, its tensors on this rank's device; or whatever ``src``
@@ -280,15 +282,14 @@ class ObjectBroadcast:
             return packed
         buffer = None
         if packed.specs:
-            buffer = torch.empty(packed.nbytes, dtype=torch.uint8, device=self.device)
-            dist.broadcast(buffer, src, group=self.group)
+            buffer = self._receive(packed.nbytes, src)
         return unpack(packed, buffer)
 
     def expect(self, src: int) -> None:
         """Post the receive of the next object from ``src`` (its first message) ahead of time, so that it travels
         while this rank works; :meth:`receive` then only waits for what has not arrived yet."""
         head = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
-        self._expected = (dist.broadcast(head, src, group=self.group, async_op=True), head, src)
+        self._expected = (self._irecv(head, src), head, src)
 
     def receive(self, src: int) -> Any:
         if self._expected is not None:
@@ -298,15 +299,12 @@ class ObjectBroadcast:
                 raise RuntimeError(f"a receive from rank {posted} was posted ahead; asked to receive from rank {src}")
             work.wait()
         else:
-            head = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
-            dist.broadcast(head, src, group=self.group)
+            head = self._receive(self.capacity, src)
         raw = head.cpu().numpy().tobytes()
         size = int.from_bytes(raw[:8], "little")
         data = raw[8 : 8 + size]
         if size > len(data):
-            rest = torch.empty(size - len(data), dtype=torch.uint8, device=self.device)
-            dist.broadcast(rest, src, group=self.group)
-            data += rest.cpu().numpy().tobytes()
+            data += self._receive(size - len(data), src).cpu().numpy().tobytes()
         return pickle.loads(data)
 
     def wait(self) -> None:
@@ -314,6 +312,22 @@ class ObjectBroadcast:
         for work, _ in self._pending:
             work.wait()
         self._pending = []
+
+    def _send(self, t: Tensor) -> None:
+        """Post the sends of ``t`` to every other rank of the group, kept until :meth:`wait`."""
+        me = dist.get_rank()
+        ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
+        self._pending += [(dist.isend(t, r, group=self.group, tag=_OBJECT), t) for r in ranks if r != me]
+
+    def _irecv(self, t: Tensor, src: int) -> dist.Work:
+        work = dist.irecv(t, src, group=self.group, tag=_OBJECT)
+        assert work is not None
+        return work
+
+    def _receive(self, nbytes: int, src: int) -> Tensor:
+        t = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self._irecv(t, src).wait()
+        return t
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,11 @@ step, the others make them when they take the results, and every stage runs its 
 Lightning calls it.
 
 Evaluation steps run 1, 2, 3 (the last stage's code) and 5, without gradients; the logged calls travel with
-the results. Besides the point-to-point transfers, a step's collectives are the broadcasts of the logged calls
-(step 3: one, or two with tensors on a GPU) and of the results (step 5), and clipping's all-reduce; an
-observed step (``observe_every_n_steps``) adds a barrier before it and a gather after it, and Lightning adds
-its own (``self.log(..., sync_dist=True)``, ``EarlyStopping``'s decision).
+the results. Besides the transfers between neighbours, the last stage sends the logged calls (step 3: one
+message to each other stage, or two with tensors on a GPU) and the results (step 5) point to point; a step's
+collectives are clipping's all-reduce, and an observed step (``observe_every_n_steps``) adds a barrier before
+it and a gather after it, and Lightning adds its own (``self.log(..., sync_dist=True)``, ``EarlyStopping``'s
+decision).
 """
 
 from __future__ import annotations

@@ -58,29 +58,49 @@ def test_pack_without_tensors():
 def _broadcast_worker(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=3)
     try:
         cpu = torch.device("cpu")
+        large = {"random": torch.arange(5000, dtype=torch.int64)}  # 40 KB: beyond the first message's capacity
         for packing in (True, False):  # on a GPU the records travel packed; on the CPU pickled whole
             channel = ObjectBroadcast(cpu, pack=packing)
-            if rank == 1:
+            if rank == 2:
+                other = dist.isend(torch.full((3,), 7.0), 0, tag=1)  # a stage's message to rank 0, a tag of its own
                 channel.send_packed(_logged())
                 channel.send({"step": 3})
                 channel.send_packed([("no tensors", 2, (), {})])
+                channel.send(large)
                 channel.send(RuntimeError("an error instead"))
                 channel.wait()
+                other.wait()
             else:
-                _assert_same(channel.receive_packed(1), _logged())
-                channel.expect(1)  # posted ahead, as a stage does before its backward
-                assert channel.receive(1) == {"step": 3}
-                assert channel.receive_packed(1) == [("no tensors", 2, (), {})]
-                error = channel.receive_packed(1)  # what send sent comes back as it is
+                _assert_same(channel.receive_packed(2), _logged())
+                channel.expect(2)  # posted ahead, as a stage does before its backward
+                assert channel.receive(2) == {"step": 3}
+                assert channel.receive_packed(2) == [("no tensors", 2, (), {})]
+                _assert_same(channel.receive(2), large)
+                error = channel.receive_packed(2)  # what send sent comes back as it is
                 assert isinstance(error, RuntimeError) and str(error) == "an error instead"
+                if rank == 0:
+                    stage_message = torch.empty(3)
+                    dist.irecv(stage_message, 2, tag=1).wait()
+                    assert torch.equal(stage_message, torch.full((3,), 7.0))
+        # Within a group (a pipeline of data-parallel replicas): only its ranks take part.
+        group = dist.new_group([0, 2])
+        if rank != 1:
+            channel = ObjectBroadcast(cpu, group)
+            if rank == 2:
+                channel.send({"to": "the group"})
+                channel.wait()
+            else:
+                assert channel.receive(2) == {"to": "the group"}
     finally:
         dist.destroy_process_group()
 
 
-def test_packed_and_pickled_objects_arrive_in_order():
+def test_objects_reach_every_rank_in_order():
+    """From the last rank to each other one, point to point: packed and pickled objects, one larger than the
+    first message, in the order sent, apart from other messages between the same ranks; and within a group."""
     from launch import free_port
 
-    mp.spawn(_broadcast_worker, args=(free_port(),), nprocs=2, join=True)
+    mp.spawn(_broadcast_worker, args=(free_port(),), nprocs=3, join=True)
