@@ -310,6 +310,7 @@ class StageStep:
                 # The rank-wide streams, where the code after self(x) may have drawn (a backward leaves them as they
                 # were): the others have them as they were at self(x), so they need them only if that code drew.
                 random = rank_random_state(self.device)
+                assert call.random is not None  # noted when self(x) began, which it has (the step returned)
                 results = {
                     "records": None if self._early else shareable(records),
                     "output": apply_to_collection(output, Tensor, Tensor.detach),
