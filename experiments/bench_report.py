@@ -227,6 +227,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *_goals_table(report["summary"]["goals"]),
         "",
+        *_cpu_table(report["rows"]),
+        "",
         "All rows:",
         "",
         *_rows_table(report["rows"]),
@@ -310,6 +312,25 @@ def _overview_table(rows: list[dict]) -> list[str]:
             f" {_fmt(get('gpipe', 'bubble_theory'), '.3f')} | {_mib(get('gpipe', 'activation_bytes_max'))} |"
             f" {_mib(get('gpipe', 'activation_bytes_max', 'always'))} |"
         )
+    return lines
+
+
+def _cpu_table(rows: list[dict]) -> list[str]:
+    """Each process's CPU time per step beside the step's time: the work each implementation does, which a slow
+    phase of the machine changes far less than the time it takes."""
+    lines = [
+        (
+            "CPU time per timed step of each process (all its threads, gloo's included; the median over rounds of"
+            " each round's median) beside the step's time (the fastest round's), checkpoint=never:"
+        ),
+        "",
+        "| impl | K | M | step ms | CPU ms per step, rank 0, 1, ... |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["checkpoint"] == "never":
+            cpu = ", ".join(f"{c * 1e3:.1f}" for c in r["cpu_step_s_ranks"])
+            lines.append(f"| {r['impl']} | {k_cell(r)} | {r['m']} | {r['step_s'] * 1e3:.1f} | {cpu} |")
     return lines
 
 

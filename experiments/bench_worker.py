@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,7 @@ class Measured:
     bubbles: list[float] | None  # per observed step; None where no timeline exists
     activation: list[int]  # this rank's peak saved-activation bytes, per observed step
     activation_stages: list[int] | None = None  # filled on rank 0 when it already knows every stage's peak
+    cpu: list[float] = field(default_factory=list)  # this process's CPU seconds (all its threads) per timed step
 
 
 def _sync(device: torch.device) -> None:
@@ -203,11 +204,13 @@ class _MemoryLogger(Logger):
 
 
 class _StepClock(L.Callback):
-    """The end time of every training step; on observed steps of ``single``, also the activation meter."""
+    """The end time of every training step and the process's CPU time then; on observed steps of ``single``, also
+    the activation meter."""
 
     def __init__(self, ctx: Context, meter: ActivationMeter | None = None) -> None:
         self.ctx, self.meter = ctx, meter
         self.ends: list[float] = []
+        self.cpu_ends: list[float] = []
         self.peaks: list[int] = []
         self._saving = ExitStack()  # the meter's hooks, from the start of an observed step to its end
 
@@ -222,6 +225,14 @@ class _StepClock(L.Callback):
             self.peaks.append(self.meter.stop())
         _sync(self.ctx.device)
         self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
+
+    def measured(self, bubbles: list[float] | None = None, stages: list[int] | None = None) -> Measured:
+        """What the fit measured; ``stages``: every stage's activation peak, where this rank knows them."""
+        return Measured(
+            self.ctx.timed_durations(self.ends), bubbles, [max(stages)] if stages else self.peaks, stages,
+            self.ctx.timed_durations(self.cpu_ends),
+        )  # fmt: skip
 
 
 def _fit(
@@ -250,7 +261,7 @@ def _fit(
 def run_single(ctx: Context, row: dict) -> Measured:
     clock = _StepClock(ctx, ActivationMeter())
     _fit(ctx, "auto", 1, clock, _MemoryLogger(), ctx.traces / "single")
-    return Measured(ctx.timed_durations(clock.ends), None, clock.peaks, [max(clock.peaks)])
+    return clock.measured(stages=[max(clock.peaks)])
 
 
 def run_single_raw(ctx: Context, row: dict) -> Measured:
@@ -269,8 +280,8 @@ def run_single_raw(ctx: Context, row: dict) -> Measured:
         optimizer.step()
         return meter.stop() if observe else None
 
-    durations, peaks = _loop(ctx, step)
-    return Measured(durations, None, peaks, [max(peaks)])
+    durations, cpu, peaks = _loop(ctx, step)
+    return Measured(durations, None, peaks, [max(peaks)], cpu)
 
 
 def run_ddp(ctx: Context, row: dict) -> Measured:
@@ -281,7 +292,7 @@ def run_ddp(ctx: Context, row: dict) -> Measured:
     clock = _StepClock(ctx, ActivationMeter())
     shard = slice(ctx.rank * per, (ctx.rank + 1) * per)
     _fit(ctx, DDPStrategy(), ctx.k, clock, _MemoryLogger(), ctx.traces / f"ddp_k{ctx.k}", shard)
-    return Measured(ctx.timed_durations(clock.ends), None, clock.peaks)
+    return clock.measured()
 
 
 def run_gpipe(ctx: Context, row: dict) -> Measured:
@@ -301,27 +312,28 @@ def run_gpipe(ctx: Context, row: dict) -> Measured:
     shard = slice(ctx.rank // k * per, (ctx.rank // k + 1) * per)  # this replica's share
     clock, logger = _StepClock(ctx), _MemoryLogger()
     _fit(ctx, strategy, ctx.k, clock, logger, ctx.traces / f"{row['impl']}_k{ctx.k}_m{row['m']}_{row['checkpoint']}", shard)
-    durations = ctx.timed_durations(clock.ends)
     if ctx.rank != 0:
-        return Measured(durations, None, [])
+        return clock.measured()
     observed = [r for r in logger.records if "pipeline/bubble_measured" in r]
     stages = [max(int(r[f"memory/activation_bytes_peak_stage{j}"]) for r in observed) for j in range(k)]
-    return Measured(durations, [r["pipeline/bubble_measured"] for r in observed], [max(stages)], stages)
+    return clock.measured([r["pipeline/bubble_measured"] for r in observed], stages)
 
 
 # -- without Lightning: this project's executor and torch.distributed.pipelining -----------------
 
 
-def _loop(ctx: Context, step: Callable[[bool], Any | None]) -> tuple[list[float], list[Any]]:
-    """Run ``ctx.steps`` steps; ``step(observed)`` returns what an observed step measured."""
-    ends, observations = [], []
+def _loop(ctx: Context, step: Callable[[bool], Any | None]) -> tuple[list[float], list[float], list[Any]]:
+    """Run ``ctx.steps`` steps; ``step(observed)`` returns what an observed step measured. Returns the timed steps'
+    durations and CPU times (see :class:`Measured`), and the observations."""
+    ends, cpu_ends, observations = [], [], []
     for s in range(ctx.steps):
         result = step(ctx.observed(s))
         _sync(ctx.device)
         ends.append(time.perf_counter())
+        cpu_ends.append(time.process_time())
         if ctx.observed(s):
             observations.append(result)
-    return ctx.timed_durations(ends), observations
+    return ctx.timed_durations(ends), ctx.timed_durations(cpu_ends), observations
 
 
 def run_executor(ctx: Context, row: dict) -> Measured:
@@ -348,12 +360,12 @@ def run_executor(ctx: Context, row: dict) -> Measured:
             return executor.timeline.stop(), executor.meter.stop()
         return None
 
-    durations, observations = _loop(ctx, step)
+    durations, cpu, observations = _loop(ctx, step)
     events_per_step = _gather([events for events, _ in observations], ctx)
     bubbles = None
     if ctx.rank == 0:
         bubbles = [bubble([e for rank in events_per_step for e in rank[s]], ctx.k)[0] for s in range(len(observations))]
-    return Measured(durations, bubbles, [peak for _, peak in observations])
+    return Measured(durations, bubbles, [peak for _, peak in observations], cpu=cpu)
 
 
 def run_torch(ctx: Context, row: dict) -> Measured:
@@ -379,8 +391,8 @@ def run_torch(ctx: Context, row: dict) -> Measured:
         optimizer.step()
         return meter.stop() if observe else None
 
-    durations, peaks = _loop(ctx, step)
-    return Measured(durations, None, peaks)
+    durations, cpu, peaks = _loop(ctx, step)
+    return Measured(durations, None, peaks, cpu=cpu)
 
 
 RUNNERS: dict[str, Callable[[Context, dict], Measured]] = {
@@ -444,6 +456,7 @@ def measure_row(ctx: Context, row: dict) -> dict | None:
         torch.set_num_threads(ctx.threads)
     local = {
         "activation": max(measured.activation, default=0),
+        "cpu": statistics.median(measured.cpu) if measured.cpu else None,
         "rss": _peak_rss(),
         "cuda": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,
     }
@@ -458,6 +471,7 @@ def measure_row(ctx: Context, row: dict) -> dict | None:
         "stages": measured.activation_stages or [r["activation"] for r in ranks],
         "rss": max(r["rss"] for r in ranks),
         "cuda": None if ctx.device.type != "cuda" else max(r["cuda"] for r in ranks),
+        "cpu": [r["cpu"] for r in ranks],
     }
 
 
@@ -496,6 +510,9 @@ def combine(row: dict, runs: list[dict], batch: int, forward_s: float = 0.0) -> 
         "activation_bytes_max": max(stages),
         "activation_bytes_stages": stages,
         "rss_max_bytes": max(run["rss"] for run in runs),
+        # each process's CPU time per timed step, all its threads (gloo's included): the median over rounds of
+        # each round's median; a slower machine phase changes it far less than the step's time
+        "cpu_step_s_ranks": [statistics.median(column) for column in zip(*(run["cpu"] for run in runs))],
     }
     if runs[0]["cuda"] is not None:
         result["cuda_max_allocated_bytes"] = max(run["cuda"] for run in runs)

@@ -60,6 +60,8 @@ def test_every_row_measured(quick):
         else:
             assert "window" not in r and r["threads"] == max(1, report["config"]["cores"] // K)
         assert r["activation_bytes_max"] > 0 and r["rss_max_bytes"] > 0
+        processes = 1 if impl.startswith("single") else K  # CPU time per step: each process's
+        assert len(r["cpu_step_s_ranks"]) == processes and all(c > 0 for c in r["cpu_step_s_ranks"])
         if impl in ("gpipe", "executor"):
             assert 0 <= r["bubble_measured"] < 1
         else:  # no timeline: torch.distributed.pipelining exposes none, and single has no pipeline
@@ -132,6 +134,10 @@ def test_table_and_plots_written(quick):
     for r in report["rows"]:
         assert f"| {r['impl']} | {k_cell(r)} | {r['m']} | {r['checkpoint']} | {r['microbatch_size']} |" in table
     assert "| single | 1 (K=2 group) | 1 | never |" in table
+    for r in report["rows"]:
+        if r["checkpoint"] == "never":
+            cpu = ", ".join(f"{c * 1e3:.1f}" for c in r["cpu_step_s_ranks"])
+            assert f"| {r['impl']} | {k_cell(r)} | {r['m']} | {r['step_s'] * 1e3:.1f} | {cpu} |" in table
     for name in ("throughput_vs_m.png", "bubble_vs_m.png", "activation_memory.png", "efficiency_vs_k.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
