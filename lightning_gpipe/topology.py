@@ -8,7 +8,9 @@ holds stage j of every replica.
 
 Every collective of the strategy takes its group from here: the pipeline's own (the stages of this rank's
 replica) or the replicas' (stage j of every replica). With one replica the pipeline is the whole world and
-its collectives use the default group, so D=1 costs nothing beyond building the mesh once.
+its collectives use the default group, so D=1 costs nothing beyond building the mesh once. The mesh is built
+once per process group and layout: every run in the process (each ``fit``, ``validate``, ``predict``) reuses it,
+where building it anew would leave a process group, with its threads and sockets, behind each time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,22 @@ __all__ = ["Topology", "MESH_DIMS", "check_layout", "check_replicas"]
 
 #: The device mesh's dimension names, replicas first.
 MESH_DIMS = ("data_parallel", "pipeline")
+
+
+#: The meshes built in this process, by layout, with the default process group they were built in.
+_MESHES: dict[tuple[str, int, int], tuple[Any, DeviceMesh]] = {}
+
+
+def _mesh(device_type: str, d: int, k: int) -> DeviceMesh:
+    """The device mesh of ``d`` replicas of ``k`` stages; built (a collective, on every rank alike) the first time
+    a process asks for it in its current default process group."""
+    key, world = (device_type, d, k), dist.group.WORLD
+    cached = _MESHES.get(key)
+    if cached is not None and cached[0] is world:
+        return cached[1]
+    mesh = init_device_mesh(device_type, (d, k), mesh_dim_names=MESH_DIMS)
+    _MESHES[key] = (world, mesh)
+    return mesh
 
 
 def check_replicas(d: Any) -> None:
@@ -54,8 +72,7 @@ class Topology:
     def build(cls, world: int, d: int, rank: int, device_type: str) -> Topology:
         """The topology of global ``rank``; with more than one process, also its device mesh (a collective)."""
         k = check_layout(world, d)
-        mesh = init_device_mesh(device_type, (d, k), mesh_dim_names=MESH_DIMS) if world > 1 else None
-        return cls(k, d, rank, mesh)
+        return cls(k, d, rank, _mesh(device_type, d, k) if world > 1 else None)
 
     @property
     def stage(self) -> int:

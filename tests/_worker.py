@@ -207,7 +207,15 @@ def run(scenario: dict, out: Path) -> None:
             raise
         result["error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
+    result["gloo_threads"] = _gloo_threads()
     torch.save(result, out / f"{scenario['name']}.rank{rank}.pt")
+
+
+def _gloo_threads() -> int:
+    """Threads of this process's gloo process groups (two each): a run that built groups and left them behind
+    would add to them."""
+    tasks = Path("/proc/self/task")
+    return sum((task / "comm").read_text().strip() == "pt_gloo_runloop" for task in tasks.iterdir())
 
 
 def main() -> None:

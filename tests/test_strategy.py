@@ -118,6 +118,14 @@ def test_each_rank_keeps_only_its_stage(k2, k4):
     assert sorted(k4["m1_never"][3]["params"]) == ["body.8.bias", "body.8.weight"]  # and keeps it after the run
 
 
+def test_runs_in_one_process_build_the_device_mesh_once(k4):
+    """Seven runs on the same four processes, failed ones too: the process groups of the first run's device mesh
+    serve them all, where each would otherwise leave groups (their threads and sockets) behind."""
+    for rank in range(4):
+        threads = [k4[s["name"]][rank]["gloo_threads"] for s in K4]
+        assert threads == [threads[0]] * len(K4) and threads[0] > 0, f"rank {rank}: {threads}"
+
+
 def test_measured_balance_leaves_training_unchanged(k2):
     """Profiling draws the first training batch on every rank; data order (a loader's own generator included),
     weights and logs stay those of single-device training."""
