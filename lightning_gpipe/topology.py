@@ -35,12 +35,11 @@ def _mesh(device_type: str, d: int, k: int) -> DeviceMesh:
     """The device mesh of ``d`` replicas of ``k`` stages; built (a collective, on every rank alike) the first time
     a process asks for it in its current default process group."""
     key, world = (device_type, d, k), dist.group.WORLD
-    cached = _MESHES.get(key)
-    if cached is not None and cached[0] is world:
-        return cached[1]
-    mesh = init_device_mesh(device_type, (d, k), mesh_dim_names=MESH_DIMS)
-    _MESHES[key] = (world, mesh)
-    return mesh
+    for stale in [layout for layout, (built_in, _) in _MESHES.items() if built_in is not world]:
+        del _MESHES[stale]  # built in a default group since destroyed: its groups are gone with it
+    if key not in _MESHES:
+        _MESHES[key] = (world, init_device_mesh(device_type, (d, k), mesh_dim_names=MESH_DIMS))
+    return _MESHES[key][1]
 
 
 def check_replicas(d: Any) -> None:

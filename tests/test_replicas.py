@@ -16,6 +16,8 @@ from conftest import (
     scenario,
 )
 
+from launch import launch
+
 from lightning_gpipe import GPipeStrategy
 from lightning_gpipe.replicas import GradientAverager
 from lightning_gpipe.timeline import Timeline
@@ -162,6 +164,31 @@ def test_ranks_are_laid_out_replica_major():
         (0, 0, [0, 1, 2]), (0, 1, [0, 1, 2]), (0, 2, [0, 1, 2]),
         (1, 0, [3, 4, 5]), (1, 1, [3, 4, 5]), (1, 2, [3, 4, 5]),
     ]  # fmt: skip
+
+
+_MESH_SCRIPT = """
+import os, sys
+import torch.distributed as dist
+from lightning_gpipe.topology import Topology
+rank, store = int(os.environ["LOCAL_RANK"]), sys.argv[1]
+dist.init_process_group("gloo", init_method=f"file://{store}.0", rank=rank, world_size=2)
+first = Topology.build(2, 1, rank, "cpu").mesh
+again = Topology.build(2, 1, rank, "cpu").mesh
+dist.destroy_process_group()
+dist.init_process_group("gloo", init_method=f"file://{store}.1", rank=rank, world_size=2)
+fresh = Topology.build(2, 1, rank, "cpu").mesh
+print("reused", first is again, "rebuilt", fresh is not first and fresh.get_group("pipeline") is not None)
+dist.destroy_process_group()
+"""
+
+
+def test_the_mesh_is_built_once_per_default_process_group(tmp_path):
+    """Runs in one process share the mesh's process groups; after the default group is destroyed and made anew,
+    the next run builds a mesh in the new one."""
+    ranks = launch(2, ["-c", _MESH_SCRIPT, str(tmp_path / "store")], tmp_path, timeout=120)
+    for r in ranks:
+        assert r.returncode == 0, r.output[-3000:]
+        assert "reused True rebuilt True" in r.output
 
 
 def test_failure_in_another_replica_ends_every_rank(tmp_path):
