@@ -9,7 +9,7 @@ holds stage j of every replica.
 Every collective of the strategy takes its group from here: the pipeline's own (the stages of this rank's
 replica) or the replicas' (stage j of every replica). With one replica the pipeline is the whole world and
 its collectives use the default group, so D=1 costs nothing beyond building the mesh once. The mesh is built
-once per process group and layout: every run in the process (each ``fit``, ``validate``, ``predict``) reuses it,
+once per default process group and layout: every run in the process (each ``fit``, ``validate``, ``predict``) reuses it,
 where building it anew would leave a process group, with its threads and sockets, behind each time.
 """
 
