@@ -214,8 +214,13 @@ def run(scenario: dict, out: Path) -> None:
 def _gloo_threads() -> int:
     """Threads of this process's gloo process groups (two each): a run that built groups and left them behind
     would add to them."""
-    tasks = Path("/proc/self/task")
-    return sum((task / "comm").read_text().strip() == "pt_gloo_runloop" for task in tasks.iterdir())
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            count += (task / "comm").read_text().strip() == "pt_gloo_runloop"
+        except OSError:  # a thread that ended while they were listed (a data loader's, say)
+            pass
+    return count
 
 
 def main() -> None:
