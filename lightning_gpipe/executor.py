@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gpipe.batchnorm import batchnorm_stats_kept, commit, deferred_norms
-from lightning_gpipe.checkpoint import ForwardState
+from lightning_gpipe.checkpoint import BufferReplay, ForwardState
 from lightning_gpipe.comm import StageLink, carries_grad
 from lightning_gpipe.memory import ActivationMeter
 from lightning_gpipe.microbatch import TensorOrTensors, Tensors, as_tuple, tensors_in
@@ -37,6 +37,7 @@ class _Slot:
     popped: dict[Key, Tensor] = field(default_factory=dict)  # skips received from earlier stages: leaves too
     stashed: Optional[Tensors] = None  # skips sent to later stages, in the ports' order; None when re-materialized
     stashed_sent: tuple[tuple[torch.Size, torch.dtype], ...] = ()
+    buffers: dict[int, Tensor] = field(default_factory=dict)  # re-materialized: buffers the forward changed, as before it
 
 
 class StageExecutor:
@@ -74,6 +75,7 @@ class StageExecutor:
         self.timeline = Timeline(stage)  # records only while a step is being observed
         self.meter = ActivationMeter()
         self.deferred_norms = deferred_norms(self.layers)  # batch norms that update once per mini-batch
+        self.buffers = BufferReplay(self.layers)  # what a recompute must read of the buffers its forward changed
         self._slots: list[Optional[_Slot]] = []
         self._expecting = False  # whether this step's gradient receives are posted
         self._orders: dict[tuple[int, Phase], list[Action]] = {}
@@ -120,14 +122,16 @@ class StageExecutor:
                     x = self._receive(i, n, train)
             popped = self._receive_skips(i, train)
             state = ForwardState.capture(self.device) if i < stop else None
+            watched = self.buffers.before() if state else []
             with self.timeline.span("forward", i), self.meter.saving(), torch.set_grad_enabled(train and state is None):
                 y, stashed = self._run(x, popped)
+            buffers = self.buffers.after(watched) if state else {}
             ys = as_tuple(y)
             if train:
                 held = self.meter.hold(tensors_in(x) + list(popped.values())) if state else []
                 self._slots[i] = _Slot(
                     inputs=x, outputs=None if state else ys, state=state, sent=_specs(ys), held=held,
-                    popped=popped, stashed=None if state else stashed, stashed_sent=_specs(stashed),
+                    popped=popped, stashed=None if state else stashed, stashed_sent=_specs(stashed), buffers=buffers,
                 )  # fmt: skip
             if not self.is_last:
                 self.link.send_activations(i, ys)  # type: ignore[union-attr]
@@ -205,7 +209,7 @@ class StageExecutor:
             outputs, stashed = slot.outputs, slot.stashed
             if outputs is None:
                 with self.timeline.span("recompute", i), self.meter.saving(), batchnorm_stats_kept(self.layers):
-                    with slot.state.replay():  # type: ignore[union-attr]
+                    with slot.state.replay(), self.buffers.replayed(slot.buffers):  # type: ignore[union-attr]
                         y, stashed = self._run(slot.inputs, slot.popped)
                         outputs = as_tuple(y)
             roots = zip((*outputs, *stashed), (*grads, *skip_grads))  # type: ignore[misc]

@@ -104,6 +104,57 @@ def test_recompute_leaves_batchnorm_statistics_alone():
         torch.testing.assert_close(stats[mode][1:], stats["never"][1:], rtol=0, atol=0)
 
 
+class CountingNormalizer(nn.Module):
+    """Buffers its training forward changes: an input mean kept in place, and a call count assigned anew."""
+
+    def __init__(self, c: int, from_call: int = 0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.from_call = from_call  # the first call that updates the mean
+
+    def forward(self, x):
+        if self.training:
+            if self.calls >= self.from_call:
+                self.mean.mul_(0.5).add_(x.detach().mean(0), alpha=0.5)
+            self.calls = self.calls + 1
+        return x - self.mean
+
+
+def _counting_layers(from_call: int = 0) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Linear(4, 4), CountingNormalizer(4, from_call), nn.Tanh(), nn.Linear(4, 2)]
+
+
+def test_recompute_reads_and_leaves_buffers_as_the_forward_did():
+    """A re-materialized micro-batch reads the buffers as its first forward did (not as later micro-batches left
+    them) and leaves them as the forwards did: exactly the run without re-materialization."""
+    x = torch.randn(12, 4)
+    results = {}
+    for mode in MODES:
+        layers = _counting_layers()
+        grads, y = _pipeline_grads(layers, x, 3, mode)
+        results[mode] = (grads, y, layers[1].mean.clone(), layers[1].calls.item())
+    for mode in MODES:
+        grads, y, mean, calls = results[mode]
+        assert calls == 3  # one update per micro-batch's forward, none from a recompute
+        assert torch.equal(mean, results["never"][2])
+        assert torch.equal(y, results["never"][1])
+        for g, e in zip(grads, results["never"][0]):
+            assert torch.equal(g, e)
+
+
+def test_a_buffer_first_changed_in_place_after_the_first_forward_is_refused():
+    from lightning_gpipe.checkpoint import BufferReplayError
+
+    with pytest.raises(BufferReplayError, match=(
+        r"^GPipeStrategy: the forward changed buffer 'mean' of CountingNormalizer in place, which the first training"
+        r" forward of this stage left alone, so its re-materialized replay cannot read the value the forward read\."
+        r" Change it in every training forward, or use GPipeStrategy\(checkpoint='never'\)\.$"
+    )):  # fmt: skip
+        _pipeline_grads(_counting_layers(from_call=1), torch.randn(12, 4), 3, "always")
+
+
 def test_evaluation_forward_keeps_no_state():
     executor = StageExecutor(_layers(), 0, 1, torch.device("cpu"), None, "never")
     x = torch.randn(5, 2, 4)
