@@ -9,10 +9,10 @@ model summary is taken from the whole module before it is cut.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.distributed as dist
@@ -21,11 +21,21 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.model_summary import summarize
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from lightning_gpipe.logs import patched
 from lightning_gpipe.partition import AbsentLayer, absent_parameters_refused
 
-__all__ = ["StageError", "grad_norm", "parameters_refused", "stage_parameters", "frozen_summaries", "seed_workers_alike"]
+__all__ = [
+    "StageError",
+    "ClosureOnce",
+    "grad_norm",
+    "parameters_refused",
+    "refuse_closure_optimizers",
+    "stage_parameters",
+    "frozen_summaries",
+    "seed_workers_alike",
+]
 
 
 class StageError(RuntimeError):
@@ -55,6 +65,40 @@ def parameters_refused(module: LightningModule, seq: nn.Module, where: str) -> I
             stack.enter_context(patched(owner, "named_parameters", refuse))
         stack.enter_context(absent_parameters_refused(where))
         yield
+
+
+def refuse_closure_optimizers(optimizers: Sequence[Optimizer]) -> None:
+    """Refuse optimizers that reduce over all their parameters and decide from that how often to run the closure:
+    on a pipeline each stage's copy would see its own stage's parameters only."""
+    for optimizer in optimizers:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError(
+                "GPipeStrategy cannot train with LBFGS: it takes dot products over all the parameters it optimizes and"
+                " its line search decides how often to run the closure (each a forward and backward), so on a"
+                " pipeline every stage would run its own LBFGS on its own stage, and the stages would disagree on how"
+                " many forwards to run. Use a first-order optimizer (SGD, Adam, ...), or train LBFGS on one device."
+            )
+
+
+class ClosureOnce:
+    """Lightning's closure (the step's forward and backward) for an optimizer that must call it exactly once per
+    step: every stage runs one forward and backward per batch, so a second call could only wait for a stage that
+    never joins it."""
+
+    def __init__(self, closure: Callable[[], Any], optimizer: Any) -> None:
+        self.closure, self.optimizer, self.calls = closure, optimizer, 0
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            optimizer = getattr(self.optimizer, "_optimizer", self.optimizer)
+            raise StageError(
+                f"GPipeStrategy: {type(optimizer).__name__}.step called its closure a second time in one step. Under"
+                " the pipeline each stage runs one forward and backward per batch, and a second call decided by one"
+                " stage's own values would leave the others behind: use an optimizer that calls the closure once."
+            )
+        return self.closure()
 
 
 def stage_parameters(module: nn.Module) -> list[Tensor]:

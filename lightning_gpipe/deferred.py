@@ -13,7 +13,7 @@ single-device construction, bit for bit, and no rank ever holds more than its st
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -98,6 +98,7 @@ class DeferredInit:
 
     def __init__(self) -> None:
         self.ops: list[_Op] = []
+        self._recordings: list[tuple[int, int, Tensor]] = []  # each replayed recording's ops and starting RNG state
 
     @contextmanager
     def recording(self, replay: bool = True) -> Iterator[None]:
@@ -110,7 +111,35 @@ class DeferredInit:
             op.replay = replay
         torch.set_rng_state(start)
         if replay:  # uninitialised, it draws nothing: as construction whose init functions are skipped
+            self._recordings.append((first, len(self.ops), start))
             self._advance(self.ops[first:])
+
+    @property
+    def starts(self) -> list[Tensor]:
+        """The CPU generator's state where each replayed recording began."""
+        return [start for _, _, start in self._recordings]
+
+    def restart(self, starts: Sequence[Tensor]) -> bool:
+        """Draw each recording's values as if it had begun in the state ``starts`` gives it (another rank's
+        :attr:`starts`), so every rank materializes the same model; returns whether any recording changed."""
+        if len(starts) != len(self._recordings):
+            raise DeferredInitError(
+                f"this rank built the model in {len(self._recordings)} recorded passes, global rank 0 in {len(starts)}:"
+                " build it the same way on every rank"
+            )
+        changed = False
+        for index, ((first, end, own), start) in enumerate(zip(self._recordings, starts)):
+            if torch.equal(own, start):
+                continue
+            changed = True
+            self._recordings[index] = (first, end, start)
+            state = torch.get_rng_state()
+            torch.set_rng_state(start)
+            try:
+                self._advance(self.ops[first:end])
+            finally:
+                torch.set_rng_state(state)
+        return changed
 
     def _advance(self, ops: list[_Op]) -> None:
         """Draw what single-device construction would have drawn, on scratch tensors one at a time, keeping the

@@ -42,9 +42,17 @@ from typing_extensions import override
 from lightning_gpipe.assemble import fill_from_first, gather_layers
 from lightning_gpipe.batchnorm import defer, undefer
 from lightning_gpipe.comm import MAX_SKIPS, ObjectBroadcast, StageLink
-from lightning_gpipe.contract import frozen_summaries, parameters_refused, seed_workers_alike, stage_parameters
+from lightning_gpipe.contract import (
+    ClosureOnce,
+    frozen_summaries,
+    parameters_refused,
+    refuse_closure_optimizers,
+    seed_workers_alike,
+    stage_parameters,
+)
 from lightning_gpipe.deferred import DeferredInit, DeferredInitError, has_meta_tensors
 from lightning_gpipe.executor import StageExecutor
+from lightning_gpipe.invariants import check_same_batch, state_digest
 from lightning_gpipe.logs import patched
 from lightning_gpipe.memory import host_peak_bytes, optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import split
@@ -411,6 +419,8 @@ class GPipeStrategy(ParallelStrategy):
         optimizers: list[Optimizer] = []
         if fitting:  # a throwaway build on the whole module, before it is cut (each fit: requires_grad may change)
             optimizers = _whole_module_optimizers(module)
+            if k > 1:
+                refuse_closure_optimizers(optimizers)
             self._optimizer_layouts = optimizer_layouts(optimizers, module)
         if self._balance is None and self._balance_request in PROFILED_RULES:
             self._balance = self._profiled_balance(module, seq, fitting, optimizers)
@@ -437,6 +447,8 @@ class GPipeStrategy(ParallelStrategy):
                 " single-device training; GPipeStrategy(deferred_batchnorm=True) updates them once per mini-batch,"
                 " from the whole mini-batch"
             )
+        if self.world_size > 1:
+            self._start_from_first_ranks_weights(module, layers)
         kept = keep_stage(seq, self._balance, stage)
         if has_meta_tensors(module):  # built by tensor_init_context: this stage's layers get storage, now
             if self._deferred is None:
@@ -476,6 +488,44 @@ class GPipeStrategy(ParallelStrategy):
         )
         if self._balance_report is not None and self.is_global_zero:
             self._balance_report.publish(module.trainer)
+
+    def _start_from_first_ranks_weights(self, module: LightningModule, layers: list[nn.Module]) -> None:
+        """Every rank's stage starts from the initial weights global rank 0 built, as DDP broadcasts rank 0's module:
+        a model built without a seed would otherwise train K different halves (see :mod:`lightning_gpipe.invariants`).
+
+        Built on the meta device, every rank replays its construction from global rank 0's random state; built
+        whole, every rank compares a digest of its stage's tensors with rank 0's, and takes rank 0's values where
+        they differ."""
+        assert self._balance is not None
+        k, stage = self.topology.k, self.topology.stage
+        if has_meta_tensors(module):
+            if self._deferred is None:
+                return  # refused below, on every rank
+            seen = self._all_gather_object(self._deferred.starts)
+            differ = [r for r, starts in enumerate(seen) if len(starts) != len(seen[0]) or not all(
+                torch.equal(a, b) for a, b in zip(starts, seen[0]))]  # fmt: skip
+            self._deferred.restart(seen[0])
+        else:
+            stage_of = [[layers[i] for i in stage_layers(self._balance, j)] for j in range(k)]
+            reference = [state_digest(part) for part in stage_of] if self.is_global_zero else None
+            seen = self._all_gather_object((state_digest(stage_of[stage]), reference))
+            reference = seen[0][1]
+            differ = [r for r, (mine, _) in enumerate(seen) if mine != reference[r % k]]
+            for rank in differ:  # global rank r runs stage r % k (topology.py)
+                if self.is_global_zero:
+                    own = {i: layers[i].state_dict() for i in stage_layers(self._balance, rank % k)}
+                    dist.send_object_list([own], dst=rank)
+                elif rank == self.global_rank:
+                    box: list[Any] = [None]
+                    dist.recv_object_list(box, src=0)
+                    for i, state in box[0].items():
+                        layers[i].load_state_dict(state)
+        if differ:
+            rank_zero_info(
+                f"GPipeStrategy: ranks {differ} built {type(module).__name__} with other initial weights than global"
+                " rank 0 (no seed_everything before building it?); every stage starts from global rank 0's, as DDP"
+                " does"
+            )
 
     def _profiled_balance(
         self, module: LightningModule, seq: nn.Sequential, fitting: bool, optimizers: list[Optimizer]
@@ -559,6 +609,9 @@ class GPipeStrategy(ParallelStrategy):
         assert module is not None
         trainer = module.trainer
         self._plan = BackwardPlan.of(trainer, module, batch_idx)
+        if batch_idx == 0:  # every epoch: a data module's setup may draw a new split
+            where = f"the first training batch of epoch {trainer.current_epoch}"
+            self._check_same_batch(batch, where, trainer.num_training_batches)
         # Replicas average once per optimizer step, on its last batch of accumulation, as DDP does.
         if self._flow is not None:
             self._stepping = not trainer.fit_loop.epoch_loop._should_accumulate()
@@ -587,6 +640,12 @@ class GPipeStrategy(ParallelStrategy):
 
     def _step(self, hook: str, train: bool, args: tuple, kwargs: dict) -> Any:
         assert self.lightning_module is not None and self._flow is not None
+        if not train and (args[1] if len(args) > 1 else kwargs.get("batch_idx")) == 0:
+            trainer = self.lightning_module.trainer
+            loop = trainer.predict_loop if hook == "predict_step" else trainer._evaluation_loop
+            dataloader = args[2] if len(args) > 2 else kwargs.get("dataloader_idx", 0)
+            where = f"the first batch of {hook.removesuffix('_step')} dataloader {dataloader}"
+            self._check_same_batch(args[0] if args else kwargs.get("batch"), where, list(loop.max_batches))
         return self._flow.run(self.lightning_module, hook, train, args, kwargs, self._plan if train else None)
 
     @override
@@ -594,7 +653,21 @@ class GPipeStrategy(ParallelStrategy):
         # The hooks around the optimizer step (on_before_optimizer_step, on_before_zero_grad, gradient clipping,
         # and every callback's) run on each stage, where self.parameters() is the stage's alone.
         with self._parameters_refused("code run around the optimizer step (on_before_optimizer_step, a callback's hook)"):
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
+            once = closure if self.topology.k == 1 else ClosureOnce(closure, optimizer)
+            return super().optimizer_step(optimizer, once, model, **kwargs)
+
+    def _check_same_batch(self, batch: Any, where: str, batches: Any) -> None:
+        """Raise on every stage of this pipeline if they hold different batches (a collective over its stages)."""
+        topology = self.topology
+        if topology.k == 1:
+            return
+
+        def gather(obj: Any) -> list[Any]:
+            seen: list[Any] = [None] * topology.k
+            dist.all_gather_object(seen, obj, group=topology.pipeline_group)
+            return seen
+
+        check_same_batch(batch, batches, where, gather, range(topology.k))
 
     def _parameters_refused(self, where: str) -> Any:
         module = self.lightning_module

@@ -355,6 +355,42 @@ class TwoOptimizers(Classifier):
         return [torch.optim.SGD(self.body[:5].parameters(), lr=0.1), torch.optim.SGD(self.body[5:].parameters(), lr=0.1)]
 
 
+class LBFGSClassifier(Classifier):
+    """A closure optimizer that reduces over every parameter it optimizes."""
+
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.1)
+
+
+class _TwiceSGD(torch.optim.SGD):
+    """Runs the closure twice per step (as a closure optimizer's line search may)."""
+
+    def step(self, closure=None):
+        closure()
+        return super().step(closure)
+
+
+class ClosureTwice(Classifier):
+    def configure_optimizers(self):
+        return _TwiceSGD(self.parameters(), lr=0.1)
+
+
+class RankShardedData(L.LightningDataModule):
+    """Shards the training data by global rank in setup, as a data module written for DDP does."""
+
+    def setup(self, stage):
+        train, self.val = loaders()
+        x, y = train.dataset.tensors
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.train = TensorDataset(x[rank::world], y[rank::world])
+
+    def train_dataloader(self):
+        return DataLoader(self.train, batch_size=10)
+
+    def val_dataloader(self):
+        return self.val
+
+
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """Single-device reference for deferred batch norm: normalizes each of ``microbatches`` chunks of the batch by
     its own statistics, and updates the running statistics with torch's own code, from the whole batch."""

@@ -117,9 +117,12 @@ def run(scenario: dict, out: Path) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     result: dict = {}
     try:
-        if scenario.get("seed", 0) is not None:
-            L.seed_everything(scenario.get("seed", 0), verbose=False, workers=scenario.get("seed_workers", False))
+        seed = scenario.get("seed", 0)
+        if seed is not None:  # "rank": each rank its own seed, as processes whose random streams drifted apart
+            seed = rank if seed == "rank" else seed
+            L.seed_everything(seed, verbose=False, workers=scenario.get("seed_workers", False))
         build = partial(getattr(_model, scenario.get("model_class", "Classifier")), **scenario.get("model", {}))
+        result["random_before_build"] = torch.get_rng_state()
         model = None if "init_module" in scenario else build()
         train, val = loaders(**scenario.get("data", {}))
         strategy = "ddp" if scenario.get("ddp") else GPipeStrategy(**scenario.get("strategy", {}))
@@ -131,6 +134,7 @@ def run(scenario: dict, out: Path) -> None:
             loggers.append(TensorBoardLogger(save_dir=out, name=scenario["name"], version=""))
         trainer = trainer_for(scenario, strategy, loggers)
         if model is None:  # built as Lightning suggests for large models: under the strategy's init context
+            result["random_before_build"] = torch.get_rng_state()
             with trainer.init_module(empty_init=scenario["init_module"]):
                 model = build()
         fail_at = scenario.get("fail_at")
@@ -168,7 +172,10 @@ def run(scenario: dict, out: Path) -> None:
             resume = out / f"{resume}.ckpt"
         if scenario.get("validate_first"):
             trainer.validate(model, val, verbose=False)
-        trainer.fit(model, train, val, ckpt_path=resume)
+        if "datamodule" in scenario:
+            trainer.fit(model, datamodule=getattr(_model, scenario["datamodule"])(), ckpt_path=resume)
+        else:
+            trainer.fit(model, train, val, ckpt_path=resume)
         result["batch_sums"] = steps.batch_sums
         result["outputs"] = {"train": steps.train, "val": steps.val}
         result["params"] = _held(model)

@@ -70,6 +70,11 @@ K2 = [
     _named("norm_before_zero_grad", "NormBeforeZeroGrad"),
     _named("draws_after_forward", "DrawsAfterForward", data={"shuffle": True}),
     _named("norm_before_backward", "NormBeforeBackward"),
+    _refused("rank_sharded_data", "Classifier", datamodule="RankShardedData"),
+    _named("seeded_by_rank", "Classifier", seed="rank", model={"lr": 0.0}, epochs=1),
+    _named("seeded_by_rank_deferred", "Classifier", seed="rank", model={"lr": 0.0}, epochs=1, init_module=None),
+    _refused("lbfgs", "LBFGSClassifier"),
+    _refused("closure_twice", "ClosureTwice"),
 ]
 
 
@@ -362,3 +367,59 @@ def test_an_error_of_a_logged_call_is_raised_on_every_rank(name, k2):
         r" single element\. You can try doing `self\.log\(per_sample, tensor\(\[\1, \1\]\)\.mean\(\)\)`",
         error,
     ), error
+
+
+def test_stages_that_hold_different_data_are_refused_on_every_rank(k2):
+    """A data module that shards by trainer.global_rank, as one written for DDP does, gives each stage other samples:
+    refused at the first batch, where it would train on one sample's inputs and another's targets."""
+    errors = [rank["error"] for rank in k2["rank_sharded_data"]]
+    assert errors[0] == errors[1]
+    assert re.fullmatch(
+        r"DataMismatchError: GPipeStrategy: the stages hold different data at the first training batch of epoch 0"
+        r" \(stage 0: 10 samples, digest ([0-9a-f]{16}), 2 batches; stage 1: 10 samples, digest (?!\1)[0-9a-f]{16}, 2"
+        r" batches\)\. Stage 0 would forward one batch's inputs while the last stage takes the loss against another's"
+        r" targets\. Every stage must load the same batches in the same order: seed random splits"
+        r" \(random_split\(\.\.\., generator=torch\.Generator\(\)\.manual_seed\(0\)\)\), and do not shard data by"
+        r" trainer\.global_rank or world_size in a DataModule \(GPipeStrategy\(data_parallel_size=D\) shards the data"
+        r" by replica itself\)\.",
+        errors[0],
+    ), errors[0]
+
+
+def test_batch_summaries_tell_batches_apart():
+    from lightning_gpipe.invariants import batch_summary
+
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    assert batch_summary((x, y)) == batch_summary((x.clone(), y.clone()))
+    assert batch_summary((x, y))[1] == 4
+    assert batch_summary((x, y)) != batch_summary((x, y.flip(0)))  # targets out of step with inputs
+    assert batch_summary({"x": x, "id": "a"}) != batch_summary({"x": x, "id": "b"})
+
+
+@pytest.mark.parametrize("name", ["seeded_by_rank", "seeded_by_rank_deferred"])
+def test_every_stage_starts_from_global_rank_zeros_weights(name, k2):
+    """Each rank built the model from its own random state (built whole, or deferred under init_module): every
+    stage trains global rank 0's model, as DDP would (lr=0: the weights after fit are the initial ones)."""
+    ranks = k2[name]
+    assert not torch.equal(ranks[0]["random_before_build"], ranks[1]["random_before_build"])
+    torch.set_rng_state(ranks[0]["random_before_build"])
+    expected = Classifier(lr=0.0).state_dict()
+    assert_same_params(full_params(ranks), expected, atol=0)
+    torch.set_rng_state(ranks[1]["random_before_build"])
+    assert not torch.equal(Classifier(lr=0.0).body[-1].weight, expected["body.8.weight"])  # rank 1's own differs
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("lbfgs", "ValueError: GPipeStrategy cannot train with LBFGS: it takes dot products over all the parameters it"
+         " optimizes and its line search decides how often to run the closure (each a forward and backward), so on a"
+         " pipeline every stage would run its own LBFGS on its own stage, and the stages would disagree on how many"
+         " forwards to run. Use a first-order optimizer (SGD, Adam, ...), or train LBFGS on one device."),
+        ("closure_twice", "StageError: GPipeStrategy: _TwiceSGD.step called its closure a second time in one step."
+         " Under the pipeline each stage runs one forward and backward per batch, and a second call decided by one"
+         " stage's own values would leave the others behind: use an optimizer that calls the closure once."),
+    ],
+)  # fmt: skip
+def test_optimizers_that_run_the_closure_by_their_own_values_are_refused(name, message, k2):
+    assert [rank["error"] for rank in k2[name]] == [message] * 2
