@@ -380,6 +380,11 @@ class GPipeStrategy(ParallelStrategy):
         warnings.filterwarnings("ignore", message=r".*sync_dist=True.* when logging on epoch level", category=PossibleUserWarning)
         # Norm clipping must see the norm over all stages' gradients, not this stage's alone.
         self._run_patches.enter_context(patched(self.precision_plugin, "clip_grad_by_norm", self._clip_grad_by_global_norm))
+        # Lightning's SIGTERM handler broadcasts from inside the handler, wherever the signal lands: in the middle of
+        # the stages' own messages (a checkpoint's gather) that broadcast pairs with another rank's and every rank
+        # waits forever. Noted only, the signal still ends the run at the batch's end, as Lightning's loops check it.
+        connector = trainer._signal_connector
+        self._run_patches.enter_context(patched(connector, "_sigterm_notifier_fn", partial(_note_sigterm, connector)))
 
     def _check_supported(self, trainer: Trainer, module: LightningModule) -> None:
         precision = self.precision_plugin
@@ -1036,6 +1041,16 @@ class GPipeStrategy(ParallelStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="GPipe pipeline parallelism (lightning-gpipe)", override=True
         )
+
+
+def _note_sigterm(connector: Any, signum: int, frame: Any) -> None:
+    """Lightning's SIGTERM handler without its collective: forward the signal to the launched processes once, and
+    note it for Lightning's loops, which end the run at the next batch boundary."""
+    trainer = connector.trainer
+    log.info("GPipeStrategy: rank %d received SIGTERM (%d); the run ends after this batch", trainer.global_rank, signum)
+    if not connector.received_sigterm and trainer.strategy.launcher is not None:
+        trainer.strategy.launcher.kill(signum)
+    connector.received_sigterm = True
 
 
 def _whole_module_optimizers(module: LightningModule) -> list[Optimizer]:

@@ -50,7 +50,8 @@ def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
 
 def kill_self(kill: dict, trainer: L.Trainer, model: L.LightningModule) -> None:
     """SIGKILL this rank in training (``{"epoch", "batch"}``), in the n-th checkpoint save (``{"save"}``), or
-    right after the n-th sharded save wrote its tensors (``{"after_tensors"}``)."""
+    right after the n-th sharded save wrote its tensors (``{"after_tensors"}``); or send it SIGTERM as the n-th
+    checkpoint's gather begins (``{"sigterm_save"}``)."""
 
     def die() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -66,6 +67,17 @@ def kill_self(kill: dict, trainer: L.Trainer, model: L.LightningModule) -> None:
         model.training_step = step
         return
     saves = [0]
+    if "sigterm_save" in kill:  # SIGTERM to this rank as it starts gathering the n-th checkpoint
+        original_gather = trainer.strategy.lightning_module_state_dict
+
+        def gather():
+            saves[0] += 1
+            if saves[0] == kill["sigterm_save"]:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original_gather()
+
+        trainer.strategy.lightning_module_state_dict = gather
+        return
     if "after_tensors" in kill:  # a sharded save dies once its tensors are written, before they are published
         import lightning_gpipe.sharded as sharded
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,21 @@ def crashed(tmp_path_factory) -> dict[str, tuple[Path, list, dict]]:
 
 
 @pytest.fixture(scope="module")
-def k2_resumed(k4, crashed, single_e1, tmp_path_factory) -> dict:
+def terminated(tmp_path_factory) -> tuple[Path, list, float]:
+    """SIGTERM reaches rank 0 as it begins gathering epoch 1's checkpoint (Lightning's handler broadcast from inside
+    the signal handler there, and both ranks waited forever)."""
+    out = tmp_path_factory.mktemp("terminated")
+    run = _crash_scenario("terminated", out / "checkpoints", kill={"rank": 0, "sigterm_save": 3})
+    (out / "spec.json").write_text(json.dumps([run]))
+    start = time.monotonic()
+    ranks = launch(2, [str(WORKER), str(out / "spec.json"), str(out)], out, timeout=120)
+    seconds = time.monotonic() - start
+    saved = {p.name: _load(p)["global_step"] for p in sorted((out / "checkpoints").iterdir())}  # before any resume
+    return out, ranks, seconds, saved
+
+
+@pytest.fixture(scope="module")
+def k2_resumed(k4, crashed, terminated, single_e1, tmp_path_factory) -> dict:
     """K=2 resumes K=4's checkpoint, a single-device one, and every crashed run from its last.ckpt."""
     out = tmp_path_factory.mktemp("k2_resumed")
     scenarios = [
@@ -107,6 +122,7 @@ def k2_resumed(k4, crashed, single_e1, tmp_path_factory) -> dict:
         _crash_scenario(name, folder / "checkpoints", resume_from="last", **_crash_options(name))
         for name, (folder, _, _) in crashed.items()
     ]
+    scenarios.append(_crash_scenario("terminated", terminated[0] / "checkpoints", resume_from="last"))
     return run_scenarios(2, scenarios, out)
 
 
@@ -173,3 +189,16 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(crash, crashed, k2
     resumed = k2_resumed[crash]
     assert_same_params(full_params(resumed), reference["params"])
     assert_same_logs(resumed[0]["logged"], _later(reference["logged"]))
+
+
+def test_sigterm_during_a_checkpoint_gather_ends_every_rank(terminated, k2_resumed, reference):
+    """The signal is noted, the checkpoint being gathered completes, and the run ends at the batch's end: rank 0 as
+    Lightning ends a run on SIGTERM, rank 1 when it loses its peer."""
+    _, ranks, seconds, saved = terminated
+    assert seconds < 60
+    assert ranks[0].returncode == 0 and "SIGTERMException" not in ranks[0].output  # Lightning's SystemExit
+    assert ranks[1].returncode != 0 and "Connection closed by peer" in ranks[1].output
+    assert saved == {"epoch=1-step=4.ckpt": 4, "last.ckpt": 4}  # save_top_k=1 replaced epoch 0's, as it does
+    resumed = k2_resumed["terminated"]
+    assert_same_params(full_params(resumed), reference["params"])
+    assert_same_logs(resumed[0]["logged"], _later(reference["logged"], epoch=2))
