@@ -31,8 +31,8 @@ def digest(tensors: Sequence[Tensor]) -> str:
     for t in tensors:
         t = t.detach()
         h.update(f"{tuple(t.shape)}{t.dtype};".encode())
-        if t.numel():
-            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        if t.numel():  # a copy: numpy's view of a tensor's own storage would pin its size for good
+            h.update(t.to("cpu", copy=True).contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

@@ -23,6 +23,8 @@ __all__ = [
     "find_sequential",
     "keep_stage",
     "live_layers",
+    "release_absent",
+    "storage_id",
     "resolve_balance",
     "stage_layers",
     "stage_view",
@@ -56,13 +58,17 @@ class AbsentLayer(nn.Module):
     """Stands in for a layer that another stage runs: it holds nothing, and using it raises an error that says so.
 
     It keeps the layer's place in the Sequential, so the kept layers keep their names (``"5.weight"``) and
-    ``state_dict`` keys stay those of the unpartitioned module.
+    ``state_dict`` keys stay those of the unpartitioned module. It also keeps the layer itself, out of sight (not a
+    submodule), once :func:`release_absent` has freed its tensors' storage: when the layer comes back, only its
+    tensors travel, into the very module objects the user built (see :mod:`lightning_gpipe.assemble`).
     """
 
-    def __init__(self, index: int, kind: str, stage: int) -> None:
+    def __init__(self, index: int, kind: str, stage: int, layer: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.index, self.kind, self.stage = index, kind, stage
         self.after_run = False  # set when a run ends and this process keeps only its stage
+        self.__dict__["held"] = layer  # the layer, not registered: no parameters, no state, no device moves
+        self.__dict__["freed"] = []  # (tensor, bytes) whose storage release_absent freed
 
     def message(self, what: str) -> str:
         return (
@@ -214,8 +220,31 @@ def keep_stage(seq: nn.Sequential, balance: Sequence[int], stage: int) -> list[n
                 raise BalanceError(f"layer {index} belongs to this stage, but an earlier partitioning freed it here")
             kept.append(layer)
         elif not isinstance(layer, AbsentLayer):
-            seq._modules[name] = AbsentLayer(index, type(layer).__name__, owners[index])
+            seq._modules[name] = AbsentLayer(index, type(layer).__name__, owners[index], layer)
     return kept
+
+
+def release_absent(seq: nn.Sequential, live: set[int]) -> None:
+    """Free the storage of every tensor the absent layers of ``seq`` hold, except those whose storage is in
+    ``live`` (storage ids, :func:`storage_id`, of what the module still uses: a tied parameter, a layer the user
+    also keeps elsewhere). The tensors keep their shapes, and the layers everything else."""
+    for absent in seq._modules.values():
+        if not isinstance(absent, AbsentLayer) or absent.held is None:
+            continue
+        seen = set()
+        for t in [*absent.held.parameters(), *absent.held.buffers()]:
+            storage = t.untyped_storage()
+            key = storage_id(t)
+            if t.device.type == "meta" or key in live or key in seen or storage.nbytes() == 0:
+                continue
+            seen.add(key)
+            absent.freed.append((t, storage.nbytes()))
+            storage.resize_(0)
+
+
+def storage_id(t: torch.Tensor) -> int:
+    """An identity of ``t``'s storage, shared by every view of it."""
+    return t.untyped_storage()._cdata
 
 
 def live_layers(seq: nn.Sequential) -> list[tuple[int, nn.Module]]:

@@ -67,9 +67,11 @@ from lightning_gpipe.partition import (
     check_stages_optimized,
     find_sequential,
     keep_stage,
+    release_absent,
     resolve_balance,
     stage_layers,
     stage_view,
+    storage_id,
 )
 from lightning_gpipe.profile import input_of_step, optimizer_slots, profile_layers, untouched_random
 from lightning_gpipe.rng import StageRandom, rank_random_state, set_rank_random_state
@@ -139,10 +141,12 @@ class GPipeStrategy(ParallelStrategy):
         deferred_batchnorm: batch-norm layers normalize each micro-batch by its own statistics, but update their
             running statistics (and ``num_batches_tracked``) once per mini-batch, from the whole mini-batch, as
             single-device training does; without it they update once per micro-batch.
-        gather_model: when a run (``fit``, ``validate``, ...) ends, move every stage's layers to global rank 0,
+        gather_model: when a run (``fit``, ``validate``, ...) ends, move every stage's tensors to global rank 0,
             so that the module there is the whole trained model, as after single-device training. That needs the
             whole model's host memory on global rank 0; with ``False`` every rank keeps only its stage, and the
-            module cannot be used in another run.
+            module cannot be used in another run. By default (``None``) it gathers a model built whole (global
+            rank 0 held it all before the run anyway) and not one built deferred (``configure_model``,
+            ``trainer.init_module()``), which may not fit one host.
         data_parallel_size: D, the replicas of the pipeline; K = (devices x num_nodes) / D.
         weights: start the first run from these weights (fine-tuning): a Lightning checkpoint, a sharded
             checkpoint folder or a ``torch.save``'d state dict, a file you trust. Each rank reads only its own
@@ -167,7 +171,7 @@ class GPipeStrategy(ParallelStrategy):
         observe_every_n_steps: int = 0,
         state_dict_type: str = "full",
         deferred_batchnorm: bool = False,
-        gather_model: bool = True,
+        gather_model: Optional[bool] = None,
         data_parallel_size: int = 1,
         weights: Optional[Union[str, Path]] = None,
     ) -> None:
@@ -205,7 +209,10 @@ class GPipeStrategy(ParallelStrategy):
         self._tie_groups: dict[tuple[int, ...], Any] = {}  # process groups of tied stages, kept across runs
         self._stepping = True  # whether this training batch ends an accumulation window
         self._state_dict_type = state_dict_type
+        if gather_model not in (None, True, False):
+            raise ValueError(f"GPipeStrategy(gather_model={gather_model!r}): True, False, or None (gather a model built whole)")
         self._gather_model = gather_model
+        self._built_deferred = False  # whether the module was built on the meta device, which decides gather_model=None
         self._deferred_batchnorm = deferred_batchnorm
         self._deferred_norms: list[nn.Module] = []  # this stage's batch norms in their deferred form, during a run
         self._optimizer_layouts: list[Layout] = []  # how a single-device run numbers each optimizer's parameters
@@ -455,7 +462,10 @@ class GPipeStrategy(ParallelStrategy):
         if self.world_size > 1:
             self._start_from_first_ranks_weights(module, layers)
         kept = keep_stage(seq, self._balance, stage)
+        # The other stages' layers stay, their storage freed, but for what the module still uses elsewhere.
+        release_absent(seq, {storage_id(t) for t in (*stage_parameters(module), *module.buffers()) if not t.is_meta})
         if has_meta_tensors(module):  # built by tensor_init_context: this stage's layers get storage, now
+            self._built_deferred = True
             if self._deferred is None:
                 raise DeferredInitError(
                     f"{type(module).__name__} has parameters on the meta device that this GPipeStrategy did not see"
@@ -1027,13 +1037,25 @@ class GPipeStrategy(ParallelStrategy):
             assert module is not None
             seq = module.get_submodule(self._sequential_name)
             topology = self.topology
-            if self._gather_model and not self._failed and topology.replica == 0:
+            if self._gathers() and not self._failed and topology.replica == 0:
                 prefix = f"{self._sequential_name}."
                 tied = [[n.removeprefix(prefix) for n in tie.names if n.startswith(prefix)] for tie in self._ties]
                 gather_layers(seq, topology.stage, topology.k, topology.pipeline_ranks, tied)  # tied copies: one
             for layer in seq:  # what this process does not hold now fails loudly when asked for
                 if isinstance(layer, AbsentLayer):
                     layer.after_run = True
+
+    def _gathers(self) -> bool:
+        """Whether this run ends with the whole model on global rank 0 (``gather_model``)."""
+        if self._gather_model is not None:
+            return self._gather_model
+        if self._built_deferred:
+            rank_zero_info(
+                "GPipeStrategy: the model was built deferred (configure_model or trainer.init_module()), so its stages"
+                " stay on their ranks after the run (gather_model=None): global rank 0 may not fit the whole model."
+                " Save a checkpoint (state_dict_type='sharded' never gathers it), or pass gather_model=True."
+            )
+        return not self._built_deferred
 
     @classmethod
     @override

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gpipe.microbatch import split_sizes
-from lightning_gpipe.skip import pop, skippable, stash
+from lightning_gpipe.skip import Namespace, pop, skippable, stash
 
 
 class Classifier(L.LightningModule):
@@ -503,6 +503,38 @@ class SkipClassifier(Classifier):
             _StashTanh(width), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), _PopAdd(width),
             nn.Linear(width, classes),
         )  # fmt: skip
+
+
+class IsolatedSkips(SkipClassifier):
+    """The same skip in a namespace of its own, as a U-Net gives each level one: stashed and popped on two stages,
+    it matches by the namespace's identity."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        ns = Namespace()
+        self.body[0].isolate(ns)
+        self.body[4].isolate(ns)
+
+
+class LocalLayers(Classifier):
+    """Its layer class is defined inside a function, as in notebooks and scripts: it cannot be pickled."""
+
+    def layers(self):
+        class Affine(nn.Module):
+            def __init__(self, width: int, out: int) -> None:
+                super().__init__()
+                self.lin = nn.Linear(width, out)
+
+            def forward(self, x):
+                return self.lin(x)
+
+        layers = super().layers()
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Linear):
+                affine = Affine(layer.in_features, layer.out_features)
+                affine.lin = layer  # the same initial weights as Classifier's
+                layers[i] = affine
+        return layers
 
 
 class UnpoppedSkip(Classifier):

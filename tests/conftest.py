@@ -58,9 +58,16 @@ def scenario(name: str, k: int, m: int, checkpoint: str = "except_last", **extra
             "accumulate": 2, **extra}  # fmt: skip
 
 
-def full_params(ranks: list[dict]) -> dict[str, torch.Tensor]:
+def full_params(ranks: list[dict], gathered: bool = True) -> dict[str, torch.Tensor]:
     """The whole model's parameters, which global rank 0's module holds after the run; the other ranks keep their
-    own stage's, the very same tensors."""
+    own stage's, the very same tensors. ``gathered=False``: a run that left every stage on its rank (a model built
+    deferred, by default): the stages' parameters together, each on one rank only."""
+    if not gathered:
+        full: dict[str, torch.Tensor] = {}
+        for rank in ranks:
+            assert not set(rank["params"]) & set(full), "two ranks hold the same parameter"
+            full.update(rank["params"])
+        return full
     full = ranks[0]["params"]
     for rank in ranks[1:]:
         assert set(rank["params"]) < set(full), "rank 0 lacks parameters of another stage"

@@ -8,7 +8,7 @@ import re
 import lightning as L
 import pytest
 import torch
-from _model import Classifier, FrozenFirstLayer, loaders
+from _model import Classifier, FrozenFirstLayer, IsolatedSkips, loaders
 from conftest import (
     ATOL,
     CLIP,
@@ -75,6 +75,9 @@ K2 = [
     _named("seeded_by_rank_deferred", "Classifier", seed="rank", model={"lr": 0.0}, epochs=1, init_module=None),
     _refused("lbfgs", "LBFGSClassifier"),
     _refused("closure_twice", "ClosureTwice"),
+    _named("local_classes", "LocalLayers", use_after_fit=True, predict=True, save=True),
+    {**_named("skips_after_fit", "IsolatedSkips", use_after_fit=True, refit=True, predict=True),
+     "strategy": {"microbatches": 3, "balance": [3, 3]}},  # fmt: skip
 ]
 
 
@@ -239,8 +242,9 @@ def test_without_gathering_the_module_cannot_run_again(k2):
     assert [rank["error"] for rank in ranks] == [
         "RuntimeError: GPipeStrategy: the module was left partitioned by an earlier run, and global rank 0 lacks"
         " layers [5, 6, 7, 8] of its Sequential, so it cannot be cut again. A run gathers the whole model on global"
-        " rank 0 when it ends, unless it failed or ran with GPipeStrategy(gather_model=False): keep the default to"
-        " use the module in another run, or build it afresh."
+        " rank 0 when it ends, unless it failed, ran with GPipeStrategy(gather_model=False), or built the model"
+        " deferred (configure_model, trainer.init_module()) with the default gather_model=None: pass gather_model=True"
+        " to use the module in another run, or build it afresh."
     ] * 2
 
 
@@ -404,7 +408,7 @@ def test_every_stage_starts_from_global_rank_zeros_weights(name, k2):
     assert not torch.equal(ranks[0]["random_before_build"], ranks[1]["random_before_build"])
     torch.set_rng_state(ranks[0]["random_before_build"])
     expected = Classifier(lr=0.0).state_dict()
-    assert_same_params(full_params(ranks), expected, atol=0)
+    assert_same_params(full_params(ranks, gathered=not name.endswith("deferred")), expected, atol=0)
     torch.set_rng_state(ranks[1]["random_before_build"])
     assert not torch.equal(Classifier(lr=0.0).body[-1].weight, expected["body.8.weight"])  # rank 1's own differs
 
@@ -423,3 +427,41 @@ def test_every_stage_starts_from_global_rank_zeros_weights(name, k2):
 )  # fmt: skip
 def test_optimizers_that_run_the_closure_by_their_own_values_are_refused(name, message, k2):
     assert [rank["error"] for rank in k2[name]] == [message] * 2
+
+
+def test_layers_whose_classes_cannot_be_pickled_train_save_and_predict(k2):
+    """Only tensors travel between ranks: a layer class defined inside a function goes through fit, the whole model
+    on rank 0 after it, a checkpoint and a prediction (before, the end of fit failed: "Can't pickle local object")."""
+    reference = reference_run(model_class="LocalLayers")
+    ranks = k2["local_classes"]
+    _same_as_reference(ranks, reference)
+    _, val = loaders()
+    with torch.no_grad():
+        expected = torch.cat([reference["model"](x) for x, _ in val])
+    torch.testing.assert_close(ranks[0]["after_fit"], expected, rtol=0, atol=ATOL)
+    for rank in ranks:
+        assert [torch.equal(a, b) for a, b in zip(rank["predictions"], reference["predictions"])] == [True] * 3
+    checkpoint = torch.load(ranks[0]["checkpoint"], weights_only=False)
+    assert_same_params(checkpoint["state_dict"], reference["params"])
+
+
+def test_skips_across_stages_work_after_a_run(k2):
+    """A skip in a namespace of its own, stashed on stage 0 and popped on stage 1: the model on rank 0 runs after
+    fit, a second fit and a prediction work (before, the layers came back as copies with their own namespaces)."""
+    from _worker import trainer_for
+
+    L.seed_everything(0, verbose=False)
+    model = IsolatedSkips()
+    train, val = loaders()
+    trainer = trainer_for({"clip": CLIP, "accumulate": 2}, "auto", False)
+    trainer.fit(model, train, val)
+    with torch.no_grad():
+        after_fit = torch.cat([model(x) for x, _ in val])
+    trainer.fit_loop.max_epochs += 1
+    trainer.fit(model, train, val)
+    predictions = trainer.predict(model, val)
+    ranks = k2["skips_after_fit"]
+    torch.testing.assert_close(ranks[0]["after_fit"], after_fit, rtol=0, atol=ATOL)
+    assert_same_params(full_params(ranks), model.state_dict())
+    for rank in ranks:
+        assert [torch.equal(a, b) for a, b in zip(rank["predictions"], predictions)] == [True] * 3
