@@ -17,8 +17,9 @@ routed through the pipeline. One training step on stage j of K, in the order thi
                                                        gradients are held aside
     5. receive the last stage's results (or its     5. share the results without waiting: the step's
        error, raised here too); take its random        output, trainer.should_stop, the optimizers'
-       state if it sent it; return its output          settings, and the rank-wide random state if the
-                                                       code after self(x) drew from it; make the calls
+       state if it sent it; global rank 0 prints       settings, its self.print calls after self(x), and
+       what it printed; return its output              the rank-wide random state if the code after
+                                                       self(x) drew from it; make the calls
     6. Lightning: zero_grad, strategy.backward: the held gradients become .grad (every stage)
     7. the optimizer step; clipping by norm takes one all-reduce of the stages' squared norms
 
@@ -271,6 +272,9 @@ class StageStep:
         # The last stage records its calls of self.log; the others drop their own. Every stage makes the recorded
         # calls: the last at the end of its step (step 5), the others once they have them (step 3, or step 5).
         logging = nullcontext([]) if executor.k == 1 else record_logs(module) if executor.is_last else muted_logs(module)
+        # The last stage's self.print calls after self(x) go to global rank 0, which prints them (it alone prints).
+        prints: list[tuple[tuple, dict]] = []
+        printing = _prints_recorded(module, call, prints) if executor.k > 1 and executor.is_last else nullcontext()
         where = f"{type(module).__name__}.{hook}"
         refusal = (
             parameters_refused(module, module.get_submodule(self.sequential), where) if executor.k > 1 else nullcontext()
@@ -279,7 +283,7 @@ class StageStep:
         # on the last stage before its first input arrives, on the others after their forward.
         params = executor.parameters() if self._early and executor.is_last else []
         self._running = (where, call)
-        with patched(module, "forward", call), logging as records, refusal:
+        with patched(module, "forward", call), logging as records, refusal, printing:
             try:
                 output = getattr(module, hook)(*args, **kwargs)
                 if call.calls == 0:
@@ -317,6 +321,7 @@ class StageStep:
                     "should_stop": module.trainer.should_stop,
                     "random": None if _same_random(random, call.random) else random,
                     "param_groups": _hyperparameters(module) if train else None,
+                    "prints": prints,
                 }
                 self._share(results, where)
             replay_logs(module, records, self.device)  # step 5: the same calls as every other stage
@@ -424,6 +429,8 @@ class StageStep:
         module.trainer.should_stop = shared["should_stop"]
         if shared["param_groups"] is not None:
             _set_hyperparameters(module, shared["param_groups"])
+        for args, kwargs in shared["prints"]:  # self.print prints on global rank 0 only
+            module.print(*args, **kwargs)
         if shared["records"] is not None:  # not sent ahead (step 3)
             replay_logs(module, shared["records"], self.device)  # an error here is the last stage's too: raised alike
         if self.plan is BackwardPlan.LATE:  # the backward follows
@@ -434,6 +441,19 @@ class StageStep:
         """Until the other stages have received everything this one shared."""
         if self.sharing is not None:
             self.sharing.wait()
+
+
+def _prints_recorded(module: LightningModule, call: PipelineCall, prints: list[tuple[tuple, dict]]) -> Any:
+    """Inside the block, ``module.print`` after ``self(x)`` returned records its arguments into ``prints``."""
+    original = module.print
+
+    def print_(*args: Any, **kwargs: Any) -> None:
+        if call.returned:
+            prints.append((args, kwargs))
+        else:
+            original(*args, **kwargs)
+
+    return patched(module, "print", print_)
 
 
 def _hyperparameters(module: LightningModule) -> list[list[dict[str, Any]]]:

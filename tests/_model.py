@@ -355,6 +355,19 @@ class TwoOptimizers(Classifier):
         return [torch.optim.SGD(self.body[:5].parameters(), lr=0.1), torch.optim.SGD(self.body[5:].parameters(), lr=0.1)]
 
 
+class PrintsAfterForward(Classifier):
+    """Prints with self.print after self(x), where only the last stage runs the code."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.print(f"train {self.current_epoch} {batch_idx} {len(batch[1])}")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.print("val", self.current_epoch, batch_idx, sep=":")
+
+
 class LBFGSClassifier(Classifier):
     """A closure optimizer that reduces over every parameter it optimizes."""
 

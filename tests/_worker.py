@@ -6,6 +6,8 @@ Each scenario trains (or fails) with GPipeStrategy and saves what the tests comp
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from functools import partial
 import os
@@ -184,10 +186,13 @@ def run(scenario: dict, out: Path) -> None:
             resume = out / f"{resume}.ckpt"
         if scenario.get("validate_first"):
             trainer.validate(model, val, verbose=False)
-        if "datamodule" in scenario:
-            trainer.fit(model, datamodule=getattr(_model, scenario["datamodule"])(), ckpt_path=resume)
-        else:
-            trainer.fit(model, train, val, ckpt_path=resume)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed) if scenario.get("capture_stdout") else contextlib.nullcontext():
+            if "datamodule" in scenario:
+                trainer.fit(model, datamodule=getattr(_model, scenario["datamodule"])(), ckpt_path=resume)
+            else:
+                trainer.fit(model, train, val, ckpt_path=resume)
+        result["stdout"] = printed.getvalue()
         result["batch_sums"] = steps.batch_sums
         result["outputs"] = {"train": steps.train, "val": steps.val}
         result["params"] = _held(model)

@@ -75,6 +75,7 @@ K2 = [
     _named("seeded_by_rank_deferred", "Classifier", seed="rank", model={"lr": 0.0}, epochs=1, init_module=None),
     _refused("lbfgs", "LBFGSClassifier"),
     _refused("closure_twice", "ClosureTwice"),
+    _named("prints", "PrintsAfterForward", capture_stdout=True),
     _named("local_classes", "LocalLayers", use_after_fit=True, predict=True, save=True),
     {**_named("skips_after_fit", "IsolatedSkips", use_after_fit=True, refit=True, predict=True),
      "strategy": {"microbatches": 3, "balance": [3, 3]}},  # fmt: skip
@@ -465,3 +466,19 @@ def test_skips_across_stages_work_after_a_run(k2):
     assert_same_params(full_params(ranks), model.state_dict())
     for rank in ranks:
         assert [torch.equal(a, b) for a, b in zip(rank["predictions"], predictions)] == [True] * 3
+
+
+def test_self_print_after_self_x_prints_on_global_rank_zero(k2):
+    """The code after self(x) runs on the last stage, where self.print prints nothing; its calls reach global
+    rank 0, which prints them as single-device Lightning would, in the same order."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        reference_run(model_class="PrintsAfterForward")
+    expected = [line for line in printed.getvalue().splitlines() if line.startswith(("train", "val"))]
+    assert len(expected) == 2 * (4 + 3) and expected[:2] == ["train 0 0 10", "train 0 1 10"]
+    ranks = k2["prints"]
+    assert [line for line in ranks[0]["stdout"].splitlines() if line.startswith(("train", "val"))] == expected
+    assert ranks[1]["stdout"] == ""
