@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -35,6 +36,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -238,6 +240,7 @@ class GPipeStrategy(ParallelStrategy):
         self._flow: Optional[StageStep] = None  # the step flow of this rank's stage
         self._stage_random: Optional[StageRandom] = None
         self._plan = BackwardPlan.LATE  # where the stages run this training step's backward
+        self._module_saved: dict[str, Any] = {}  # what the module's on_save_checkpoint set in the latest checkpoint
 
     # -- options ------------------------------------------------------------------------------
 
@@ -878,6 +881,8 @@ class GPipeStrategy(ParallelStrategy):
         With ``state_dict_type="sharded"``, this stage's own entries: each stage writes them itself.
         """
         assert self.lightning_module is not None
+        if self.topology.k > 1:  # Lightning calls this first when it builds a checkpoint, on every rank
+            self._watch_on_save_checkpoint(self.lightning_module)
         with stage_view():
             local = self.lightning_module.state_dict()
         if self._state_dict_type == "sharded":
@@ -912,12 +917,55 @@ class GPipeStrategy(ParallelStrategy):
         index = [getattr(o, "_optimizer", o) for o in self.optimizers].index(optimizer)
         return merge_optimizer_states(states, self._optimizer_layouts[index])
 
+    def _watch_on_save_checkpoint(self, module: LightningModule) -> None:
+        """Note the entries the module's next ``on_save_checkpoint`` sets (global rank 0 writes the last stage's);
+        called as Lightning begins a checkpoint, on every rank, and undone by that hook's call."""
+        module.__dict__.pop("on_save_checkpoint", None)  # a watch left by a save that failed before the hook
+        hook = module.on_save_checkpoint
+
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            module.__dict__.pop("on_save_checkpoint", None)
+            before = dict(checkpoint)
+            hook(checkpoint)
+            self._module_saved = {k: v for k, v in checkpoint.items() if k not in before or before[k] is not v}
+
+        self._module_saved = {}
+        module.__dict__["on_save_checkpoint"] = on_save_checkpoint
+
+    def _take_last_stages_saved(self, checkpoint: dict[str, Any]) -> None:
+        """Put into global rank 0's ``checkpoint`` what the module's ``on_save_checkpoint`` set on the last stage:
+        state the step's code keeps after self(x) exists there alone (every stage runs the hook)."""
+        topology = self.topology
+        saved, self._module_saved = self._module_saved, {}
+        if topology.k == 1 or topology.replica != 0 or topology.stage not in (0, topology.k - 1):
+            return
+        last = topology.rank_of(topology.k - 1)
+        if topology.stage == topology.k - 1:
+            try:
+                pickle.dumps(saved)
+            except Exception as error:  # rank 0 waits for it: send the error instead
+                failure = Failure.of(TypeError(
+                    f"GPipeStrategy: what {type(self.lightning_module).__name__}.on_save_checkpoint put into the"
+                    f" checkpoint cannot be sent to global rank 0, which writes it ({error}); save tensors and plain"
+                    " Python values"
+                ))  # fmt: skip
+                dist.send_object_list([failure], dst=0)
+                raise failure.error from error
+            dist.send_object_list([apply_to_collection(saved, Tensor, lambda t: t.detach().cpu())], dst=0)
+            return
+        box: list[Any] = [None]
+        dist.recv_object_list(box, src=last)
+        if isinstance(box[0], Failure):
+            raise box[0].error
+        checkpoint.update(box[0])
+
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Union[str, Path], storage_options: Optional[Any] = None
     ) -> None:
         executor = self._executor
         assert executor is not None
+        self._take_last_stages_saved(checkpoint)
         # Each stage's random stream, so dropout continues as if never interrupted (same K).
         topology = self.topology
         streams = self._gather_first_replica(executor.random.state_dict())

@@ -76,6 +76,7 @@ K2 = [
     _refused("lbfgs", "LBFGSClassifier"),
     _refused("closure_twice", "ClosureTwice"),
     _named("prints", "PrintsAfterForward", capture_stdout=True),
+    _named("saves_step_state", "SavesStepState", save=True),
     _named("local_classes", "LocalLayers", use_after_fit=True, predict=True, save=True),
     {**_named("skips_after_fit", "IsolatedSkips", use_after_fit=True, refit=True, predict=True),
      "strategy": {"microbatches": 3, "balance": [3, 3]}},  # fmt: skip
@@ -482,3 +483,12 @@ def test_self_print_after_self_x_prints_on_global_rank_zero(k2):
     ranks = k2["prints"]
     assert [line for line in ranks[0]["stdout"].splitlines() if line.startswith(("train", "val"))] == expected
     assert ranks[1]["stdout"] == ""
+
+
+def test_state_the_step_keeps_after_self_x_is_saved_from_the_last_stage(k2):
+    """on_save_checkpoint runs on every stage; the checkpoint global rank 0 writes holds what it set on the last
+    stage, where the step's code after self(x) runs (it held 0.0 before)."""
+    reference = reference_run(model_class="SavesStepState")
+    checkpoint = torch.load(k2["saves_step_state"][0]["checkpoint"], weights_only=False)
+    assert reference["model"].seen > 1
+    assert checkpoint["seen"] == pytest.approx(reference["model"].seen, abs=1e-4)
