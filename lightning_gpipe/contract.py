@@ -9,6 +9,7 @@ model summary is taken from the whole module before it is cut.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "ClosureOnce",
     "grad_norm",
     "parameters_refused",
+    "parameters_refused_in_end_hooks",
     "refuse_closure_optimizers",
     "stage_parameters",
     "frozen_summaries",
@@ -51,13 +53,7 @@ def parameters_refused(module: LightningModule, seq: nn.Module, where: str) -> I
     """
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise StageError(
-            f"GPipeStrategy: {where} read the whole model's parameters (self.parameters(), self.named_parameters(),"
-            " or the pipelined Sequential's). Under the pipeline each process holds one stage, so a sum over them"
-            " (a penalty in the loss, a norm in a log) would cover that stage alone. For an L2 penalty use the"
-            " optimizer's weight_decay; for gradient norms use `lightning_gpipe.grad_norm(self, norm_type)`, which"
-            " covers every stage; for the device or dtype use self.device and self.dtype."
-        )
+        raise _parameters_read(where)
 
     with ExitStack() as stack:
         for owner in (module, seq):
@@ -65,6 +61,45 @@ def parameters_refused(module: LightningModule, seq: nn.Module, where: str) -> I
             stack.enter_context(patched(owner, "named_parameters", refuse))
         stack.enter_context(absent_parameters_refused(where))
         yield
+
+
+#: The hooks whose code logs what a batch or an epoch ended with: a value taken over ``self.parameters()`` there
+#: would reach the logger or a checkpoint from global rank 0 as its stage's alone.
+_END_HOOKS = re.compile(r"on_(train|validation|test|predict)_(batch|epoch)_end")
+
+
+@contextmanager
+def parameters_refused_in_end_hooks(module: LightningModule, seq: nn.Module) -> Iterator[None]:
+    """For a whole run: ``parameters()`` and ``named_parameters()`` of ``module`` and of ``seq`` raise inside the
+    batch-end and epoch-end hooks (the module's and every callback's, which Lightning names in
+    ``module._current_fx_name``); elsewhere they answer for this stage, as ``configure_optimizers`` needs."""
+
+    def guarded(owner: nn.Module, name: str) -> Callable[..., Any]:
+        method = getattr(type(owner), name)
+
+        def read(*args: Any, **kwargs: Any) -> Any:
+            hook = module._current_fx_name
+            if hook is not None and _END_HOOKS.fullmatch(hook):
+                raise _parameters_read(f"code run in {hook} (the module's or a callback's)")
+            return method(owner, *args, **kwargs)
+
+        return read
+
+    with ExitStack() as stack:
+        for owner in (module, seq):
+            for name in ("parameters", "named_parameters"):
+                stack.enter_context(patched(owner, name, guarded(owner, name)))
+        yield
+
+
+def _parameters_read(where: str) -> StageError:
+    return StageError(
+        f"GPipeStrategy: {where} read the whole model's parameters (self.parameters(), self.named_parameters(),"
+        " or the pipelined Sequential's). Under the pipeline each process holds one stage, so a sum over them"
+        " (a penalty in the loss, a norm in a log) would cover that stage alone. For an L2 penalty use the"
+        " optimizer's weight_decay; for gradient norms use `lightning_gpipe.grad_norm(self, norm_type)`, which"
+        " covers every stage; for the device or dtype use self.device and self.dtype."
+    )
 
 
 def refuse_closure_optimizers(optimizers: Sequence[Optimizer]) -> None:

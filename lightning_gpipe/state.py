@@ -56,7 +56,7 @@ def gather_to_first(local: Any, stage: int, k: int, ranks: Optional[Sequence[int
 def parameter_names(module: nn.Module, aliases: Mapping[str, str] = {}) -> dict[int, str]:
     """Each parameter's name by identity; a name in ``aliases`` (a tied parameter's other names) is replaced by the
     one single-device training gives it."""
-    return {id(p): aliases.get(name, name) for name, p in module.named_parameters()}
+    return {id(p): aliases.get(name, name) for name, p in nn.Module.named_parameters(module)}  # never a refusal
 
 
 def optimizer_state_by_name(optimizer: Optimizer, module: nn.Module, aliases: Mapping[str, str] = {}) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def optimizer_layouts(optimizers: Sequence[Optimizer], module: nn.Module) -> lis
     Taken from the optimizers ``configure_optimizers`` builds on the unpartitioned module, it is the
     numbering a single-device run's checkpoint uses.
     """
-    names = {id(p): name for name, p in module.named_parameters()}
+    names = {id(p): name for name, p in nn.Module.named_parameters(module)}
     return [
         [[names[id(p)] for p in group["params"]] for group in getattr(o, "_optimizer", o).param_groups]
         for o in optimizers

@@ -48,6 +48,7 @@ from lightning_gpipe.contract import (
     ClosureOnce,
     frozen_summaries,
     parameters_refused,
+    parameters_refused_in_end_hooks,
     refuse_closure_optimizers,
     seed_workers_alike,
     stage_parameters,
@@ -395,6 +396,8 @@ class GPipeStrategy(ParallelStrategy):
         # waits forever. Noted only, the signal still ends the run at the batch's end, as Lightning's loops check it.
         connector = trainer._signal_connector
         self._run_patches.enter_context(patched(connector, "_sigterm_notifier_fn", partial(_note_sigterm, connector)))
+        if self.topology.k > 1:  # what batch-end and epoch-end hooks take over the parameters, rank 0 would log
+            self._run_patches.enter_context(parameters_refused_in_end_hooks(module, seq))
 
     def _check_supported(self, trainer: Trainer, module: LightningModule) -> None:
         precision = self.precision_plugin

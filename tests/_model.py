@@ -384,6 +384,13 @@ class SavesStepState(Classifier):
         checkpoint["seen"] = self.seen
 
 
+class NormAtEpochEnd(Classifier):
+    """Logs the weights' norm when an epoch ends: a sum over self.parameters()."""
+
+    def on_train_epoch_end(self):
+        self.log("weight_norm", torch.stack([p.norm() for p in self.parameters()]).norm())
+
+
 class LBFGSClassifier(Classifier):
     """A closure optimizer that reduces over every parameter it optimizes."""
 

@@ -75,6 +75,7 @@ K2 = [
     _named("seeded_by_rank_deferred", "Classifier", seed="rank", model={"lr": 0.0}, epochs=1, init_module=None),
     _refused("lbfgs", "LBFGSClassifier"),
     _refused("closure_twice", "ClosureTwice"),
+    _refused("norm_at_epoch_end", "NormAtEpochEnd"),
     _named("prints", "PrintsAfterForward", capture_stdout=True),
     _named("saves_step_state", "SavesStepState", save=True),
     _named("local_classes", "LocalLayers", use_after_fit=True, predict=True, save=True),
@@ -144,6 +145,7 @@ PARAMETERS_READ = (
         ("lightning_grad_norm", "code run around the optimizer step (on_before_optimizer_step, a callback's hook)"),
         ("sequential_penalty", "SequentialPenalty.training_step"),
         ("sequential_grad_norm", "code run around the optimizer step (on_before_optimizer_step, a callback's hook)"),
+        ("norm_at_epoch_end", "code run in on_train_epoch_end (the module's or a callback's)"),
     ],
 )
 def test_sums_over_parameters_are_refused_on_every_rank(name, where, k2, k3):
