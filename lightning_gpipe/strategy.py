@@ -27,7 +27,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.callbacks import BatchSizeFinder, StochasticWeightAveraging
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
@@ -420,6 +420,13 @@ class GPipeStrategy(ParallelStrategy):
             raise ValueError(
                 "Trainer(sync_batchnorm=True) is not supported by GPipeStrategy: use"
                 " GPipeStrategy(deferred_batchnorm=True) for statistics of the whole mini-batch"
+            )
+        if self.world_size > 1 and any(isinstance(c, BatchSizeFinder) for c in trainer.callbacks):
+            raise ValueError(
+                "GPipeStrategy cannot run Lightning's batch-size finder (Tuner(trainer).scale_batch_size, or the"
+                " BatchSizeFinder callback), as no distributed strategy can: every rank would restore its trials from"
+                " a temporary checkpoint of its own name, and an out-of-memory on one stage must shrink every"
+                " stage's batch alike. Find the batch size on one device, or try sizes in separate runs."
             )
         averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _AVERAGING_CALLBACKS)]
         if averaging and self.topology.k > 1:

@@ -427,6 +427,17 @@ class RankShardedData(L.LightningDataModule):
         return self.val
 
 
+class BatchSized(L.LightningDataModule):
+    """The test data with a batch_size attribute, which Lightning's batch-size finder scales."""
+
+    def __init__(self, batch_size: int = 10):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(loaders()[0].dataset, batch_size=self.batch_size)
+
+
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """Single-device reference for deferred batch norm: normalizes each of ``microbatches`` chunks of the batch by
     its own statistics, and updates the running statistics with torch's own code, from the whole batch."""

@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 import _model  # noqa: E402
 import lightning as L  # noqa: E402
 from _model import StepRecorder, RecordingLogger, loaders  # noqa: E402
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ModelSummary  # noqa: E402
+from lightning.pytorch.callbacks import BatchSizeFinder, EMAWeightAveraging, ModelCheckpoint, ModelSummary  # noqa: E402
 
 from lightning_gpipe import GPipeStrategy  # noqa: E402
 from lightning_gpipe.partition import stage_view  # noqa: E402
@@ -174,6 +174,8 @@ def run(scenario: dict, out: Path) -> None:
 
         steps = StepRecorder()
         trainer.callbacks += [RecordStage(), steps]
+        if scenario.get("batch_size_finder"):  # as Tuner(trainer).scale_batch_size(model) adds it
+            trainer.callbacks.append(BatchSizeFinder(max_trials=2))
         if scenario.get("averaging"):
             trainer.callbacks.append(EMAWeightAveraging())
         if "model_checkpoint" in scenario:  # save_last=True and a folder, for ckpt_path="last"

@@ -76,6 +76,7 @@ K2 = [
     _refused("lbfgs", "LBFGSClassifier"),
     _refused("closure_twice", "ClosureTwice"),
     _refused("norm_at_epoch_end", "NormAtEpochEnd"),
+    _refused("batch_size_finder", "Classifier", batch_size_finder=True, datamodule="BatchSized"),
     _named("prints", "PrintsAfterForward", capture_stdout=True),
     _named("saves_step_state", "SavesStepState", save=True),
     _named("local_classes", "LocalLayers", use_after_fit=True, predict=True, save=True),
@@ -355,6 +356,11 @@ def test_a_second_fit_with_other_trainable_parameters(k2):
          " loss."),
         ("returns_none_accumulating", "RuntimeError: GPipeStrategy: ReturnsNoneOnce.training_step returned None."),
         ("detached_loss", "RuntimeError: element 0 of tensors does not require grad"),
+        ("batch_size_finder", "ValueError: GPipeStrategy cannot run Lightning's batch-size finder"
+         " (Tuner(trainer).scale_batch_size, or the BatchSizeFinder callback), as no distributed strategy can: every"
+         " rank would restore its trials from a temporary checkpoint of its own name, and an out-of-memory on one"
+         " stage must shrink every stage's batch alike. Find the batch size on one device, or try sizes in separate"
+         " runs."),
         ("averaging", "ValueError: GPipeStrategy cannot run EMAWeightAveraging: it copies the whole module before the"
          " pipeline cuts it, then pairs the copy's parameters with one stage's by position. Average weights after"
          " training, on the whole model that global rank 0 holds then."),
