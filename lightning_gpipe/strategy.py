@@ -27,7 +27,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.callbacks import BatchSizeFinder, StochasticWeightAveraging
+from lightning.pytorch.callbacks import BaseFinetuning, BatchSizeFinder, StochasticWeightAveraging
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
@@ -427,6 +427,16 @@ class GPipeStrategy(ParallelStrategy):
                 " BatchSizeFinder callback), as no distributed strategy can: every rank would restore its trials from"
                 " a temporary checkpoint of its own name, and an out-of-memory on one stage must shrink every"
                 " stage's batch alike. Find the batch size on one device, or try sizes in separate runs."
+            )
+        finetuning = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
+        if finetuning and self.topology.k > 1:
+            raise ValueError(
+                f"GPipeStrategy cannot run {', '.join(finetuning)}: BaseFinetuning.unfreeze_and_add_param_group adds a"
+                " parameter group only on the stages that hold the layers it unfreezes, so the stages' optimizers"
+                " no longer match each other nor the whole module's, and no checkpoint can be written or resumed."
+                " Put the layers to unfreeze in a parameter group of their own in configure_optimizers (with their"
+                " own learning rate) and set requires_grad in a hook (on_train_epoch_start): an optimizer skips"
+                " parameters without gradients."
             )
         averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _AVERAGING_CALLBACKS)]
         if averaging and self.topology.k > 1:

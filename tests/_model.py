@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -425,6 +426,17 @@ class RankShardedData(L.LightningDataModule):
 
     def val_dataloader(self):
         return self.val
+
+
+class UnfreezeFirstLayer(BaseFinetuning):
+    """Lightning's fine-tuning callback as its documentation shows it: frozen first, unfrozen at epoch 1."""
+
+    def freeze_before_training(self, pl_module):
+        self.freeze(pl_module.body[0])
+
+    def finetune_function(self, pl_module, current_epoch, optimizer):
+        if current_epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.body[0], optimizer, lr=0.05)
 
 
 class BatchSized(L.LightningDataModule):

@@ -174,6 +174,8 @@ def run(scenario: dict, out: Path) -> None:
 
         steps = StepRecorder()
         trainer.callbacks += [RecordStage(), steps]
+        if scenario.get("finetuning"):
+            trainer.callbacks.append(_model.UnfreezeFirstLayer())
         if scenario.get("batch_size_finder"):  # as Tuner(trainer).scale_batch_size(model) adds it
             trainer.callbacks.append(BatchSizeFinder(max_trials=2))
         if scenario.get("averaging"):

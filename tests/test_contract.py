@@ -76,6 +76,7 @@ K2 = [
     _refused("lbfgs", "LBFGSClassifier"),
     _refused("closure_twice", "ClosureTwice"),
     _refused("norm_at_epoch_end", "NormAtEpochEnd"),
+    _refused("finetuning", "FrozenFirstLayer", finetuning=True),
     _refused("batch_size_finder", "Classifier", batch_size_finder=True, datamodule="BatchSized"),
     _named("prints", "PrintsAfterForward", capture_stdout=True),
     _named("saves_step_state", "SavesStepState", save=True),
@@ -356,6 +357,11 @@ def test_a_second_fit_with_other_trainable_parameters(k2):
          " loss."),
         ("returns_none_accumulating", "RuntimeError: GPipeStrategy: ReturnsNoneOnce.training_step returned None."),
         ("detached_loss", "RuntimeError: element 0 of tensors does not require grad"),
+        ("finetuning", "ValueError: GPipeStrategy cannot run UnfreezeFirstLayer: BaseFinetuning.unfreeze_and_add_param"
+         "_group adds a parameter group only on the stages that hold the layers it unfreezes, so the stages' optimizers"
+         " no longer match each other nor the whole module's, and no checkpoint can be written or resumed. Put the"
+         " layers to unfreeze in a parameter group of their own in configure_optimizers (with their own learning rate)"
+         " and set requires_grad in a hook (on_train_epoch_start): an optimizer skips parameters without gradients."),
         ("batch_size_finder", "ValueError: GPipeStrategy cannot run Lightning's batch-size finder"
          " (Tuner(trainer).scale_batch_size, or the BatchSizeFinder callback), as no distributed strategy can: every"
          " rank would restore its trials from a temporary checkpoint of its own name, and an out-of-memory on one"
