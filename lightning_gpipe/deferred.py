@@ -13,6 +13,7 @@ single-device construction, bit for bit, and no rank ever holds more than its st
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class DeferredInit:
 
     def __init__(self) -> None:
         self.ops: list[_Op] = []
+        self.skipped_by: Optional[str] = None  # a library that may have skipped its initialisation unrecorded
         self._recordings: list[tuple[int, int, Tensor]] = []  # each replayed recording's ops and starting RNG state
 
     @contextmanager
@@ -105,8 +107,11 @@ class DeferredInit:
         """Build on the meta device inside the block. ``replay=False`` leaves what is built there uninitialised
         when materialized (for weights loaded from a checkpoint)."""
         start, first = torch.get_rng_state(), len(self.ops)
-        with torch.device(_META), _Constants(), _Recorder(self.ops):
+        imported = _TRANSFORMERS in sys.modules
+        with torch.device(_META), _Constants(), _Recorder(self.ops), _libraries_initialise():
             yield
+        if replay and not imported and _TRANSFORMERS in sys.modules:  # too late to let it initialise
+            self.skipped_by = "transformers"
         for op in self.ops[first:]:
             op.replay = replay
         torch.set_rng_state(start)
@@ -157,6 +162,15 @@ class DeferredInit:
         """Give the parameters and buffers of ``modules`` (meta tensors built under :meth:`recording`) storage on
         the CPU and their initial values; the rest of the model stays on the meta device."""
         modules = list(modules)
+        if self.skipped_by is not None:
+            raise DeferredInitError(
+                "transformers skips its models' weight initialisation when it sees the meta device, and its models"
+                " were imported while the model was being built, so GPipeStrategy could not have that initialisation"
+                " run: the stages would start from other weights than single-device construction gives. Import them"
+                " before building the model (`from transformers import GPT2Model` at the top of the script; a bare"
+                " `import transformers` loads them only when first used), or build the model whole"
+                " (trainer.init_module(empty_init=False)), or load its weights (GPipeStrategy(weights=...))."
+            )
         kept = {_storage(t) for m in modules for t in [*m.parameters(), *m.buffers()] if t.device == _META}
         real: dict[int, Tensor] = {}
         with torch.no_grad():
@@ -204,6 +218,31 @@ class DeferredInit:
                     real.setdefault(_storage(meta), value)
         finally:
             torch.set_rng_state(state)
+
+
+_TRANSFORMERS = "transformers.modeling_utils"
+
+
+@contextmanager
+def _libraries_initialise() -> Iterator[None]:
+    """Let libraries that skip their own weight initialisation on the meta device run it, to be recorded.
+
+    transformers' ``PreTrainedModel.init_weights`` skips ``initialize_weights`` when
+    ``modeling_utils.get_torch_context_manager_or_global_device()`` says meta; on one device it runs, drawing every
+    weight anew. Inside the recording it answers "no device given", so the draws run on the meta tensors and are
+    recorded in the order single-device construction makes them (tested with transformers 5.24; where that function
+    is missing nothing is changed).
+    """
+    utils = sys.modules.get(_TRANSFORMERS)
+    probe = getattr(utils, "get_torch_context_manager_or_global_device", None)
+    if probe is None:
+        yield
+        return
+    utils.get_torch_context_manager_or_global_device = lambda: None  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        utils.get_torch_context_manager_or_global_device = probe  # type: ignore[union-attr]
 
 
 def has_meta_tensors(module: nn.Module) -> bool:

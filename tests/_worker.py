@@ -7,6 +7,7 @@ Each scenario trains (or fails) with GPipeStrategy and saves what the tests comp
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 from functools import partial
@@ -135,10 +136,11 @@ def run(scenario: dict, out: Path) -> None:
         if seed is not None:  # "rank": each rank its own seed, as processes whose random streams drifted apart
             seed = rank if seed == "rank" else seed
             L.seed_everything(seed, verbose=False, workers=scenario.get("seed_workers", False))
-        build = partial(getattr(_model, scenario.get("model_class", "Classifier")), **scenario.get("model", {}))
+        models = importlib.import_module(scenario.get("model_module", "_model"))
+        build = partial(getattr(models, scenario.get("model_class", "Classifier")), **scenario.get("model", {}))
         result["random_before_build"] = torch.get_rng_state()
         model = None if "init_module" in scenario else build()
-        train, val = loaders(**scenario.get("data", {}))
+        train, val = getattr(models, scenario.get("loaders", "loaders"))(**scenario.get("data", {}))
         strategy = "ddp" if scenario.get("ddp") else GPipeStrategy(**scenario.get("strategy", {}))
         logger = RecordingLogger()
         loggers = [logger]

@@ -76,6 +76,9 @@ def runs(tmp_path_factory) -> dict:
             # Fine-tuning from those weights (lr=0 keeps them), built uninitialised: each rank reads its own tensors.
             *[{**scenario(f"from_{name}", 2, 3, model={"lr": 0.0}, strategy={"microbatches": 3, "weights": str(
                 folders[2] / f"{name}.ckpt")}), "init_module": True} for name in ("configured", "sharded")],
+            # transformers skips its own initialisation on the meta device; the strategy has it run, recorded.
+            scenario("gpt2", 2, 2, model={"lr": 0.0}, model_module="_hf_model", model_class="GPT2Blocks",
+                     loaders="token_loaders", epochs=1),  # fmt: skip
         ],
         4: [scenario("configured", 4, 3, **configured), scenario("frozen", 4, 3, model={"lr": 0.0}, **configured)],
     }
@@ -113,6 +116,46 @@ def test_weights_start_a_run_from_a_checkpoint(name, runs):
     with exactly the saved weights, which no rank read whole."""
     saved = full_params(runs[2][name], gathered=False)  # what the saving run's modules held when it saved
     assert_same_params(full_params(runs[2][f"from_{name}"], gathered=False), saved, atol=0.0)
+
+
+def test_transformers_models_built_in_configure_model_get_their_own_initial_weights(runs):
+    """transformers' GPT2Model built in configure_model: every stage starts from exactly the weights CPU construction
+    gives under the same seed (before, 19 of 53 tensors differed: transformers skipped its init on the meta device)."""
+    import lightning as L
+    from _hf_model import GPT2Blocks
+
+    L.seed_everything(0, verbose=False)
+    model = GPT2Blocks(lr=0.0)
+    model.configure_model()
+    expected = model.state_dict()
+    assert 0.015 < float(expected["body.0.wte.weight"].std()) < 0.025  # GPT-2's own init, std 0.02
+    assert_same_params(full_params(runs[2]["gpt2"], gathered=False), expected, atol=0.0)
+
+
+def test_transformers_imported_while_the_model_is_built_is_refused(tmp_path):
+    """Imported inside the recording, transformers cannot be made to initialise: refused, not trained from other
+    weights."""
+    import subprocess
+
+    code = (
+        "from torch import nn\n"
+        "from lightning_gpipe.deferred import DeferredInit\n"
+        "deferred = DeferredInit()\n"
+        "with deferred.recording():\n"
+        "    from transformers import GPT2Model\n"
+        "    layer = nn.Linear(2, 2)\n"
+        "deferred.materialize([layer])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "lightning_gpipe.deferred.DeferredInitError: transformers skips its models' weight initialisation when it sees"
+        " the meta device, and its models were imported while the model was being built, so GPipeStrategy could not"
+        " have that initialisation run: the stages would start from other weights than single-device construction"
+        " gives. Import them before building the model (`from transformers import GPT2Model` at the top of the"
+        " script; a bare `import transformers` loads them only when first used), or build the model whole"
+        " (trainer.init_module(empty_init=False)), or load its weights (GPipeStrategy(weights=...))."
+    )
 
 
 def test_no_rank_holds_the_whole_model(tmp_path):
