@@ -5,6 +5,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_gpipe.balance import optimal_split
 from lightning_gpipe.contract import StageError, grad_norm
 from lightning_gpipe.partition import AbsentLayerError, BalanceError
+from lightning_gpipe.porting import from_torchgpipe
 from lightning_gpipe.schedule import Action, Phase, fthenb
 from lightning_gpipe.strategy import GPipeStrategy
 
@@ -18,6 +19,7 @@ __all__ = [
     "Phase",
     "fthenb",
     "optimal_split",
+    "from_torchgpipe",
 ]
 
 GPipeStrategy.register_strategies(StrategyRegistry)
