@@ -18,8 +18,13 @@ from typing import Any, Callable, Union
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.data import _auto_add_worker_init_fn
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import (
+    BaseFinetuning,
+    BatchSizeFinder,
+    ModelSummary,
+    StochasticWeightAveraging,
+)
 from lightning.pytorch.utilities.model_summary import summarize
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -33,6 +38,7 @@ __all__ = [
     "grad_norm",
     "parameters_refused",
     "parameters_refused_in_end_hooks",
+    "refuse_callbacks",
     "refuse_closure_optimizers",
     "stage_parameters",
     "frozen_summaries",
@@ -100,6 +106,37 @@ def _parameters_read(where: str) -> StageError:
         " optimizer's weight_decay; for gradient norms use `lightning_gpipe.grad_norm(self, norm_type)`, which"
         " covers every stage; for the device or dtype use self.device and self.dtype."
     )
+
+
+try:  # Lightning 2.6's EMA and weight-averaging callbacks
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    _AVERAGING: tuple[type, ...] = (StochasticWeightAveraging, WeightAveraging)
+except ImportError:
+    _AVERAGING = (StochasticWeightAveraging,)
+
+#: Callbacks that cannot run on a pipeline of several stages, and why.
+_REFUSED_CALLBACKS: tuple[tuple[tuple[type, ...], str], ...] = (
+    (_AVERAGING, "it copies the whole module before the pipeline cuts it, then pairs the copy's parameters with one"
+     " stage's by position. Average weights after training, on the whole model that global rank 0 holds then."),
+    ((BaseFinetuning,), "BaseFinetuning.unfreeze_and_add_param_group adds a parameter group only on the stages that"
+     " hold the layers it unfreezes, so the stages' optimizers no longer match each other nor the whole module's,"
+     " and no checkpoint can be written or resumed. Put the layers to unfreeze in a parameter group of their own in"
+     " configure_optimizers (with their own learning rate) and set requires_grad in a hook (on_train_epoch_start):"
+     " an optimizer skips parameters without gradients."),
+    ((BatchSizeFinder,), "Lightning's batch-size finder (Tuner(trainer).scale_batch_size adds it) runs on no"
+     " distributed strategy: every rank would restore its trials from a temporary checkpoint of its own name, and"
+     " an out-of-memory on one stage must shrink every stage's batch alike. Find the batch size on one device, or"
+     " try sizes in separate runs."),
+)  # fmt: skip
+
+
+def refuse_callbacks(callbacks: Sequence[Callback]) -> None:
+    """Raise, naming them, if ``callbacks`` hold any that a pipeline of several stages cannot run."""
+    for kinds, why in _REFUSED_CALLBACKS:
+        names = [type(c).__name__ for c in callbacks if isinstance(c, kinds)]
+        if names:
+            raise ValueError(f"GPipeStrategy cannot run {', '.join(names)}: {why}")
 
 
 def refuse_closure_optimizers(optimizers: Sequence[Optimizer]) -> None:

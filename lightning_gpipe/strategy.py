@@ -27,7 +27,6 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.callbacks import BaseFinetuning, BatchSizeFinder, StochasticWeightAveraging
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ParallelStrategy
@@ -49,6 +48,7 @@ from lightning_gpipe.contract import (
     frozen_summaries,
     parameters_refused,
     parameters_refused_in_end_hooks,
+    refuse_callbacks,
     refuse_closure_optimizers,
     seed_workers_alike,
     stage_parameters,
@@ -96,13 +96,6 @@ from lightning_gpipe.tied import Tie, TiedGradients, find_ties, tied_names
 from lightning_gpipe.topology import Topology, check_layout, check_replicas
 
 __all__ = ["GPipeStrategy"]
-
-try:  # Lightning 2.6's EMA and weight-averaging callbacks
-    from lightning.pytorch.callbacks import WeightAveraging
-
-    _AVERAGING_CALLBACKS: tuple[type, ...] = (StochasticWeightAveraging, WeightAveraging)
-except ImportError:
-    _AVERAGING_CALLBACKS = (StochasticWeightAveraging,)
 
 log = logging.getLogger(__name__)
 
@@ -421,30 +414,8 @@ class GPipeStrategy(ParallelStrategy):
                 "Trainer(sync_batchnorm=True) is not supported by GPipeStrategy: use"
                 " GPipeStrategy(deferred_batchnorm=True) for statistics of the whole mini-batch"
             )
-        if self.world_size > 1 and any(isinstance(c, BatchSizeFinder) for c in trainer.callbacks):
-            raise ValueError(
-                "GPipeStrategy cannot run Lightning's batch-size finder (Tuner(trainer).scale_batch_size, or the"
-                " BatchSizeFinder callback), as no distributed strategy can: every rank would restore its trials from"
-                " a temporary checkpoint of its own name, and an out-of-memory on one stage must shrink every"
-                " stage's batch alike. Find the batch size on one device, or try sizes in separate runs."
-            )
-        finetuning = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
-        if finetuning and self.topology.k > 1:
-            raise ValueError(
-                f"GPipeStrategy cannot run {', '.join(finetuning)}: BaseFinetuning.unfreeze_and_add_param_group adds a"
-                " parameter group only on the stages that hold the layers it unfreezes, so the stages' optimizers"
-                " no longer match each other nor the whole module's, and no checkpoint can be written or resumed."
-                " Put the layers to unfreeze in a parameter group of their own in configure_optimizers (with their"
-                " own learning rate) and set requires_grad in a hook (on_train_epoch_start): an optimizer skips"
-                " parameters without gradients."
-            )
-        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _AVERAGING_CALLBACKS)]
-        if averaging and self.topology.k > 1:
-            raise ValueError(
-                f"GPipeStrategy cannot run {', '.join(averaging)}: it copies the whole module before the pipeline cuts"
-                " it, then pairs the copy's parameters with one stage's by position. Average weights after training,"
-                " on the whole model that global rank 0 holds then."
-            )
+        if self.topology.k > 1:
+            refuse_callbacks(trainer.callbacks)
 
     def _partition(self, module: LightningModule, name: str, seq: nn.Sequential, fitting: bool) -> None:
         """Cut the Sequential ``name`` of the whole ``module`` into stages and keep only this rank's layers."""

@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 
 import _model  # noqa: E402
 import lightning as L  # noqa: E402
-from _model import StepRecorder, RecordingLogger, loaders  # noqa: E402
+from _model import StepRecorder, RecordingLogger  # noqa: E402
 from lightning.pytorch.callbacks import BatchSizeFinder, EMAWeightAveraging, ModelCheckpoint, ModelSummary  # noqa: E402
 
 from lightning_gpipe import GPipeStrategy  # noqa: E402

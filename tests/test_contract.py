@@ -362,11 +362,10 @@ def test_a_second_fit_with_other_trainable_parameters(k2):
          " no longer match each other nor the whole module's, and no checkpoint can be written or resumed. Put the"
          " layers to unfreeze in a parameter group of their own in configure_optimizers (with their own learning rate)"
          " and set requires_grad in a hook (on_train_epoch_start): an optimizer skips parameters without gradients."),
-        ("batch_size_finder", "ValueError: GPipeStrategy cannot run Lightning's batch-size finder"
-         " (Tuner(trainer).scale_batch_size, or the BatchSizeFinder callback), as no distributed strategy can: every"
-         " rank would restore its trials from a temporary checkpoint of its own name, and an out-of-memory on one"
-         " stage must shrink every stage's batch alike. Find the batch size on one device, or try sizes in separate"
-         " runs."),
+        ("batch_size_finder", "ValueError: GPipeStrategy cannot run BatchSizeFinder: Lightning's batch-size finder"
+         " (Tuner(trainer).scale_batch_size adds it) runs on no distributed strategy: every rank would restore its"
+         " trials from a temporary checkpoint of its own name, and an out-of-memory on one stage must shrink every"
+         " stage's batch alike. Find the batch size on one device, or try sizes in separate runs."),
         ("averaging", "ValueError: GPipeStrategy cannot run EMAWeightAveraging: it copies the whole module before the"
          " pipeline cuts it, then pairs the copy's parameters with one stage's by position. Average weights after"
          " training, on the whole model that global rank 0 holds then."),
