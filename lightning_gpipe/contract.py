@@ -9,6 +9,7 @@ model summary is taken from the whole module before it is cut.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -18,6 +19,7 @@ from typing import Any, Callable, Union
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.data import _auto_add_worker_init_fn
+from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
@@ -31,10 +33,12 @@ from torch.optim import Optimizer
 
 from lightning_gpipe.logs import patched
 from lightning_gpipe.partition import AbsentLayer, absent_parameters_refused
+from lightning_gpipe.topology import Topology
 
 __all__ = [
     "StageError",
     "ClosureOnce",
+    "LastStageSaved",
     "grad_norm",
     "parameters_refused",
     "parameters_refused_in_end_hooks",
@@ -171,6 +175,53 @@ class ClosureOnce:
                 " stage's own values would leave the others behind: use an optimizer that calls the closure once."
             )
         return self.closure()
+
+
+class LastStageSaved:
+    """What the module's ``on_save_checkpoint`` sets, taken from the last stage into the checkpoint global rank 0
+    writes: every stage runs the hook, but state the step's code keeps after ``self(x)`` exists on the last alone."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, Any] = {}
+
+    def watch(self, module: LightningModule) -> None:
+        """Note the entries the module's next ``on_save_checkpoint`` sets. Called as Lightning begins a checkpoint
+        (its first call into the strategy), on every rank; the hook's call undoes it."""
+        module.__dict__.pop("on_save_checkpoint", None)  # left by a save that failed before the hook
+        hook = module.on_save_checkpoint
+
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            module.__dict__.pop("on_save_checkpoint", None)
+            before = dict(checkpoint)
+            hook(checkpoint)
+            self.saved = {k: v for k, v in checkpoint.items() if k not in before or before[k] is not v}
+
+        self.saved = {}
+        module.__dict__["on_save_checkpoint"] = on_save_checkpoint
+
+    def take(self, checkpoint: dict[str, Any], topology: Topology, module_name: str) -> None:
+        """Global rank 0 puts the last stage's entries into ``checkpoint``; the last stage of the first replica
+        sends them (point to point), or, if they cannot travel, an error that both raise."""
+        saved, self.saved = self.saved, {}
+        if topology.k == 1 or topology.replica != 0 or topology.stage not in (0, topology.k - 1):
+            return
+        if topology.stage == topology.k - 1:
+            try:
+                pickle.dumps(saved)
+            except Exception as error:  # rank 0 waits for it: send the error instead
+                failure = TypeError(
+                    f"GPipeStrategy: what {module_name}.on_save_checkpoint put into the checkpoint cannot be sent to"
+                    f" global rank 0, which writes it ({error}); save tensors and plain Python values"
+                )
+                dist.send_object_list([failure], dst=0)
+                raise failure from error
+            dist.send_object_list([apply_to_collection(saved, Tensor, lambda t: t.detach().cpu())], dst=0)
+            return
+        box: list[Any] = [None]
+        dist.recv_object_list(box, src=topology.rank_of(topology.k - 1))
+        if isinstance(box[0], TypeError):
+            raise box[0]
+        checkpoint.update(box[0])
 
 
 def stage_parameters(module: nn.Module) -> list[Tensor]:

@@ -13,12 +13,25 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-__all__ = ["DataMismatchError", "digest", "batch_summary", "check_same_batch", "state_digest"]
+from lightning_gpipe.deferred import DeferredInit, has_meta_tensors
+from lightning_gpipe.partition import stage_layers
+from lightning_gpipe.topology import Topology
+
+__all__ = [
+    "DataMismatchError",
+    "digest",
+    "batch_summary",
+    "check_same_batch",
+    "state_digest",
+    "start_from_first_ranks_weights",
+]
 
 
 class DataMismatchError(RuntimeError):
@@ -84,3 +97,48 @@ def check_same_batch(
 def state_digest(layers: Sequence[nn.Module]) -> str:
     """A digest of the parameters and buffers of ``layers`` (their state dicts, in order)."""
     return digest([t for layer in layers for t in layer.state_dict(keep_vars=True).values() if isinstance(t, Tensor)])
+
+
+def start_from_first_ranks_weights(
+    module: nn.Module, layers: Sequence[nn.Module], balance: Sequence[int], topology: Topology,
+    deferred: Optional[DeferredInit],
+) -> None:  # fmt: skip
+    """Make every rank's stage start from the initial weights global rank 0 built, before the model is cut.
+
+    Built on the meta device (``deferred``), every rank replays its construction from global rank 0's random state;
+    built whole, every rank compares a digest of its stage's tensors with rank 0's and takes rank 0's values where
+    they differ. Every rank of the world calls it (collectives over the default group).
+    """
+    k, stage = topology.k, topology.stage
+    if has_meta_tensors(module):
+        if deferred is None:
+            return  # refused when the stage is materialized, on every rank
+        seen = _all_gather(deferred.starts)
+        differ = [r for r, starts in enumerate(seen) if len(starts) != len(seen[0]) or not all(
+            torch.equal(a, b) for a, b in zip(starts, seen[0]))]  # fmt: skip
+        deferred.restart(seen[0])
+    else:
+        stages = [[layers[i] for i in stage_layers(balance, j)] for j in range(k)]
+        first = dist.get_rank() == 0
+        seen = _all_gather((state_digest(stages[stage]), [state_digest(part) for part in stages] if first else None))
+        reference = seen[0][1]
+        differ = [r for r, (mine, _) in enumerate(seen) if mine != reference[r % k]]  # rank r runs stage r % k
+        for rank in differ:
+            if first:
+                dist.send_object_list([{i: layers[i].state_dict() for i in stage_layers(balance, rank % k)}], dst=rank)
+            elif rank == dist.get_rank():
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=0)
+                for i, state in box[0].items():
+                    layers[i].load_state_dict(state)
+    if differ:
+        rank_zero_info(
+            f"GPipeStrategy: ranks {differ} built {type(module).__name__} with other initial weights than global rank"
+            " 0 (no seed_everything before building it?); every stage starts from global rank 0's, as DDP does"
+        )
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

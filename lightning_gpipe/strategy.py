@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -35,7 +34,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -45,6 +43,7 @@ from lightning_gpipe.batchnorm import defer, undefer
 from lightning_gpipe.comm import MAX_SKIPS, ObjectBroadcast, StageLink
 from lightning_gpipe.contract import (
     ClosureOnce,
+    LastStageSaved,
     frozen_summaries,
     parameters_refused,
     parameters_refused_in_end_hooks,
@@ -55,7 +54,7 @@ from lightning_gpipe.contract import (
 )
 from lightning_gpipe.deferred import DeferredInit, DeferredInitError, has_meta_tensors
 from lightning_gpipe.executor import StageExecutor
-from lightning_gpipe.invariants import check_same_batch, state_digest
+from lightning_gpipe.invariants import check_same_batch, start_from_first_ranks_weights
 from lightning_gpipe.logs import patched
 from lightning_gpipe.memory import host_peak_bytes, optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.microbatch import split
@@ -234,7 +233,7 @@ class GPipeStrategy(ParallelStrategy):
         self._flow: Optional[StageStep] = None  # the step flow of this rank's stage
         self._stage_random: Optional[StageRandom] = None
         self._plan = BackwardPlan.LATE  # where the stages run this training step's backward
-        self._module_saved: dict[str, Any] = {}  # what the module's on_save_checkpoint set in the latest checkpoint
+        self._saved = LastStageSaved()  # what the module's on_save_checkpoint set, for the file rank 0 writes
 
     # -- options ------------------------------------------------------------------------------
 
@@ -454,7 +453,7 @@ class GPipeStrategy(ParallelStrategy):
                 " from the whole mini-batch"
             )
         if self.world_size > 1:
-            self._start_from_first_ranks_weights(module, layers)
+            start_from_first_ranks_weights(module, layers, self._balance, self.topology, self._deferred)
         kept = keep_stage(seq, self._balance, stage)
         # The other stages' layers stay, their storage freed, but for what the module still uses elsewhere.
         release_absent(seq, {storage_id(t) for t in (*stage_parameters(module), *module.buffers()) if not t.is_meta})
@@ -497,44 +496,6 @@ class GPipeStrategy(ParallelStrategy):
         )
         if self._balance_report is not None and self.is_global_zero:
             self._balance_report.publish(module.trainer)
-
-    def _start_from_first_ranks_weights(self, module: LightningModule, layers: list[nn.Module]) -> None:
-        """Every rank's stage starts from the initial weights global rank 0 built, as DDP broadcasts rank 0's module:
-        a model built without a seed would otherwise train K different halves (see :mod:`lightning_gpipe.invariants`).
-
-        Built on the meta device, every rank replays its construction from global rank 0's random state; built
-        whole, every rank compares a digest of its stage's tensors with rank 0's, and takes rank 0's values where
-        they differ."""
-        assert self._balance is not None
-        k, stage = self.topology.k, self.topology.stage
-        if has_meta_tensors(module):
-            if self._deferred is None:
-                return  # refused below, on every rank
-            seen = self._all_gather_object(self._deferred.starts)
-            differ = [r for r, starts in enumerate(seen) if len(starts) != len(seen[0]) or not all(
-                torch.equal(a, b) for a, b in zip(starts, seen[0]))]  # fmt: skip
-            self._deferred.restart(seen[0])
-        else:
-            stage_of = [[layers[i] for i in stage_layers(self._balance, j)] for j in range(k)]
-            reference = [state_digest(part) for part in stage_of] if self.is_global_zero else None
-            seen = self._all_gather_object((state_digest(stage_of[stage]), reference))
-            reference = seen[0][1]
-            differ = [r for r, (mine, _) in enumerate(seen) if mine != reference[r % k]]
-            for rank in differ:  # global rank r runs stage r % k (topology.py)
-                if self.is_global_zero:
-                    own = {i: layers[i].state_dict() for i in stage_layers(self._balance, rank % k)}
-                    dist.send_object_list([own], dst=rank)
-                elif rank == self.global_rank:
-                    box: list[Any] = [None]
-                    dist.recv_object_list(box, src=0)
-                    for i, state in box[0].items():
-                        layers[i].load_state_dict(state)
-        if differ:
-            rank_zero_info(
-                f"GPipeStrategy: ranks {differ} built {type(module).__name__} with other initial weights than global"
-                " rank 0 (no seed_everything before building it?); every stage starts from global rank 0's, as DDP"
-                " does"
-            )
 
     def _profiled_balance(
         self, module: LightningModule, seq: nn.Sequential, fitting: bool, optimizers: list[Optimizer]
@@ -873,7 +834,7 @@ class GPipeStrategy(ParallelStrategy):
         """
         assert self.lightning_module is not None
         if self.topology.k > 1:  # Lightning calls this first when it builds a checkpoint, on every rank
-            self._watch_on_save_checkpoint(self.lightning_module)
+            self._saved.watch(self.lightning_module)
         with stage_view():
             local = self.lightning_module.state_dict()
         if self._state_dict_type == "sharded":
@@ -908,55 +869,13 @@ class GPipeStrategy(ParallelStrategy):
         index = [getattr(o, "_optimizer", o) for o in self.optimizers].index(optimizer)
         return merge_optimizer_states(states, self._optimizer_layouts[index])
 
-    def _watch_on_save_checkpoint(self, module: LightningModule) -> None:
-        """Note the entries the module's next ``on_save_checkpoint`` sets (global rank 0 writes the last stage's);
-        called as Lightning begins a checkpoint, on every rank, and undone by that hook's call."""
-        module.__dict__.pop("on_save_checkpoint", None)  # a watch left by a save that failed before the hook
-        hook = module.on_save_checkpoint
-
-        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
-            module.__dict__.pop("on_save_checkpoint", None)
-            before = dict(checkpoint)
-            hook(checkpoint)
-            self._module_saved = {k: v for k, v in checkpoint.items() if k not in before or before[k] is not v}
-
-        self._module_saved = {}
-        module.__dict__["on_save_checkpoint"] = on_save_checkpoint
-
-    def _take_last_stages_saved(self, checkpoint: dict[str, Any]) -> None:
-        """Put into global rank 0's ``checkpoint`` what the module's ``on_save_checkpoint`` set on the last stage:
-        state the step's code keeps after self(x) exists there alone (every stage runs the hook)."""
-        topology = self.topology
-        saved, self._module_saved = self._module_saved, {}
-        if topology.k == 1 or topology.replica != 0 or topology.stage not in (0, topology.k - 1):
-            return
-        last = topology.rank_of(topology.k - 1)
-        if topology.stage == topology.k - 1:
-            try:
-                pickle.dumps(saved)
-            except Exception as error:  # rank 0 waits for it: send the error instead
-                failure = Failure.of(TypeError(
-                    f"GPipeStrategy: what {type(self.lightning_module).__name__}.on_save_checkpoint put into the"
-                    f" checkpoint cannot be sent to global rank 0, which writes it ({error}); save tensors and plain"
-                    " Python values"
-                ))  # fmt: skip
-                dist.send_object_list([failure], dst=0)
-                raise failure.error from error
-            dist.send_object_list([apply_to_collection(saved, Tensor, lambda t: t.detach().cpu())], dst=0)
-            return
-        box: list[Any] = [None]
-        dist.recv_object_list(box, src=last)
-        if isinstance(box[0], Failure):
-            raise box[0].error
-        checkpoint.update(box[0])
-
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Union[str, Path], storage_options: Optional[Any] = None
     ) -> None:
         executor = self._executor
         assert executor is not None
-        self._take_last_stages_saved(checkpoint)
+        self._saved.take(checkpoint, self.topology, type(self.lightning_module).__name__)
         # Each stage's random stream, so dropout continues as if never interrupted (same K).
         topology = self.topology
         streams = self._gather_first_replica(executor.random.state_dict())

@@ -80,6 +80,7 @@ K2 = [
     _refused("batch_size_finder", "Classifier", batch_size_finder=True, datamodule="BatchSized"),
     _named("prints", "PrintsAfterForward", capture_stdout=True),
     _named("saves_step_state", "SavesStepState", save=True),
+    _refused("saves_unpicklable", "SavesUnpicklable", save=True),
     _named("local_classes", "LocalLayers", use_after_fit=True, predict=True, save=True),
     {**_named("skips_after_fit", "IsolatedSkips", use_after_fit=True, refit=True, predict=True),
      "strategy": {"microbatches": 3, "balance": [3, 3]}},  # fmt: skip
@@ -352,6 +353,8 @@ def test_a_second_fit_with_other_trainable_parameters(k2):
          " before self(x), or in a hook every stage runs (such as on_validation_epoch_end)."),
         ("unpicklable_output", "TypeError: GPipeStrategy: what UnpicklableOutput.training_step returned or logged cannot"
          " be sent to the other stages"),
+        ("saves_unpicklable", "TypeError: GPipeStrategy: what SavesUnpicklable.on_save_checkpoint put into the"
+         " checkpoint cannot be sent to global rank 0, which writes it ("),
         ("returns_none", "RuntimeError: GPipeStrategy: ReturnsNoneOnce.training_step returned None. A pipeline cannot"
          " skip a step (its other stages are already in their backward), as distributed Lightning cannot: return the"
          " loss."),
