@@ -70,6 +70,10 @@ class AbsentLayer(nn.Module):
         self.__dict__["held"] = layer  # the layer, not registered: no parameters, no state, no device moves
         self.__dict__["freed"] = []  # (tensor, bytes) whose storage release_absent freed
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (pickled, deep-copied) stands in without the layer: its tensors' storage is freed.
+        return {**super().__getstate__(), "held": None, "freed": []}
+
     def message(self, what: str) -> str:
         return (
             f"GPipeStrategy: {what} layer {self.index} ({self.kind}) of the pipelined Sequential, which stage"

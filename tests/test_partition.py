@@ -99,3 +99,20 @@ def test_absent_layers_refuse_their_parameters_and_state_when_asked_to():
         seq.state_dict()
     with stage_view():
         assert list(seq.state_dict()) == ["1.weight", "1.bias"]
+
+
+def test_absent_layers_keep_their_layer_with_its_storage_freed():
+    import copy
+
+    from lightning_gpipe.partition import release_absent, storage_id
+
+    seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    seq[2].weight = seq[0].weight  # tied: stage 1 keeps it live
+    first = seq[0]
+    keep_stage(seq, [1, 2], 1)
+    release_absent(seq, {storage_id(t) for t in seq.parameters()})
+    assert seq[0].held is first  # the module object itself, not a copy
+    assert first.bias.untyped_storage().nbytes() == 0 and first.bias.shape == (2,)
+    assert first.weight is seq[2].weight and first.weight.untyped_storage().nbytes() == 16  # shared: kept
+    assert [(t is first.bias, n) for t, n in seq[0].freed] == [(True, 8)]
+    assert copy.deepcopy(seq)[0].held is None  # a copy stands in without it
