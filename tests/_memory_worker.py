@@ -1,7 +1,8 @@
 """Peak host memory of one rank training a model of a few hundred MB; started K times (or once) by the tests.
 
-Usage: python tests/_memory_worker.py OUT_FILE K LAYERS WIDTH
+Usage: python tests/_memory_worker.py OUT_FILE K LAYERS WIDTH [save]
 K=0 trains on one device with plain Lightning, the model built eagerly, as a user without a pipeline would.
+``save``: after fit, save a checkpoint (sharded under the pipeline), which the peak then includes.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     data = DataLoader(TensorDataset(torch.randn(8, width)), batch_size=8)
     # Default settings: a model built in configure_model stays on its stages after the run (gather_model=None).
-    strategy = GPipeStrategy(microbatches=2) if k else "auto"
+    save = sys.argv[5:] == ["save"]
+    strategy = GPipeStrategy(microbatches=2, state_dict_type="sharded" if save else "full") if k else "auto"
     trainer = L.Trainer(
         accelerator="cpu", devices=max(k, 1), strategy=strategy, max_steps=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
@@ -63,6 +65,8 @@ def main() -> None:
     trainer.callbacks.append(started)
     start = time.perf_counter()
     trainer.fit(Big(layers, width), data)
+    if save:
+        trainer.save_checkpoint(out.with_suffix(".ckpt"))
     rank = int(os.environ.get("LOCAL_RANK", 0))
     result = {"floor": floor, "peak": peak_mib(), "setup_s": started.at - start, "before_training": started.peak}
     out.with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
