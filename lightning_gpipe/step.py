@@ -46,8 +46,9 @@ decision).
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -55,6 +56,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
@@ -234,6 +236,7 @@ class StageStep:
         self._checked_modes: set[bool] = set()  # module.training values whose forward has been checked
         self.plan: Optional[BackwardPlan] = None  # the latest training step's
         self.held = HeldGradients()  # this stage's gradients from a backward run in the step
+        self._warned: set[str] = set()  # hooks warned of rank-zero-only code after self(x)
 
     def check_collective(self, name: str) -> None:
         """Raise if the step's code after ``self(x)``, which runs on the last stage alone, starts a collective:
@@ -275,6 +278,8 @@ class StageStep:
         # The last stage's self.print calls after self(x) go to global rank 0, which prints them (it alone prints).
         prints: list[tuple[tuple, dict]] = []
         printing = _prints_recorded(module, call, prints) if executor.k > 1 and executor.is_last else nullcontext()
+        rank_zero_code: list[bool] = []  # whether the code after self(x) asked if it runs on global rank 0
+        watching = _rank_zero_watched(call, rank_zero_code) if executor.k > 1 and executor.is_last else nullcontext()
         where = f"{type(module).__name__}.{hook}"
         refusal = (
             parameters_refused(module, module.get_submodule(self.sequential), where) if executor.k > 1 else nullcontext()
@@ -283,7 +288,7 @@ class StageStep:
         # on the last stage before its first input arrives, on the others after their forward.
         params = executor.parameters() if self._early and executor.is_last else []
         self._running = (where, call)
-        with patched(module, "forward", call), logging as records, refusal, printing:
+        with patched(module, "forward", call), logging as records, refusal, printing, watching:
             try:
                 output = getattr(module, hook)(*args, **kwargs)
                 if call.calls == 0:
@@ -302,6 +307,15 @@ class StageStep:
         if executor.k == 1:
             return output
         if executor.is_last:
+            if rank_zero_code and where not in self._warned:
+                self._warned.add(where)  # said on the last stage itself, which a rank-zero warning would skip
+                warnings.warn(
+                    f"GPipeStrategy: {where} ran rank-zero-only code after self(x) (a @rank_zero_only function,"
+                    " rank_zero_info, self.logger.experiment, ...). That code runs on the last stage, where it does"
+                    " nothing: call it before self(x) or in an epoch hook. self.print and self.log after self(x) do"
+                    " reach global rank 0.",
+                    stacklevel=2,
+                )
             problem = _loss_problem(output, where) if train else None
             if problem is not None:  # Lightning would refuse it before the backward: so do the other stages
                 self._fail(Failure.of(problem), drain=False)
@@ -454,6 +468,40 @@ def _prints_recorded(module: LightningModule, call: PipelineCall, prints: list[t
             original(*args, **kwargs)
 
     return patched(module, "print", print_)
+
+
+class _WatchedRank(int):
+    """``rank_zero_only.rank`` that notes when code compares it with 0, once ``call`` has returned: rank-zero-only
+    code (``@rank_zero_only``, a logger's ``experiment``) asking whether it runs where it does not."""
+
+    def __new__(cls, rank: int, call: PipelineCall, seen: list[bool]) -> _WatchedRank:
+        watched = super().__new__(cls, rank)
+        watched.call, watched.seen = call, seen
+        return watched
+
+    def _note(self, other: Any) -> None:
+        if other == 0 and self.call.returned:
+            self.seen.append(True)
+
+    def __eq__(self, other: Any) -> bool:
+        self._note(other)
+        return int(self) == other
+
+    def __gt__(self, other: Any) -> bool:
+        self._note(other)
+        return int(self) > other
+
+    __hash__ = int.__hash__
+
+
+@contextmanager
+def _rank_zero_watched(call: PipelineCall, seen: list[bool]) -> Iterator[None]:
+    rank = getattr(rank_zero_only, "rank", 0)
+    rank_zero_only.rank = _WatchedRank(rank, call, seen)
+    try:
+        yield
+    finally:
+        rank_zero_only.rank = rank
 
 
 def _hyperparameters(module: LightningModule) -> list[list[dict[str, Any]]]:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -367,6 +368,23 @@ class PrintsAfterForward(Classifier):
     def validation_step(self, batch, batch_idx):
         super().validation_step(batch, batch_idx)
         self.print("val", self.current_epoch, batch_idx, sep=":")
+
+
+class RankZeroAfterForward(Classifier):
+    """Calls a @rank_zero_only method after self(x), where only the last stage runs the code."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.notes = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.note(loss)
+        return loss
+
+    @rank_zero_only
+    def note(self, loss):
+        self.notes.append(float(loss))
 
 
 class SavesStepState(Classifier):

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -194,11 +195,14 @@ def run(scenario: dict, out: Path) -> None:
             trainer.validate(model, val, verbose=False)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed) if scenario.get("capture_stdout") else contextlib.nullcontext():
-            if "datamodule" in scenario:
-                trainer.fit(model, datamodule=getattr(_model, scenario["datamodule"])(), ckpt_path=resume)
-            else:
-                trainer.fit(model, train, val, ckpt_path=resume)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if "datamodule" in scenario:
+                    trainer.fit(model, datamodule=getattr(_model, scenario["datamodule"])(), ckpt_path=resume)
+                else:
+                    trainer.fit(model, train, val, ckpt_path=resume)
         result["stdout"] = printed.getvalue()
+        result["warnings"] = [str(w.message) for w in caught if str(w.message).startswith("GPipeStrategy")]
         result["batch_sums"] = steps.batch_sums
         result["outputs"] = {"train": steps.train, "val": steps.val}
         result["params"] = _held(model)

@@ -79,6 +79,7 @@ K2 = [
     _refused("finetuning", "FrozenFirstLayer", finetuning=True),
     _refused("batch_size_finder", "Classifier", batch_size_finder=True, datamodule="BatchSized"),
     _named("prints", "PrintsAfterForward", capture_stdout=True),
+    _named("rank_zero_after", "RankZeroAfterForward"),
     _named("saves_step_state", "SavesStepState", save=True),
     _refused("saves_unpicklable", "SavesUnpicklable", save=True),
     _named("local_classes", "LocalLayers", use_after_fit=True, predict=True, save=True),
@@ -508,3 +509,21 @@ def test_state_the_step_keeps_after_self_x_is_saved_from_the_last_stage(k2):
     checkpoint = torch.load(k2["saves_step_state"][0]["checkpoint"], weights_only=False)
     assert reference["model"].seen > 1
     assert checkpoint["seen"] == pytest.approx(reference["model"].seen, abs=1e-4)
+
+
+def test_rank_zero_only_code_after_self_x_is_warned_of_on_the_last_stage(k2):
+    """Rank-zero-only code after self(x) runs on the last stage, where it does nothing: it cannot be forwarded as
+    self.print is, so the last stage says so, once per hook."""
+    reference = reference_run(model_class="RankZeroAfterForward")
+    assert len(reference["model"].notes) == 8
+    first, last = k2["rank_zero_after"]
+    assert first["warnings"] == []
+    others = {name: [w for rank in ranks for w in rank.get("warnings", []) if "rank-zero" in w] for name, ranks in k2.items()}
+    assert {name: found for name, found in others.items() if found} == {"rank_zero_after": last["warnings"]}
+    assert last["warnings"] == [
+        "GPipeStrategy: RankZeroAfterForward.training_step ran rank-zero-only code after self(x) (a @rank_zero_only"
+        " function, rank_zero_info, self.logger.experiment, ...). That code runs on the last stage, where it does"
+        " nothing: call it before self(x) or in an epoch hook. self.print and self.log after self(x) do reach global"
+        " rank 0."
+    ]
+    _same_as_reference([first, last], reference)
