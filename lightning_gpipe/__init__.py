@@ -3,8 +3,16 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_gpipe.balance import optimal_split
-from lightning_gpipe.contract import StageError, grad_norm
-from lightning_gpipe.partition import AbsentLayerError, BalanceError
+from lightning_gpipe.contract import grad_norm
+from lightning_gpipe.errors import (
+    AbsentLayerError,
+    BalanceError,
+    BufferReplayError,
+    DataMismatchError,
+    DeferredInitError,
+    SkipError,
+    StageError,
+)
 from lightning_gpipe.porting import from_torchgpipe
 from lightning_gpipe.schedule import Action, Phase, fthenb
 from lightning_gpipe.strategy import GPipeStrategy
@@ -15,6 +23,10 @@ __all__ = [
     "BalanceError",
     "StageError",
     "AbsentLayerError",
+    "BufferReplayError",
+    "DataMismatchError",
+    "DeferredInitError",
+    "SkipError",
     "Action",
     "Phase",
     "fthenb",

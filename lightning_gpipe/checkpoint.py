@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_gpipe.errors import BufferReplayError
+
 __all__ = ["ForwardState", "BufferReplay", "BufferReplayError"]
 
 
@@ -51,10 +53,6 @@ class ForwardState:
                 torch.cuda.set_rng_state(self.device_rng, self.device)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
                 yield
-
-
-class BufferReplayError(RuntimeError):
-    """A buffer changed in a forward in a way its re-materialized replay cannot reproduce."""
 
 
 #: One forward's view of a stage's buffers: per watched buffer, its index, the tensor object, its version counter,

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.model_summary import summarize
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_gpipe.errors import StageError
 from lightning_gpipe.logs import patched
 from lightning_gpipe.partition import AbsentLayer, absent_parameters_refused
 from lightning_gpipe.topology import Topology
@@ -48,10 +49,6 @@ __all__ = [
     "frozen_summaries",
     "seed_workers_alike",
 ]
-
-
-class StageError(RuntimeError):
-    """User code asked for something of the whole model that one stage of the pipeline cannot answer."""
 
 
 @contextmanager

@@ -25,13 +25,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_gpipe.errors import DeferredInitError
+
 __all__ = ["DeferredInit", "DeferredInitError", "has_meta_tensors"]
 
 _META = torch.device("meta")
-
-
-class DeferredInitError(RuntimeError):
-    """A model's construction cannot be replayed one stage at a time."""
 
 
 @dataclass

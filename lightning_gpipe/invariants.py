@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_gpipe.errors import DataMismatchError
 from lightning_gpipe.deferred import DeferredInit, has_meta_tensors
 from lightning_gpipe.partition import stage_layers
 from lightning_gpipe.topology import Topology
@@ -32,10 +33,6 @@ __all__ = [
     "state_digest",
     "start_from_first_ranks_weights",
 ]
-
-
-class DataMismatchError(RuntimeError):
-    """The stages of one pipeline hold different batches."""
 
 
 def digest(tensors: Sequence[Tensor]) -> str:

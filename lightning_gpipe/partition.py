@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from lightning_gpipe.errors import AbsentLayerError, BalanceError
 from lightning_gpipe.balance import optimal_split, uniform_split
 
 __all__ = [
@@ -41,17 +42,6 @@ _STAGE_VIEW: ContextVar[bool] = ContextVar("gpipe_stage_view", default=False)
 Balance = Union[str, Sequence[int]]
 BALANCE_RULES = ("uniform", "params", "time", "memory")
 PROFILED_RULES = ("time", "memory")
-
-
-class BalanceError(ValueError):
-    """The requested split of layers into stages is impossible."""
-
-
-class AbsentLayerError(AttributeError):
-    """User code reached for a layer that another stage of the pipeline holds.
-
-    An ``AttributeError``, so ``hasattr`` and ``getattr(..., default)`` keep working on a partitioned module.
-    """
 
 
 class AbsentLayer(nn.Module):

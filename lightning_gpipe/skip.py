@@ -39,6 +39,8 @@ from typing import Any, Callable, Optional, TypeVar
 
 from torch import Tensor, nn
 
+from lightning_gpipe.errors import SkipError
+
 __all__ = [
     "Namespace",
     "SkipError",
@@ -56,10 +58,6 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=type)
-
-
-class SkipError(ValueError):
-    """A stash or a pop that cannot be matched: the model's skips are inconsistent."""
 
 
 class Namespace:
