@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -237,20 +237,20 @@ def grad_norm(module: nn.Module, norm_type: Union[float, int, str], group_separa
     if norm_type <= 0:
         raise ValueError(f"`norm_type` must be a positive number or 'inf' (infinity norm). Got {norm_type}")
     prefix = f"grad_{norm_type}_norm"
-    aliases = module.trainer.strategy.tied_names if _pipelined(module) else {}  # type: ignore[union-attr]
+    topology = _pipeline(module)
+    aliases = module.trainer.strategy.tied_names if topology else {}  # type: ignore[union-attr]
     local = {  # a parameter tied across stages under its single-device name: once in the gathered norms
         f"{prefix}{group_separator}{aliases.get(name, name)}": p.grad.data.norm(norm_type)
         for name, p in nn.Module.named_parameters(module)  # the module's own method, never a refusal
         if p.grad is not None
     }
     norms = local
-    if not _pipelined(module) and any(isinstance(m, AbsentLayer) for m in module.modules()):
+    if topology is None and any(isinstance(m, AbsentLayer) for m in module.modules()):
         raise StageError(
             f"GPipeStrategy: grad_norm of a {type(module).__name__} that other stages hold part of would cover this"
             " stage alone; pass the LightningModule itself: grad_norm(self, norm_type)"
         )
-    if _pipelined(module):  # one replica's stages: the replicas hold the same averaged gradients
-        topology = module.trainer.strategy.topology  # type: ignore[union-attr]
+    if topology is not None:  # one replica's stages: the replicas hold the same averaged gradients
         parts: list[Any] = [None] * topology.k
         dist.all_gather_object(parts, {key: value.cpu() for key, value in local.items()}, group=topology.pipeline_group)
         device = next(iter(local.values())).device if local else torch.device("cpu")
@@ -260,11 +260,12 @@ def grad_norm(module: nn.Module, norm_type: Union[float, int, str], group_separa
     return norms
 
 
-def _pipelined(module: nn.Module) -> bool:
-    from lightning_gpipe.strategy import GPipeStrategy
-
+def _pipeline(module: nn.Module) -> Optional[Topology]:
+    """The topology of the pipeline of several stages that trains ``module`` (a GPipeStrategy's, once its processes
+    are connected), else ``None``; read from the strategy without importing it, which imports this module."""
     trainer = getattr(module, "_trainer", None)
-    return trainer is not None and isinstance(trainer.strategy, GPipeStrategy) and trainer.strategy.topology.k > 1
+    topology = getattr(getattr(trainer, "strategy", None), "_topology", None)
+    return topology if isinstance(topology, Topology) and topology.k > 1 else None
 
 
 @dataclass
