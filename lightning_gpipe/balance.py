@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["optimal_split", "uniform_split"]
+__all__ = ["optimal_split", "uniform_split", "stage_owners"]
 
 
 def uniform_split(n: int, k: int) -> list[int]:
-    """Layer counts per stage for ``n`` layers by count alone, the earlier stages taking the remainder."""
+    """``n`` items in ``k`` parts by count alone, the earlier parts taking the remainder (layers per stage,
+    samples per micro-batch)."""
     return [n // k + (1 if j < n % k else 0) for j in range(k)]
+
+
+def stage_owners(balance: Sequence[int]) -> list[int]:
+    """The stage that holds each layer, for layer counts per stage ``balance``."""
+    return [stage for stage, count in enumerate(balance) for _ in range(count)]
 
 
 def optimal_split(costs: Sequence[float], k: int) -> list[int]:

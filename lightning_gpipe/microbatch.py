@@ -8,6 +8,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from lightning_gpipe.balance import uniform_split
+
 __all__ = ["Tensors", "TensorOrTensors", "split", "split_sizes", "merge", "as_tuple", "batch_size", "tensors_in"]
 
 Tensors = tuple[Tensor, ...]
@@ -52,8 +54,7 @@ def split_sizes(n: int, m: int) -> list[int]:
         raise ValueError(f"microbatches must be at least 1, got {m}")
     if n < 1:
         raise ValueError(f"cannot split an empty batch (dim 0 has size {n})")
-    chunks = min(m, n)
-    return [n // chunks + (1 if i < n % chunks else 0) for i in range(chunks)]
+    return uniform_split(n, min(m, n))
 
 
 def merge(outputs: Sequence[TensorOrTensors]) -> TensorOrTensors:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_gpipe.errors import AbsentLayerError, BalanceError
-from lightning_gpipe.balance import optimal_split, uniform_split
+from lightning_gpipe.balance import optimal_split, stage_owners, uniform_split
 
 __all__ = [
     "AbsentLayer",
@@ -206,7 +206,7 @@ def keep_stage(seq: nn.Sequential, balance: Sequence[int], stage: int) -> list[n
     Each freed layer is replaced by an :class:`AbsentLayer` that names the stage holding it.
     """
     layers = stage_layers(balance, stage)
-    owners = [s for s, count in enumerate(balance) for _ in range(count)]
+    owners = stage_owners(balance)
     kept = []
     for index, (name, layer) in enumerate(list(seq._modules.items())):
         if index in layers:

@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from torch import Tensor, nn
 
+from lightning_gpipe.balance import stage_owners
 from lightning_gpipe.errors import SkipError
 
 __all__ = [
@@ -293,7 +294,7 @@ class Port:
 def stage_ports(routes: list[SkipRoute], balance: list[int], stage: int) -> tuple[list[Port], list[Port]]:
     """The skips ``stage`` sends (stashed here, popped on a later stage) and those it receives, in route order.
     A skip stashed and popped on one stage is neither: it costs no communication."""
-    owner = [s for s, count in enumerate(balance) for _ in range(count)]
+    owner = stage_owners(balance)
     sends, receives = [], []
     for j, route in enumerate(routes):
         source, target = owner[route.stash_layer], owner[route.pop_layer]
