@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gpipe.errors import BufferReplayError
+from lightning_gpipe.rng import random_states
 
 __all__ = ["ForwardState", "BufferReplay", "BufferReplayError"]
 
@@ -46,11 +47,7 @@ class ForwardState:
     @contextmanager
     def replay(self) -> Iterator[None]:
         """Run the body with the captured RNG and autocast state; the caller's RNG state is left untouched."""
-        cuda = [self.device] if self.device_rng is not None else []
-        with torch.random.fork_rng(devices=cuda, device_type=self.device.type):
-            torch.set_rng_state(self.cpu_rng)
-            if self.device_rng is not None:
-                torch.cuda.set_rng_state(self.device_rng, self.device)
+        with random_states(self.device, self.cpu_rng, self.device_rng):
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast):
                 yield
 

@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 from lightning_gpipe.errors import StageError
 from lightning_gpipe.logs import patched
 from lightning_gpipe.partition import AbsentLayer, absent_parameters_refused
+from lightning_gpipe.state import unwrapped
 from lightning_gpipe.topology import Topology
 
 __all__ = [
@@ -144,8 +145,7 @@ def refuse_closure_optimizers(optimizers: Sequence[Optimizer]) -> None:
     """Refuse optimizers that reduce over all their parameters and decide from that how often to run the closure:
     on a pipeline each stage's copy would see its own stage's parameters only."""
     for optimizer in optimizers:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)
-        if isinstance(optimizer, torch.optim.LBFGS):
+        if isinstance(unwrapped(optimizer), torch.optim.LBFGS):
             raise ValueError(
                 "GPipeStrategy cannot train with LBFGS: it takes dot products over all the parameters it optimizes and"
                 " its line search decides how often to run the closure (each a forward and backward), so on a"
@@ -165,9 +165,8 @@ class ClosureOnce:
     def __call__(self) -> Any:
         self.calls += 1
         if self.calls > 1:
-            optimizer = getattr(self.optimizer, "_optimizer", self.optimizer)
             raise StageError(
-                f"GPipeStrategy: {type(optimizer).__name__}.step called its closure a second time in one step. Under"
+                f"GPipeStrategy: {type(unwrapped(self.optimizer)).__name__}.step called its closure a second time in one step. Under"
                 " the pipeline each stage runs one forward and backward per batch, and a second call decided by one"
                 " stage's own values would leave the others behind: use an optimizer that calls the closure once."
             )

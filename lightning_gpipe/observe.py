@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_gpipe.balance import optimal_split, uniform_split
 from lightning_gpipe.partition import stage_layers
 from lightning_gpipe.profile import LayerCosts, predicted_efficiency
-from lightning_gpipe.timeline import COMPUTE, Event, bubble, chrome_trace, draw_schedule, theoretical_bubble
+from lightning_gpipe.timeline import COMPUTE, Event, bubble, chrome_trace, draw_schedule, makespan, theoretical_bubble
 
 __all__ = ["StageReport", "summarize", "Reporter", "BalanceReport"]
 
@@ -35,12 +35,12 @@ def summarize(reports: Sequence[StageReport], m: int, samples: int) -> dict[str,
     k = len(reports)
     events = [e for r in reports for e in r.events]
     overall, per_stage = bubble(events, k)
-    makespan = max(e.end for e in events) - min(e.start for e in events)
+    span = makespan(events)
     scalars = {
         "pipeline/bubble_measured": overall,
         "pipeline/bubble_theory": theoretical_bubble(k, m),
-        "pipeline/step_s": makespan,
-        "pipeline/samples_per_s": samples / makespan,
+        "pipeline/step_s": span,
+        "pipeline/samples_per_s": samples / span,
     }
     for r in reports:
         j = r.stage

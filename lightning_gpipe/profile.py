@@ -20,6 +20,7 @@ from lightning_gpipe.memory import ActivationMeter, optimizer_state_bytes, tenso
 from lightning_gpipe.microbatch import _map, as_tuple
 from lightning_gpipe.rng import rank_random_state, set_rank_random_state
 from lightning_gpipe.skip import SkipTracker, use_tracker
+from lightning_gpipe.state import unwrapped
 
 __all__ = ["LayerCosts", "profile_layers", "predicted_efficiency", "input_of_step", "optimizer_slots", "untouched_random"]
 
@@ -106,7 +107,7 @@ def optimizer_slots(optimizers: Sequence[torch.optim.Optimizer]) -> float:
     by stepping the same optimizer class, with the same settings, on a probe tensor."""
     slots = 0.0
     for optimizer in optimizers:
-        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        optimizer = unwrapped(optimizer)
         probe = torch.zeros(4096, requires_grad=True)
         probe.grad = torch.ones_like(probe)
         # ``defaults`` may hold settings the constructor does not take (AdamW's decoupled_weight_decay).

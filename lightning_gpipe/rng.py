@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["StageRandom", "rank_random_state", "set_rank_random_state"]
+__all__ = ["StageRandom", "random_states", "rank_random_state", "set_rank_random_state"]
 
 _STAGE_SEED_STRIDE = 1_000_003  # a prime, so stage streams of nearby run seeds do not coincide
 
@@ -38,10 +38,7 @@ class StageRandom:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Run the block on this stage's stream; the rank-wide stream is left where it was."""
-        with torch.random.fork_rng(devices=self._devices, device_type=self.device.type):
-            torch.set_rng_state(self._cpu)
-            if self._cuda is not None:
-                torch.cuda.set_rng_state(self._cuda, self.device)
+        with random_states(self.device, self._cpu, self._cuda):
             try:
                 yield
             finally:
@@ -54,6 +51,18 @@ class StageRandom:
         self._cpu = state["cpu"].clone()
         if self._devices and state["cuda"] is not None:
             self._cuda = state["cuda"].clone()
+
+
+@contextmanager
+def random_states(device: torch.device, cpu: Tensor, cuda: Optional[Tensor]) -> Iterator[None]:
+    """Run the block from the CPU generator state ``cpu`` (and ``device``'s CUDA state ``cuda``); the caller's
+    states are left as they were."""
+    devices = [device] if cuda is not None else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
 
 
 def rank_random_state(device: torch.device) -> dict[str, Any]:

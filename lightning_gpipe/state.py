@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 __all__ = [
     "Layout",
+    "unwrapped",
     "gather_to_first",
     "optimizer_layouts",
     "optimizer_state_by_name",
@@ -29,6 +30,11 @@ __all__ = [
 
 #: Per parameter group, the names of its parameters in the optimizer's order.
 Layout = list[list[str]]
+
+
+def unwrapped(optimizer: Any) -> Optimizer:
+    """The torch optimizer itself, out of Lightning's ``LightningOptimizer`` wrapper if it is in one."""
+    return getattr(optimizer, "_optimizer", optimizer)
 
 
 def gather_to_first(local: Any, stage: int, k: int, ranks: Optional[Sequence[int]] = None) -> list[Any]:
@@ -78,7 +84,7 @@ def optimizer_layouts(optimizers: Sequence[Optimizer], module: nn.Module) -> lis
     """
     names = {id(p): name for name, p in nn.Module.named_parameters(module)}
     return [
-        [[names[id(p)] for p in group["params"]] for group in getattr(o, "_optimizer", o).param_groups]
+        [[names[id(p)] for p in group["params"]] for group in unwrapped(o).param_groups]
         for o in optimizers
     ]
 

@@ -87,6 +87,7 @@ from lightning_gpipe.state import (
     optimizer_state_by_name,
     optimizer_state_for,
     parameter_names,
+    unwrapped,
 )
 from lightning_gpipe.replicas import GradientAverager
 from lightning_gpipe.skip import SkipError, skip_routes, stage_ports
@@ -714,7 +715,7 @@ class GPipeStrategy(ParallelStrategy):
             events=executor.timeline.stop(),
             activation_bytes_peak=executor.meter.stop(),
             param_bytes=tensor_bytes(stage_parameters(module)),
-            optimizer_bytes=sum(optimizer_state_bytes(getattr(o, "_optimizer", o)) for o in self.optimizers),
+            optimizer_bytes=sum(optimizer_state_bytes(unwrapped(o)) for o in self.optimizers),
             cuda_max_allocated=torch.cuda.max_memory_allocated(self.root_device) if self.root_device.type == "cuda" else None,
             host_peak_bytes=host_peak_bytes(),
         )
@@ -858,7 +859,7 @@ class GPipeStrategy(ParallelStrategy):
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The optimizer state of all stages on global rank 0 (empty elsewhere), named and in the unpartitioned
         module's order; with ``state_dict_type="sharded"``, this stage's own, by parameter name."""
-        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        optimizer = unwrapped(optimizer)
         assert self.lightning_module is not None
         local = optimizer_state_by_name(optimizer, self.lightning_module, self.tied_names)
         if self._state_dict_type == "sharded":
@@ -866,7 +867,7 @@ class GPipeStrategy(ParallelStrategy):
         states = self._gather_first_replica(local)
         if not states:
             return {}
-        index = [getattr(o, "_optimizer", o) for o in self.optimizers].index(optimizer)
+        index = [unwrapped(o) for o in self.optimizers].index(optimizer)
         return merge_optimizer_states(states, self._optimizer_layouts[index])
 
     @override

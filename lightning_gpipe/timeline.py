@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager
 
-__all__ = ["Event", "Timeline", "COMPUTE", "bubble", "theoretical_bubble", "draw_schedule", "chrome_trace"]
+__all__ = ["Event", "Timeline", "COMPUTE", "bubble", "makespan", "theoretical_bubble", "draw_schedule", "chrome_trace"]
 
 #: Event kinds that keep a stage busy; the others (``recv``, ``send``, ``logs``, ``results``, ``allreduce``) are time
 #: spent waiting on a peer or making its logged calls.
@@ -69,6 +69,11 @@ def theoretical_bubble(k: int, m: int) -> float:
     return (k - 1) / (m + k - 1)
 
 
+def makespan(events: Sequence[Event]) -> float:
+    """From the earliest event start to the latest event end, over all stages."""
+    return max(e.end for e in events) - min(e.start for e in events)
+
+
 def bubble(events: Sequence[Event], k: int) -> tuple[float, list[float]]:
     """Measured idle fraction, overall and per stage: 1 - (a stage's compute time) / (the step's makespan).
 
@@ -76,9 +81,9 @@ def bubble(events: Sequence[Event], k: int) -> tuple[float, list[float]]:
     """
     if not events:
         raise ValueError("no events recorded")
-    makespan = max(e.end for e in events) - min(e.start for e in events)
+    span = makespan(events)
     busy = [sum(e.duration for e in events if e.stage == j and e.kind in COMPUTE) for j in range(k)]
-    per_stage = [1 - b / makespan for b in busy]
+    per_stage = [1 - b / span for b in busy]
     return sum(per_stage) / k, per_stage
 
 
