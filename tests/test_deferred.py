@@ -149,7 +149,7 @@ def test_transformers_imported_while_the_model_is_built_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "lightning_gpipe.deferred.DeferredInitError: transformers skips its models' weight initialisation when it sees"
+        "lightning_gpipe.errors.DeferredInitError: transformers skips its models' weight initialisation when it sees"
         " the meta device, and its models were imported while the model was being built, so GPipeStrategy could not"
         " have that initialisation run: the stages would start from other weights than single-device construction"
         " gives. Import them before building the model (`from transformers import GPT2Model` at the top of the"
