@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 __all__ = ["batchnorm_stats_kept", "defer", "undefer", "commit", "deferred_norms"]
 
-_STATS = ("running_mean", "running_var", "num_batches_tracked")
+#: The running statistics of a batch-norm layer.
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class _Deferred:
@@ -149,4 +150,4 @@ def batchnorm_stats_kept(layers: Sequence[nn.Module]) -> Iterator[None]:
 
 
 def _names(m: nn.Module) -> tuple[str, ...]:
-    return (*_STATS, "count", "mean", "m2") if isinstance(m, _Deferred) else _STATS
+    return (*STATISTICS, "count", "mean", "m2") if isinstance(m, _Deferred) else STATISTICS

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_gpipe.batchnorm import STATISTICS
 from lightning_gpipe.errors import BufferReplayError
 from lightning_gpipe.rng import random_states
 
@@ -68,7 +69,7 @@ class BufferReplay:
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         self._buffers = [
             (m, name) for layer in layers for m in layer.modules() for name, b in m._buffers.items()
-            if b is not None and not (isinstance(m, nn.modules.batchnorm._BatchNorm) and name in _BATCHNORM_STATS)
+            if b is not None and not (isinstance(m, nn.modules.batchnorm._BatchNorm) and name in STATISTICS)
         ]  # fmt: skip
         self._changing: Optional[set[int]] = None  # learned from the first forward
 
@@ -122,5 +123,3 @@ class BufferReplay:
                 m, name = self._buffers[index]
                 m._buffers[name] = value
 
-
-_BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")

@@ -165,8 +165,9 @@ class ClosureOnce:
     def __call__(self) -> Any:
         self.calls += 1
         if self.calls > 1:
+            name = type(unwrapped(self.optimizer)).__name__
             raise StageError(
-                f"GPipeStrategy: {type(unwrapped(self.optimizer)).__name__}.step called its closure a second time in one step. Under"
+                f"GPipeStrategy: {name}.step called its closure a second time in one step. Under"
                 " the pipeline each stage runs one forward and backward per batch, and a second call decided by one"
                 " stage's own values would leave the others behind: use an optimizer that calls the closure once."
             )

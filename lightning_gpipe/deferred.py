@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_gpipe.errors import DeferredInitError
 
-__all__ = ["DeferredInit", "DeferredInitError", "has_meta_tensors"]
+__all__ = ["DeferredInit", "DeferredInitError", "has_meta_tensors", "storage_id"]
 
 _META = torch.device("meta")
 
@@ -42,7 +42,8 @@ class _Op:
     random: Optional[Tensor] = None  # for a draw: the CPU generator's state before it, in single-device order
 
 
-def _storage(t: Tensor) -> int:
+def storage_id(t: Tensor) -> int:
+    """An identity of ``t``'s storage, shared by every view of it."""
     return t.untyped_storage()._cdata
 
 
@@ -122,19 +123,17 @@ class DeferredInit:
         """The CPU generator's state where each replayed recording began."""
         return [start for _, _, start in self._recordings]
 
-    def restart(self, starts: Sequence[Tensor]) -> bool:
+    def restart(self, starts: Sequence[Tensor]) -> None:
         """Draw each recording's values as if it had begun in the state ``starts`` gives it (another rank's
-        :attr:`starts`), so every rank materializes the same model; returns whether any recording changed."""
+        :attr:`starts`), so every rank materializes the same model."""
         if len(starts) != len(self._recordings):
             raise DeferredInitError(
                 f"this rank built the model in {len(self._recordings)} recorded passes, global rank 0 in {len(starts)}:"
                 " build it the same way on every rank"
             )
-        changed = False
         for index, ((first, end, own), start) in enumerate(zip(self._recordings, starts)):
             if torch.equal(own, start):
                 continue
-            changed = True
             self._recordings[index] = (first, end, start)
             state = torch.get_rng_state()
             torch.set_rng_state(start)
@@ -142,7 +141,6 @@ class DeferredInit:
                 self._advance(self.ops[first:end])
             finally:
                 torch.set_rng_state(state)
-        return changed
 
     def _advance(self, ops: list[_Op]) -> None:
         """Draw what single-device construction would have drawn, on scratch tensors one at a time, keeping the
@@ -169,11 +167,11 @@ class DeferredInit:
                 " `import transformers` loads them only when first used), or build the model whole"
                 " (trainer.init_module(empty_init=False)), or load its weights (GPipeStrategy(weights=...))."
             )
-        kept = {_storage(t) for m in modules for t in [*m.parameters(), *m.buffers()] if t.device == _META}
+        kept = {storage_id(t) for m in modules for t in [*m.parameters(), *m.buffers()] if t.device == _META}
         real: dict[int, Tensor] = {}
         with torch.no_grad():
             self._replay(self._needed(kept), real)
-            created = {_storage(t): t for op in reversed(self.ops) for t in op.outputs}  # the first op's wins
+            created = {storage_id(t): t for op in reversed(self.ops) for t in op.outputs}  # the first op's wins
             for storage in kept - set(real):  # not replayed: uninitialised
                 if storage not in created:
                     raise DeferredInitError("a meta tensor that was not built under GPipeStrategy's deferred construction")
@@ -197,9 +195,9 @@ class DeferredInit:
         needed = [False] * len(self.ops)
         for index in range(len(self.ops) - 1, -1, -1):
             op = self.ops[index]
-            if op.replay and any(_storage(t) in needed_storages for t in _writes(op) if t.device == _META):
+            if op.replay and any(storage_id(t) in needed_storages for t in _writes(op) if t.device == _META):
                 needed[index] = True
-                needed_storages.update(_storage(t) for t in _tensors((op.args, op.kwargs)) if t.device == _META)
+                needed_storages.update(storage_id(t) for t in _tensors((op.args, op.kwargs)) if t.device == _META)
         return needed
 
     def _replay(self, needed: list[bool], real: dict[int, Tensor]) -> None:
@@ -213,7 +211,7 @@ class DeferredInit:
                 args, kwargs = tree_map(lambda x: _real(x, real) if _is_meta(x) else _on_cpu(x), (op.args, op.kwargs))
                 out = op.func(*args, **kwargs)
                 for meta, value in zip(op.outputs, _tensors(out)):
-                    real.setdefault(_storage(meta), value)
+                    real.setdefault(storage_id(meta), value)
         finally:
             torch.set_rng_state(state)
 
@@ -257,7 +255,7 @@ def _on_cpu(x: Any) -> Any:
 
 def _real(meta: Tensor, real: dict[int, Tensor]) -> Tensor:
     """``meta``'s real counterpart: the same view of its storage's real tensor."""
-    base = real.get(_storage(meta))
+    base = real.get(storage_id(meta))
     if base is None:
         raise DeferredInitError(f"a tensor of shape {list(meta.shape)} is read before anything built it")
     if base.dtype != meta.dtype:
@@ -277,9 +275,9 @@ class _Scratch:
         offsets: dict[int, int] = {}  # storage -> where its stand-in starts in its dtype's buffer
         ends: dict[torch.dtype, int] = {}
         for t in _tensors(tree):
-            if _is_meta(t) and _storage(t) not in offsets:
-                offsets[_storage(t)] = ends.get(t.dtype, 0)
-                ends[t.dtype] = offsets[_storage(t)] + t.untyped_storage().nbytes() // t.element_size()
+            if _is_meta(t) and storage_id(t) not in offsets:
+                offsets[storage_id(t)] = ends.get(t.dtype, 0)
+                ends[t.dtype] = offsets[storage_id(t)] + t.untyped_storage().nbytes() // t.element_size()
         for dtype, end in ends.items():
             if dtype not in self._buffers or self._buffers[dtype].numel() < end:
                 self._buffers.pop(dtype, None)
@@ -292,6 +290,6 @@ class _Scratch:
                 return _on_cpu(x)
             if not _is_meta(x):
                 return x
-            return self._buffers[x.dtype].as_strided(x.size(), x.stride(), offsets[_storage(x)] + x.storage_offset())
+            return self._buffers[x.dtype].as_strided(x.size(), x.stride(), offsets[storage_id(x)] + x.storage_offset())
 
         return tree_map(stand_in, tree)

@@ -98,32 +98,33 @@ def state_digest(layers: Sequence[nn.Module]) -> str:
 
 def start_from_first_ranks_weights(
     module: nn.Module, layers: Sequence[nn.Module], balance: Sequence[int], topology: Topology,
-    deferred: Optional[DeferredInit],
+    deferred: Optional[DeferredInit], gather: Callable[[Any], list[Any]],
 ) -> None:  # fmt: skip
     """Make every rank's stage start from the initial weights global rank 0 built, before the model is cut.
 
     Built on the meta device (``deferred``), every rank replays its construction from global rank 0's random state;
     built whole, every rank compares a digest of its stage's tensors with rank 0's and takes rank 0's values where
-    they differ. Every rank of the world calls it (collectives over the default group).
+    they differ. Every rank of the world calls it; ``gather`` all-gathers a small object over the world.
     """
     k, stage = topology.k, topology.stage
     if has_meta_tensors(module):
         if deferred is None:
             return  # refused when the stage is materialized, on every rank
-        seen = _all_gather(deferred.starts)
+        seen = gather(deferred.starts)
         differ = [r for r, starts in enumerate(seen) if len(starts) != len(seen[0]) or not all(
             torch.equal(a, b) for a, b in zip(starts, seen[0]))]  # fmt: skip
         deferred.restart(seen[0])
     else:
         stages = [[layers[i] for i in stage_layers(balance, j)] for j in range(k)]
-        first = dist.get_rank() == 0
-        seen = _all_gather((state_digest(stages[stage]), [state_digest(part) for part in stages] if first else None))
+        first = topology.rank == 0
+        digests = [state_digest(part) for part in stages] if first else None  # global rank 0 digests every stage
+        seen = gather((digests[stage] if digests else state_digest(stages[stage]), digests))
         reference = seen[0][1]
         differ = [r for r, (mine, _) in enumerate(seen) if mine != reference[r % k]]  # rank r runs stage r % k
         for rank in differ:
             if first:
                 dist.send_object_list([{i: layers[i].state_dict() for i in stage_layers(balance, rank % k)}], dst=rank)
-            elif rank == dist.get_rank():
+            elif rank == topology.rank:
                 box: list[Any] = [None]
                 dist.recv_object_list(box, src=0)
                 for i, state in box[0].items():
@@ -133,9 +134,3 @@ def start_from_first_ranks_weights(
             f"GPipeStrategy: ranks {differ} built {type(module).__name__} with other initial weights than global rank"
             " 0 (no seed_everything before building it?); every stage starts from global rank 0's, as DDP does"
         )
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered

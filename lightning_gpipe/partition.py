@@ -10,8 +10,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_gpipe.errors import AbsentLayerError, BalanceError
 from lightning_gpipe.balance import optimal_split, stage_owners, uniform_split
+from lightning_gpipe.deferred import storage_id
+from lightning_gpipe.errors import AbsentLayerError, BalanceError
 
 __all__ = [
     "AbsentLayer",
@@ -25,7 +26,6 @@ __all__ = [
     "keep_stage",
     "live_layers",
     "release_absent",
-    "storage_id",
     "resolve_balance",
     "stage_layers",
     "stage_view",
@@ -234,11 +234,6 @@ def release_absent(seq: nn.Sequential, live: set[int]) -> None:
             seen.add(key)
             absent.freed.append((t, storage.nbytes()))
             storage.resize_(0)
-
-
-def storage_id(t: torch.Tensor) -> int:
-    """An identity of ``t``'s storage, shared by every view of it."""
-    return t.untyped_storage()._cdata
 
 
 def live_layers(seq: nn.Sequential) -> list[tuple[int, nn.Module]]:

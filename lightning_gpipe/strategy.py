@@ -52,7 +52,7 @@ from lightning_gpipe.contract import (
     seed_workers_alike,
     stage_parameters,
 )
-from lightning_gpipe.deferred import DeferredInit, DeferredInitError, has_meta_tensors
+from lightning_gpipe.deferred import DeferredInit, DeferredInitError, has_meta_tensors, storage_id
 from lightning_gpipe.executor import StageExecutor
 from lightning_gpipe.invariants import check_same_batch, start_from_first_ranks_weights
 from lightning_gpipe.logs import patched
@@ -73,7 +73,6 @@ from lightning_gpipe.partition import (
     resolve_balance,
     stage_layers,
     stage_view,
-    storage_id,
 )
 from lightning_gpipe.profile import input_of_step, optimizer_slots, profile_layers, untouched_random
 from lightning_gpipe.rng import StageRandom, rank_random_state, set_rank_random_state
@@ -454,7 +453,7 @@ class GPipeStrategy(ParallelStrategy):
                 " from the whole mini-batch"
             )
         if self.world_size > 1:
-            start_from_first_ranks_weights(module, layers, self._balance, self.topology, self._deferred)
+            start_from_first_ranks_weights(module, layers, self._balance, self.topology, self._deferred, self._all_gather_object)
         kept = keep_stage(seq, self._balance, stage)
         # The other stages' layers stay, their storage freed, but for what the module still uses elsewhere.
         release_absent(seq, {storage_id(t) for t in (*stage_parameters(module), *module.buffers()) if not t.is_meta})
