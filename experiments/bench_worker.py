@@ -34,14 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L
 from lightning.pytorch.loggers import Logger
 
-from lightning_gpipe import GPipeStrategy
-from lightning_gpipe.comm import StageLink
-from lightning_gpipe.executor import StageExecutor
-from lightning_gpipe.memory import ActivationMeter
-from lightning_gpipe.microbatch import merge, split
-from lightning_gpipe.timeline import bubble
-
 from experiments.bench_report import ALONE
+from lightning_gpipe import GPipeStrategy
+from lightning_gpipe.engine.executor import StageExecutor
+from lightning_gpipe.engine.microbatch import merge, split
+from lightning_gpipe.engine.p2p import StageLink
+from lightning_gpipe.instrument.memory import ActivationMeter
+from lightning_gpipe.instrument.timeline import bubble
 
 LR = 1e-3  # small enough that a few dozen SGD steps on random targets stay finite
 

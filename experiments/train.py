@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `experiments.
 
 from experiments.processes import RENDEZVOUS  # noqa: E402
 from lightning_gpipe import GPipeStrategy  # noqa: E402
-from lightning_gpipe.partition import BALANCE_RULES, BalanceError, find_sequential, resolve_balance  # noqa: E402
+from lightning_gpipe.model.partition import BALANCE_RULES, BalanceError, find_sequential, resolve_balance  # noqa: E402
 
 
 class ConfigError(ValueError):

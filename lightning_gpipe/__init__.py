@@ -2,8 +2,6 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_gpipe.balance import optimal_split
-from lightning_gpipe.contract import grad_norm
 from lightning_gpipe.errors import (
     AbsentLayerError,
     BalanceError,
@@ -13,9 +11,10 @@ from lightning_gpipe.errors import (
     SkipError,
     StageError,
 )
-from lightning_gpipe.porting import from_torchgpipe
-from lightning_gpipe.schedule import Action, Phase, fthenb
-from lightning_gpipe.strategy import GPipeStrategy
+from lightning_gpipe.integration.contract import grad_norm
+from lightning_gpipe.integration.strategy import GPipeStrategy
+from lightning_gpipe.model.porting import from_torchgpipe
+from lightning_gpipe.schedule import Action, GPipe, Phase, Schedule, fthenb, optimal_split
 
 __all__ = [
     "GPipeStrategy",
@@ -29,6 +28,8 @@ __all__ = [
     "SkipError",
     "Action",
     "Phase",
+    "Schedule",
+    "GPipe",
     "fthenb",
     "optimal_split",
     "from_torchgpipe",

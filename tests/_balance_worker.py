@@ -16,11 +16,12 @@ TESTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 torch.set_num_threads(1)
 
-import experiments  # noqa: E402, F401  (registers the configs' resolvers)
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from _model import RecordingLogger  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+
+import experiments  # noqa: E402, F401  (registers the configs' resolvers)
 
 
 def fit(overrides: list[str], out: Path) -> dict:

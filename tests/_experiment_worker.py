@@ -14,12 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
-import experiments  # noqa: E402, F401  (registers the configs' resolvers)
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+import experiments  # noqa: E402, F401  (registers the configs' resolvers)
 from experiments.train import build_model  # noqa: E402
 
 

@@ -11,8 +11,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gpipe.microbatch import split_sizes
-from lightning_gpipe.skip import Namespace, pop, skippable, stash
+from lightning_gpipe.engine.microbatch import split_sizes
+from lightning_gpipe.engine.skip import Namespace, pop, skippable, stash
 
 
 class Classifier(L.LightningModule):

@@ -10,12 +10,12 @@ import contextlib
 import importlib
 import io
 import json
-from functools import partial
 import os
 import signal
 import sys
 import traceback
 import warnings
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,11 +26,11 @@ torch.set_num_threads(1)
 
 import _model  # noqa: E402
 import lightning as L  # noqa: E402
-from _model import StepRecorder, RecordingLogger  # noqa: E402
+from _model import RecordingLogger, StepRecorder  # noqa: E402
 from lightning.pytorch.callbacks import BatchSizeFinder, EMAWeightAveraging, ModelCheckpoint, ModelSummary  # noqa: E402
 
 from lightning_gpipe import GPipeStrategy  # noqa: E402
-from lightning_gpipe.partition import stage_view  # noqa: E402
+from lightning_gpipe.model.partition import stage_view  # noqa: E402
 
 
 def trainer_for(scenario: dict, strategy, logger) -> L.Trainer:
@@ -83,7 +83,7 @@ def kill_self(kill: dict, trainer: L.Trainer, model: L.LightningModule) -> None:
         trainer.strategy.lightning_module_state_dict = gather
         return
     if "after_tensors" in kill:  # a sharded save dies once its tensors are written, before they are published
-        import lightning_gpipe.sharded as sharded
+        import lightning_gpipe.checkpointing.sharded as sharded
 
         original_save = sharded.dcp.save
 

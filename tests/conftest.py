@@ -13,7 +13,7 @@ import torch
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from _model import StepRecorder, RecordingLogger, loaders  # noqa: E402
+from _model import RecordingLogger, StepRecorder, loaders  # noqa: E402
 from launch import fresh_env, launch  # noqa: E402
 
 WORKER = TESTS / "_worker.py"

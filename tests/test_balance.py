@@ -11,10 +11,10 @@ from launch import launch
 from torch import nn
 
 from lightning_gpipe import BalanceError, GPipeStrategy
-from lightning_gpipe.balance import optimal_split
-from lightning_gpipe.observe import BalanceReport
-from lightning_gpipe.profile import LayerCosts, predicted_efficiency, profile_layers
-from lightning_gpipe.profile import optimizer_slots
+from lightning_gpipe.integration.balancing import sample_microbatch
+from lightning_gpipe.integration.report import BalanceReport
+from lightning_gpipe.model.profile import LayerCosts, optimizer_slots, predicted_efficiency, profile_layers
+from lightning_gpipe.schedule.split import optimal_split
 
 WORKER = Path(__file__).resolve().parent / "_balance_worker.py"
 
@@ -171,8 +171,8 @@ def test_measured_balance_needs_a_sample_outside_fit():
     strategy = GPipeStrategy(balance="time")
     with pytest.raises(BalanceError, match=r"GPipeStrategy\(balance='time'\) profiles the layers on a sample input: set"
                        r" Classifier.example_input_array, or pass the balance as a list of layer counts"):  # fmt: skip
-        strategy._sample_microbatch(Classifier(), fitting=False)
-    assert strategy._sample_microbatch(Classifier(example=True), fitting=False).shape == (1, 8)  # 2 rows, M=4
+        sample_microbatch(strategy, Classifier(), fitting=False)
+    assert sample_microbatch(strategy, Classifier(example=True), fitting=False).shape == (1, 8)  # 2 rows, M=4
 
 
 @pytest.mark.parametrize(("make", "slots"), [

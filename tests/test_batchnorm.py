@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import assert_same_params, full_params, reference_run, run_scenarios, scenario
 from torch import nn
 
-from lightning_gpipe.batchnorm import batchnorm_stats_kept, commit, defer, undefer
+from lightning_gpipe.engine.batchnorm import batchnorm_stats_kept, commit, defer, undefer
 
 MODES = ("always", "except_last", "never")
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_gpipe.comm import ObjectBroadcast, pack, unpack
+from lightning_gpipe.engine.broadcast import ObjectBroadcast, pack, unpack
 
 
 def _logged() -> list:

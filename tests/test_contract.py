@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import grad_norm as lightning_grad_norm
 from lightning.pytorch.utilities.model_summary import summarize
 
 from lightning_gpipe import StageError, grad_norm
-from lightning_gpipe.partition import keep_stage
+from lightning_gpipe.model.partition import keep_stage
 
 AUGMENTED = {"augment": True, "num_workers": 1}
 
@@ -410,7 +410,7 @@ def test_stages_that_hold_different_data_are_refused_on_every_rank(k2):
 
 
 def test_batch_summaries_tell_batches_apart():
-    from lightning_gpipe.invariants import batch_summary
+    from lightning_gpipe.integration.invariants import batch_summary
 
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     assert batch_summary((x, y)) == batch_summary((x.clone(), y.clone()))

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
 from torch import nn
 
-from lightning_gpipe.deferred import DeferredInit, DeferredInitError
+from lightning_gpipe.model.deferred import DeferredInit, DeferredInitError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.models.convnet import ConvNet  # noqa: E402
@@ -139,7 +139,7 @@ def test_transformers_imported_while_the_model_is_built_is_refused(tmp_path):
 
     code = (
         "from torch import nn\n"
-        "from lightning_gpipe.deferred import DeferredInit\n"
+        "from lightning_gpipe.model.deferred import DeferredInit\n"
         "deferred = DeferredInit()\n"
         "with deferred.recording():\n"
         "    from transformers import GPT2Model\n"

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_gpipe.comm import StageLink
-from lightning_gpipe.executor import StageExecutor
-from lightning_gpipe.microbatch import merge, split
+from lightning_gpipe.engine.executor import StageExecutor
+from lightning_gpipe.engine.microbatch import merge, split
+from lightning_gpipe.engine.p2p import StageLink
 
 MODES = ("always", "except_last", "never")
 
@@ -49,10 +49,10 @@ def _loss(y: torch.Tensor) -> torch.Tensor:
     return y.pow(2).sum() / 3
 
 
-def _pipeline_grads(layers, x, m, checkpoint, k=1, stage=0, link=None, split_at=None):
+def _pipeline_grads(layers, x, m, checkpoint, k=1, stage=0, link=None, split_at=None, schedule=None):
     """One training step of the executor; returns this stage's parameter gradients and the output (last stage)."""
     mine = layers if k == 1 else (layers[:split_at] if stage == 0 else layers[split_at:])
-    executor = StageExecutor(mine, stage, k, torch.device("cpu"), link, checkpoint)
+    executor = StageExecutor(mine, stage, k, torch.device("cpu"), link, checkpoint, schedule=schedule)
     micro = split(x, m)
     outputs = executor.forward(micro, len(micro), train=True)
     y = None
@@ -145,7 +145,7 @@ def test_recompute_reads_and_leaves_buffers_as_the_forward_did():
 
 
 def test_a_buffer_first_changed_in_place_after_the_first_forward_is_refused():
-    from lightning_gpipe.checkpoint import BufferReplayError
+    from lightning_gpipe.engine.recompute import BufferReplayError
 
     with pytest.raises(BufferReplayError, match=(
         r"^GPipeStrategy: the forward changed buffer 'mean' of CountingNormalizer in place, which the first training"
@@ -164,6 +164,8 @@ def test_evaluation_forward_keeps_no_state():
 
 
 def _two_stage_worker(rank: int, port: int) -> None:
+    from test_schedule import BackwardInForwardOrder  # a toy schedule: backward in forward order
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -171,12 +173,12 @@ def _two_stage_worker(rank: int, port: int) -> None:
         link = StageLink(rank, 2, torch.device("cpu"))
         # Batch size, sequence length and micro-batch count change from step to step.
         for step, (b, t, m) in enumerate([(10, 3, 3), (7, 5, 4), (2, 1, 3)]):
-            for checkpoint in MODES:
+            for checkpoint, schedule in [(mode, None) for mode in MODES] + [("always", BackwardInForwardOrder())]:
                 torch.manual_seed(step)
                 x = torch.randn(b, t, 4)
                 layers = _layers()
                 expected, y_ref = _reference_grads(copy.deepcopy(layers), x)
-                got, y = _pipeline_grads(layers, x, m, checkpoint, k=2, stage=rank, link=link, split_at=4)
+                got, y = _pipeline_grads(layers, x, m, checkpoint, k=2, stage=rank, link=link, split_at=4, schedule=schedule)
                 mine = expected[: len(got)] if rank == 0 else expected[-len(got) :]
                 for g, e in zip(got, mine):
                     torch.testing.assert_close(g, e, rtol=0, atol=1e-5)

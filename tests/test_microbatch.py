@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_gpipe.microbatch import as_tuple, merge, split, split_sizes
+from lightning_gpipe.engine.microbatch import as_tuple, merge, split, split_sizes
 
 
 def test_uneven_split_and_small_batch():

@@ -10,10 +10,10 @@ from conftest import run_scenarios
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_gpipe.executor import StageExecutor
-from lightning_gpipe.microbatch import merge, split
-from lightning_gpipe.schedule import clock_cycles
-from lightning_gpipe.timeline import Event, bubble, chrome_trace, draw_schedule, theoretical_bubble
+from lightning_gpipe.engine.executor import StageExecutor
+from lightning_gpipe.engine.microbatch import merge, split
+from lightning_gpipe.instrument.timeline import Event, bubble, chrome_trace, draw_schedule, theoretical_bubble
+from lightning_gpipe.schedule.gpipe import clock_cycles
 
 
 @pytest.mark.parametrize(("k", "m"), [(2, 4), (4, 8), (3, 1)])

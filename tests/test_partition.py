@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gpipe.partition import (
+from lightning_gpipe.model.partition import (
     AbsentLayerError,
-    absent_parameters_refused,
     BalanceError,
+    absent_parameters_refused,
     find_sequential,
     keep_stage,
     live_layers,
@@ -104,8 +104,8 @@ def test_absent_layers_refuse_their_parameters_and_state_when_asked_to():
 def test_absent_layers_keep_their_layer_with_its_storage_freed():
     import copy
 
-    from lightning_gpipe.deferred import storage_id
-    from lightning_gpipe.partition import release_absent
+    from lightning_gpipe.model.deferred import storage_id
+    from lightning_gpipe.model.partition import release_absent
 
     seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
     seq[2].weight = seq[0].weight  # tied: stage 1 keeps it live

@@ -15,13 +15,12 @@ from conftest import (
     run_scenarios,
     scenario,
 )
-
 from launch import launch
 
 from lightning_gpipe import GPipeStrategy
-from lightning_gpipe.replicas import GradientAverager
-from lightning_gpipe.timeline import Timeline
-from lightning_gpipe.topology import Topology, check_layout
+from lightning_gpipe.instrument.timeline import Timeline
+from lightning_gpipe.parallel.replicas import GradientAverager
+from lightning_gpipe.parallel.topology import Topology, check_layout
 
 EPOCHS = 3
 MODEL = "StepScheduled"  # SGD with momentum, the learning rate stepped every optimizer step
@@ -169,7 +168,7 @@ def test_ranks_are_laid_out_replica_major():
 _MESH_SCRIPT = """
 import os, sys
 import torch.distributed as dist
-from lightning_gpipe.topology import Topology
+from lightning_gpipe.parallel.topology import Topology
 rank, store = int(os.environ["LOCAL_RANK"]), sys.argv[1]
 dist.init_process_group("gloo", init_method=f"file://{store}.0", rank=rank, world_size=2)
 first = Topology.build(2, 1, rank, "cpu").mesh
@@ -215,7 +214,7 @@ def test_average_of_gradients_that_only_some_replicas_have(monkeypatch):
         flat.add_(buffer)
         return Done()
 
-    monkeypatch.setattr("lightning_gpipe.replicas.dist.all_reduce", all_reduce)
+    monkeypatch.setattr("lightning_gpipe.parallel.replicas.dist.all_reduce", all_reduce)
     averager = GradientAverager(None, 2, Timeline(0))
     averager.start([a, b, c, d], here)
     got = averager.finish()

@@ -12,7 +12,7 @@ from _model import Classifier, loaders
 from conftest import WORKER, assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
 from launch import launch
 
-from lightning_gpipe.sharded import META, to_full_checkpoint
+from lightning_gpipe.checkpointing.sharded import META, to_full_checkpoint
 
 DROPOUT = {"model": {"dropout": 0.3}, "data": {"shuffle": True}}
 EPOCHS = 3

@@ -1,6 +1,13 @@
-import pytest
+import copy
 
-from lightning_gpipe.schedule import Action, Phase, checkpoint_stop, clock_cycles, fthenb
+import pytest
+import torch
+from torch import nn
+
+from lightning_gpipe.engine.executor import StageExecutor
+from lightning_gpipe.engine.microbatch import merge, split
+from lightning_gpipe.engine.rng import random_states
+from lightning_gpipe.schedule import Action, GPipe, Phase, Schedule, checkpoint_stop, clock_cycles, fthenb
 
 
 def test_fthenb_literal_order():
@@ -37,3 +44,41 @@ def test_bad_sizes():
         fthenb(2, 0, 0)
     with pytest.raises(ValueError, match=r"stage must be in \[0, 2\), got 2"):
         fthenb(2, 1, 2)
+
+
+class BackwardInForwardOrder:
+    """A toy schedule on the protocol: F-then-B whose backward takes the micro-batches in forward order (B0 first),
+    re-materializing every one. A second schedule is a class like this, nothing else."""
+
+    loss_per_microbatch = False
+    stages_per_rank = 1
+
+    def actions(self, k: int, m: int, stage: int) -> list[Action]:
+        return [Action(Phase.FORWARD, i, recompute=True) for i in range(m)] + [Action(Phase.BACKWARD, i) for i in range(m)]
+
+
+def test_a_toy_schedule_runs_through_the_executor_as_on_one_device():
+    """The executor interprets any schedule's actions; the gradients equal single-device training's on the same
+    micro-batches and dropout draws (over gloo, tests/test_executor.py's two-stage run takes this schedule too)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 2)]
+    reference, x = nn.Sequential(*copy.deepcopy(layers)), torch.randn(10, 4)
+    executor = StageExecutor(layers, 0, 1, torch.device("cpu"), None, schedule=BackwardInForwardOrder())
+    start = executor.random.state_dict()
+    merge(executor.forward(split(x, 4), 4, train=True)).pow(2).sum().backward()
+    executor.backward()
+    with random_states(torch.device("cpu"), start["cpu"], None):  # the stage's stream, micro-batch by micro-batch
+        torch.cat([reference(part) for part in split(x, 4)]).pow(2).sum().backward()
+    for p, e in zip(nn.Sequential(*layers).parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, e.grad, rtol=0, atol=1e-6)
+    assert isinstance(executor.schedule, Schedule)
+    assert [repr(a) for a in executor.schedule.actions(1, 3, 0)] == ["F0r", "F1r", "F2r", "B0", "B1", "B2"]
+
+
+def test_gpipe_marks_the_forwards_to_recompute():
+    assert [repr(a) for a in GPipe("except_last").actions(2, 3, 1)] == ["F0r", "F1r", "F2", "B2", "B1", "B0"]
+    assert [repr(a) for a in GPipe("always").actions(2, 2, 0)] == ["F0r", "F1r", "B1", "B0"]
+    assert GPipe("never").actions(3, 2, 2) == fthenb(3, 2, 2)
+    assert isinstance(GPipe(), Schedule) and not GPipe.loss_per_microbatch and GPipe.stages_per_rank == 1
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        GPipe("sometimes")

@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
 from torch import nn
 
-from lightning_gpipe.comm import StageLink
-from lightning_gpipe.executor import StageExecutor
-from lightning_gpipe.microbatch import split
-from lightning_gpipe.skip import Namespace, Port, SkipError, pop, skip_routes, skippable, stage_ports, stash
-
-from conftest import assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
+from lightning_gpipe.engine.executor import StageExecutor
+from lightning_gpipe.engine.microbatch import split
+from lightning_gpipe.engine.p2p import StageLink
+from lightning_gpipe.engine.skip import Namespace, Port, SkipError, pop, skip_routes, skippable, stage_ports, stash
 
 MODES = ("always", "except_last", "never")
 

@@ -6,9 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gpipe.partition import keep_stage
-from lightning_gpipe.sharded import _publish
-from lightning_gpipe.state import merge_optimizer_states, optimizer_layouts, optimizer_state_by_name, optimizer_state_for
+from lightning_gpipe.checkpointing.sharded import _publish
+from lightning_gpipe.checkpointing.state import (
+    merge_optimizer_states,
+    optimizer_layouts,
+    optimizer_state_by_name,
+    optimizer_state_for,
+)
+from lightning_gpipe.model.partition import keep_stage
 
 
 def _model() -> nn.Sequential:

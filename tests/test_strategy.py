@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import lightning as L
 import pytest
 import torch

@@ -7,7 +7,7 @@ import torch
 from _model import TiedClassifier
 from conftest import assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
 
-from lightning_gpipe.tied import Tie, find_ties, tied_names
+from lightning_gpipe.model.tied import Tie, find_ties, tied_names
 
 TIED = {"model_class": "TiedClassifier", "data": {"classes": 8}}
 EPOCHS = 3

@@ -1,0 +1,230 @@
+"""Asynchronous point-to-point transfers between stages, and the rules that keep their order on both ends.
+
+Activations travel forward with a small header describing their shapes and dtypes, so nothing is fixed at the
+first step: batch sizes, sequence lengths and dtypes may change from step to step. Gradients travel backward shaped
+like the activations the receiving stage sent, so they need no header.
+
+**Order.** NCCL matches the point-to-point messages between two ranks by the order they are posted, not by tag
+(gloo matches by tag too), so for every ordered pair of ranks the sender posts its sends in the order the receiver
+posts the matching receives. Both sides derive that order from the same data, the schedule's action lists
+(:class:`~lightning_gpipe.schedule.Schedule`), and post in it:
+
+1. *Forward, stage j to j+1*: for each forward action of stage j, in order, micro-batch i's header, then its
+   tensors, then the skips stage j stashes for later stages, in the ports' order. Stage j+1 receives them in its
+   own forward order, which is the same micro-batches in the same order; it posts the next forward's header receive
+   one action ahead (:meth:`StageLink.recv_activations`), except when a skip from stage j follows each micro-batch's
+   activations: that skip comes first on the wire, so nothing is posted ahead of it.
+2. *Backward, stage j+1 to j*: for each backward action of stage j+1, in order, micro-batch i's input gradients,
+   and the gradients of skips popped there. Stage j posts every gradient receive of the step at once, in its own
+   backward order (``StageExecutor.post_receives``); a schedule must give neighbouring stages the same backward
+   order of micro-batches (F-then-B does: every stage runs B(M-1) .. B0).
+3. *Last stage to every other*: the step's logged calls (when its backward runs inside the step) and then its
+   results, on ``OBJECT_TAG`` (:class:`~lightning_gpipe.engine.broadcast.ObjectBroadcast`). Stage K-2 also takes
+   gradients from it: it receives the logged calls first, then posts every gradient receive, then the results'
+   receive, which is the order in which the last stage sends them (calls, its backward's gradients, results).
+4. *Failures*: a last stage whose step failed after the others began their backward sends zeros in place of every
+   gradient, in backward order (``StageExecutor.drain``), then the error as its results: every posted receive is
+   matched, and the others raise it.
+
+Tags (for gloo) number each message by micro-batch, model chunk (for schedules that put several stages of the
+model on one rank; 0 today) and kind (header, activations, gradients, three per skip route).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gpipe.engine.microbatch import Tensors
+from lightning_gpipe.engine.skip import Port
+
+__all__ = ["StageLink", "carries_grad", "MAX_SKIPS", "OBJECT_TAG", "from_host"]
+
+_DTYPES = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.complex64, torch.complex128,
+)  # fmt: skip
+_HEADER_LEN = 64  # int64 slots: a count, then (dtype, ndim, *shape) per tensor
+_HEADER, _ACTIVATION, _GRADIENT = range(3)
+_KIND_BITS = 12  # a message's tag: its micro-batch, its model chunk, then its kind (gloo matches on tags; NCCL on order)
+_CHUNK_BITS = 5  # up to 32 model chunks per rank (interleaved schedules)
+_MAX_MICROBATCHES = 1 << (31 - _KIND_BITS - _CHUNK_BITS)  # tags are 32-bit signed integers
+OBJECT_TAG = (1 << _KIND_BITS) - 1  # the tag of ObjectBroadcast's messages: a kind no micro-batch's message takes
+#: Skip connections that may cross stages in one model (each takes three kinds of message).
+MAX_SKIPS = ((1 << _KIND_BITS) - 4) // 3
+
+
+def carries_grad(t: Tensor) -> bool:
+    """Whether a tensor crossing a stage boundary gets a gradient sent back for it."""
+    return _carries_grad(t.dtype)
+
+
+def _carries_grad(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+class StageLink:
+    """The sends and receives of one stage to the stage before it and the stage after it."""
+
+    def __init__(self, stage: int, k: int, device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.stage, self.k, self.device, self.group = stage, k, device, group
+        self._sends: list[tuple[dist.Work, Tensor]] = []
+        self._headers: dict[int, tuple[dist.Work, Tensor]] = {}
+        self._gradients: dict[int, tuple[list[dist.Work], list[Optional[Tensor]]]] = {}
+        self._skip_gradients: dict[tuple[int, int], tuple[dist.Work, Tensor]] = {}
+
+    def _rank(self, stage: int) -> int:
+        return dist.get_global_rank(self.group, stage) if self.group is not None else stage
+
+    def _isend(self, t: Tensor, stage: int, tag: int) -> None:
+        t = t.detach().to(self.device).contiguous()
+        # Keep each buffer until its send completes; drop those that already have.
+        self._sends = [(work, buf) for work, buf in self._sends if not work.is_completed()]
+        self._sends.append((dist.isend(t, self._rank(stage), group=self.group, tag=tag), t))
+
+    def _irecv(self, t: Tensor, stage: int, tag: int) -> dist.Work:
+        work = dist.irecv(t, self._rank(stage), group=self.group, tag=tag)
+        assert work is not None
+        return work
+
+    # -- forward: stage j sends to j + 1 --------------------------------------------------------
+
+    def send_activations(self, i: int, xs: Tensors) -> None:
+        """Post the sends of micro-batch ``i``'s stage output to the next stage."""
+        self._isend(_encode_header(xs, self.device), self.stage + 1, _tag(i, _HEADER))
+        for x in xs:
+            self._isend(x, self.stage + 1, _tag(i, _ACTIVATION))
+
+    def expect_activations(self, i: int) -> None:
+        """Post the receive of micro-batch ``i``'s header ahead of time."""
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._headers[i] = (self._irecv(header, self.stage - 1, _tag(i, _HEADER)), header)
+
+    def recv_activations(self, i: int, ahead: Optional[int] = None) -> Tensors:
+        """Receive micro-batch ``i``'s input from the previous stage; post the header of ``ahead`` meanwhile."""
+        if i not in self._headers:
+            self.expect_activations(i)
+        work, header = self._headers.pop(i)
+        work.wait()
+        xs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in _decode_header(header)]
+        works = [self._irecv(x, self.stage - 1, _tag(i, _ACTIVATION)) for x in xs]
+        if ahead is not None:
+            self.expect_activations(ahead)
+        for work in works:
+            work.wait()
+        return tuple(xs)
+
+    # -- backward: stage j sends to j - 1 -------------------------------------------------------
+
+    def expect_gradients(self, i: int, sent: Sequence[tuple[torch.Size, torch.dtype]]) -> None:
+        """Post the receive of the gradients for micro-batch ``i``'s outputs, ``sent`` as (shape, dtype) earlier."""
+        grads = [
+            torch.empty(shape, dtype=dtype, device=self.device) if _carries_grad(dtype) else None
+            for shape, dtype in sent
+        ]
+        works = [self._irecv(g, self.stage + 1, _tag(i, _GRADIENT)) for g in grads if g is not None]
+        self._gradients[i] = (works, grads)
+
+    def recv_gradients(self, i: int) -> list[Optional[Tensor]]:
+        """The gradients posted by :meth:`expect_gradients`, ``None`` where an output has none."""
+        works, grads = self._gradients.pop(i)
+        for work in works:
+            work.wait()
+        return grads
+
+    def send_gradients(self, i: int, grads: list[Tensor]) -> None:
+        """Post the sends of the gradients for micro-batch ``i``'s inputs to the previous stage."""
+        for g in grads:
+            self._isend(g, self.stage - 1, _tag(i, _GRADIENT))
+
+    # -- skips: stage j sends a stashed tensor to the stage that pops it, which sends its gradient back --------
+
+    def send_skip(self, i: int, port: Port, x: Tensor) -> None:
+        """Post the sends of micro-batch ``i``'s stashed tensor to the stage that pops it."""
+        self._isend(_encode_header((x,), self.device), port.stage, _tag(i, _skip_kind(port.route, _HEADER)))
+        self._isend(x, port.stage, _tag(i, _skip_kind(port.route, _ACTIVATION)))
+
+    def recv_skip(self, i: int, port: Port) -> Tensor:
+        """Receive micro-batch ``i``'s tensor that ``port.stage`` stashed."""
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._irecv(header, port.stage, _tag(i, _skip_kind(port.route, _HEADER))).wait()
+        ((shape, dtype),) = _decode_header(header)
+        x = torch.empty(shape, dtype=dtype, device=self.device)
+        self._irecv(x, port.stage, _tag(i, _skip_kind(port.route, _ACTIVATION))).wait()
+        return x
+
+    def expect_skip_gradient(self, i: int, port: Port, shape: torch.Size, dtype: torch.dtype) -> None:
+        """Post the receive of the gradient for micro-batch ``i``'s tensor sent through ``port``."""
+        if _carries_grad(dtype):
+            g = torch.empty(shape, dtype=dtype, device=self.device)
+            work = self._irecv(g, port.stage, _tag(i, _skip_kind(port.route, _GRADIENT)))
+            self._skip_gradients[(i, port.route)] = (work, g)
+
+    def recv_skip_gradient(self, i: int, port: Port) -> Optional[Tensor]:
+        """The gradient posted by :meth:`expect_skip_gradient`, ``None`` for a tensor that carries none."""
+        if (i, port.route) not in self._skip_gradients:
+            return None
+        work, g = self._skip_gradients.pop((i, port.route))
+        work.wait()
+        return g
+
+    def send_skip_gradient(self, i: int, port: Port, g: Tensor) -> None:
+        """Post the send of the gradient for micro-batch ``i``'s tensor that ``port.stage`` stashed."""
+        self._isend(g, port.stage, _tag(i, _skip_kind(port.route, _GRADIENT)))
+
+    def flush(self) -> None:
+        """Wait until every posted send has completed, so their buffers may be freed."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+
+
+def _tag(i: int, kind: int, chunk: int = 0) -> int:
+    if not 0 <= i < _MAX_MICROBATCHES:
+        raise ValueError(f"micro-batch {i}: a step carries at most {_MAX_MICROBATCHES} micro-batches between stages")
+    return (((i << _CHUNK_BITS) | chunk) << _KIND_BITS) | kind
+
+
+def _skip_kind(route: int, kind: int) -> int:
+    """Skip ``route``'s own kinds of message, after the three between neighbours."""
+    return 3 + 3 * route + kind
+
+
+def _encode_header(xs: Tensors, device: torch.device) -> Tensor:
+    fields = [len(xs)]
+    for x in xs:
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"cannot send a tensor of dtype {x.dtype} between stages; supported: {_DTYPES}")
+        fields += [_DTYPES.index(x.dtype), x.dim(), *x.shape]
+    if len(fields) > _HEADER_LEN:
+        shapes = [tuple(x.shape) for x in xs]
+        raise ValueError(
+            f"a stage output of {len(xs)} tensors with shapes {shapes} is too large to describe in a"
+            f" {_HEADER_LEN}-slot header; pass fewer tensors between stages"
+        )
+    header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+    header[: len(fields)] = torch.tensor(fields, dtype=torch.int64)
+    return from_host(header, device)
+
+
+def from_host(t: Tensor, device: torch.device) -> Tensor:
+    """Host tensor ``t`` on ``device``, without waiting for the device: a copy from pageable memory to a GPU
+    synchronizes the stream, so it goes through pinned memory there."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _decode_header(header: Tensor) -> list[tuple[list[int], torch.dtype]]:
+    fields = header.tolist()
+    specs, pos = [], 1
+    for _ in range(fields[0]):
+        dtype, ndim = _DTYPES[fields[pos]], fields[pos + 1]
+        specs.append((fields[pos + 2 : pos + 2 + ndim], dtype))
+        pos += 2 + ndim
+    return specs

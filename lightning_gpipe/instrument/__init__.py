@@ -1,0 +1,1 @@
+"""Instrumentation: the timeline of a stage's work and the memory its saved activations take."""

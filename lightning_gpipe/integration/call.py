@@ -1,0 +1,102 @@
+"""``self(x)`` during a step: the pipeline in place of the module's forward, and what the last stage's code after it
+may do that must reach global rank 0 (``self.print``) or cannot (rank-zero-only code)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lightning_gpipe.engine.executor import StageExecutor
+from lightning_gpipe.engine.microbatch import batch_size, merge, split, split_sizes
+from lightning_gpipe.engine.rng import rank_random_state
+from lightning_gpipe.patching import patched
+
+__all__ = ["PipelineCall", "StageFinished", "prints_recorded", "rank_zero_watched"]
+
+
+class StageFinished(BaseException):
+    """Ends the user's step on a stage that has no loss to compute (a BaseException so ``except Exception`` passes it)."""
+
+class PipelineCall:
+    """Stands in for ``LightningModule.forward`` during a step: ``self(x)`` runs the pipeline on the whole batch."""
+
+    def __init__(
+        self, executor: StageExecutor, microbatches: int, train: bool, check: Optional[Callable[[Any], None]] = None
+    ) -> None:
+        self.executor, self.microbatches, self.train = executor, microbatches, train
+        self.check = check  # called with the first input, to verify the module's forward contract
+        self.calls = 0
+        self.returned = False  # whether the pipeline ran to the end and handed the step its output
+        self.samples = self.n = 0  # batch size and micro-batch count, once called
+        self.random: Optional[dict[str, Any]] = None  # last stage: the rank-wide random state at self(x)
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(
+                "GPipeStrategy: the step called self(...) a second time. The pipeline runs the model once per"
+                " step on the whole batch: compute everything from the output of one self(x) call."
+            )
+        if args or kwargs:
+            raise TypeError(
+                "GPipeStrategy: self(...) takes exactly one input under the pipeline, as nn.Sequential does;"
+                f" got {1 + len(args)} positional and {len(kwargs)} keyword arguments"
+            )
+        if self.check is not None:
+            self.check(x)
+        executor = self.executor
+        if executor.is_last and executor.k > 1:  # idle until its first input arrives: no time lost
+            self.random = rank_random_state(executor.device)
+        self.samples = batch_size(x)
+        if executor.is_first:
+            micro = split(x, self.microbatches)
+            self.n = len(micro)
+            outputs = executor.forward(micro, self.n, self.train)
+        else:
+            self.n = len(split_sizes(self.samples, self.microbatches))
+            outputs = executor.forward(None, self.n, self.train)
+        if not executor.is_last:
+            raise StageFinished
+        assert outputs is not None
+        self.returned = True
+        return merge(outputs)
+
+def prints_recorded(module: LightningModule, call: PipelineCall, prints: list[tuple[tuple, dict]]) -> Any:
+    """Inside the block, ``module.print`` after ``self(x)`` returned records its arguments into ``prints``."""
+    original = module.print
+
+    def print_(*args: Any, **kwargs: Any) -> None:
+        if call.returned:
+            prints.append((args, kwargs))
+        else:
+            original(*args, **kwargs)
+
+    return patched(module, "print", print_)
+
+class _WatchedRank(int):
+    """``rank_zero_only.rank`` that notes when code compares it with 0, once ``call`` has returned: rank-zero-only
+    code (``@rank_zero_only``, a logger's ``experiment``) asking whether it runs where it does not."""
+
+    def __new__(cls, rank: int, call: PipelineCall, seen: list[bool]) -> _WatchedRank:
+        watched = super().__new__(cls, rank)
+        watched.call, watched.seen = call, seen
+        return watched
+
+    def _note(self, other: Any) -> None:
+        if other == 0 and self.call.returned:
+            self.seen.append(True)
+
+    def __eq__(self, other: Any) -> bool:
+        self._note(other)
+        return int(self) == other
+
+    def __gt__(self, other: Any) -> bool:
+        self._note(other)
+        return int(self) > other
+
+    __hash__ = int.__hash__
+
+def rank_zero_watched(call: PipelineCall, seen: list[bool]) -> Any:
+    return patched(rank_zero_only, "rank", _WatchedRank(getattr(rank_zero_only, "rank", 0), call, seen))

@@ -1,0 +1,70 @@
+"""The strategy's options, checked once: one frozen object that mirrors ``conf/strategy/gpipe.yaml``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+from lightning_gpipe.errors import BalanceError
+from lightning_gpipe.model.partition import BALANCE_RULES, Balance
+from lightning_gpipe.parallel.topology import check_replicas
+from lightning_gpipe.schedule import CHECKPOINT_MODES
+
+__all__ = ["GPipeConfig", "STATE_DICT_TYPES"]
+
+STATE_DICT_TYPES = ("full", "sharded")
+
+
+@dataclass(frozen=True)
+class GPipeConfig:
+    """What ``GPipeStrategy(...)`` was asked for; see :class:`~lightning_gpipe.GPipeStrategy` for each option."""
+
+    microbatches: int = 4
+    balance: Balance = "uniform"
+    checkpoint: str = "except_last"
+    sequential: Optional[str] = None
+    process_group_backend: Optional[str] = None
+    timeout: Optional[timedelta] = default_pg_timeout
+    observe_every_n_steps: int = 0
+    state_dict_type: str = "full"
+    deferred_batchnorm: bool = False
+    gather_model: Optional[bool] = None
+    data_parallel_size: int = 1
+    weights: Optional[Union[str, Path]] = None
+
+    def __post_init__(self) -> None:
+        if not _whole(self.microbatches) or self.microbatches < 1:
+            raise ValueError(f"GPipeStrategy(microbatches={self.microbatches!r}): need an integer of at least 1")
+        if self.checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(
+                f"GPipeStrategy(checkpoint={self.checkpoint!r}): choose one of {', '.join(CHECKPOINT_MODES)}"
+            )
+        if isinstance(self.balance, str) and self.balance not in BALANCE_RULES:
+            raise BalanceError(
+                f"GPipeStrategy(balance={self.balance!r}): choose one of {', '.join(BALANCE_RULES)} or a list of"
+                " layer counts"
+            )
+        if not isinstance(self.balance, str):  # a list, kept as a tuple: the config cannot change
+            object.__setattr__(self, "balance", tuple(self.balance))
+        if not _whole(self.observe_every_n_steps) or self.observe_every_n_steps < 0:
+            raise ValueError(
+                f"GPipeStrategy(observe_every_n_steps={self.observe_every_n_steps!r}): need a whole number, 0 to turn"
+                " it off"
+            )
+        if self.state_dict_type not in STATE_DICT_TYPES:
+            raise ValueError(
+                f"GPipeStrategy(state_dict_type={self.state_dict_type!r}): choose one of {', '.join(STATE_DICT_TYPES)}"
+            )
+        check_replicas(self.data_parallel_size)
+        if self.gather_model not in (None, True, False):
+            raise ValueError(
+                f"GPipeStrategy(gather_model={self.gather_model!r}): True, False, or None (gather a model built whole)"
+            )
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,11 @@
+"""The schedule layer, pure Python (no ``torch.distributed``): which stage does what, in which order, and how work
+is divided into stages and micro-batches."""
+
+from lightning_gpipe.schedule.actions import CHECKPOINT_MODES, Action, Phase, Schedule, checkpoint_stop
+from lightning_gpipe.schedule.gpipe import GPipe, clock_cycles, fthenb
+from lightning_gpipe.schedule.split import optimal_split, stage_owners, uniform_split
+
+__all__ = [
+    "Action", "Phase", "Schedule", "GPipe", "fthenb", "clock_cycles", "checkpoint_stop", "CHECKPOINT_MODES",
+    "optimal_split", "stage_owners", "uniform_split",
+]  # fmt: skip
