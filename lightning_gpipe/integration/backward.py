@@ -88,7 +88,9 @@ class HeldGradients:
         self._held = []
 
 
-def stage_backward(strategy: Any, run: Any, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+def stage_backward(
+    strategy: Any, run: Any, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any
+) -> Tensor:
     """Lightning's ``strategy.backward`` on one stage: the pipeline's backward, unless it already ran in the step,
     then what every stage does with its gradients before Lightning's hooks read them."""
     executor, flow = run.executor, run.flow

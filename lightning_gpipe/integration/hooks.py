@@ -42,11 +42,19 @@ def run_step(strategy: Any, run: Any, hook: str, args: tuple, kwargs: dict) -> A
     return run.flow.run(run.module, hook, train, args, kwargs, run.plan if train else None)
 
 
-def parameters_refused_on_stages(strategy: Any, run: PipelineRun, where: str) -> Any:
-    """A block in which ``self.parameters()`` raises, as it would see this stage alone (nothing with one stage)."""
+#: The user code around Lightning's backward and optimizer step, which runs on every stage.
+_AROUND = {
+    "backward": "code run around the backward (on_before_backward, on_after_backward)",
+    "optimizer_step": "code run around the optimizer step (on_before_optimizer_step, a callback's hook)",
+}
+
+
+def parameters_refused_on_stages(strategy: Any, run: PipelineRun, hook: str) -> Any:
+    """A block around Lightning's ``hook`` (``"backward"``, ``"optimizer_step"``) in which ``self.parameters()``
+    raises, as it would see this stage alone (nothing with one stage)."""
     if strategy.topology.k == 1:
         return nullcontext()
-    return parameters_refused(run.module, run.module.get_submodule(run.sequential), where)
+    return parameters_refused(run.module, run.module.get_submodule(run.sequential), _AROUND[hook])
 
 
 def _check_same_batch(strategy: Any, batch: Any, where: str, batches: Any) -> None:

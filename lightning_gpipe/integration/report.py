@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_gpipe.checkpointing.state import unwrapped
+from lightning_gpipe.integration.contract import stage_parameters
 from lightning_gpipe.instrument.memory import host_peak_bytes, optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.instrument.timeline import (
     COMPUTE,
@@ -147,7 +148,7 @@ class BalanceReport:
                 logger.experiment.add_text("pipeline/balance", text.replace("\n", "  \n"), 0)
 
 
-def start_observing(strategy: Any, run: Any, kept: Any, parameters: list[Any]) -> None:
+def start_observing(strategy: Any, run: Any, kept: Any) -> None:
     """Start timing and metering this step if it is one to observe (the same decision on every rank)."""
     every, step = strategy.config.observe_every_n_steps, run.module.trainer.global_step
     if not every or step == 0 or step % every or step == kept.observed_step:
@@ -155,14 +156,14 @@ def start_observing(strategy: Any, run: Any, kept: Any, parameters: list[Any]) -
     kept.observed_step, run.observing = step, True
     if strategy.root_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(strategy.root_device)
-    run.executor.meter.start(parameters)
+    run.executor.meter.start(stage_parameters(run.module))
     strategy.barrier()  # a common start, so the stages' timelines line up
     run.executor.timeline.start()
 
 
-def publish_observed(strategy: Any, run: Any, kept: Any, parameters: list[Any]) -> None:
+def publish_observed(strategy: Any, run: Any, kept: Any) -> None:
     """Gather what every stage measured in the observed step and publish it from global rank 0."""
-    executor, device = run.executor, strategy.root_device
+    executor, device, parameters = run.executor, strategy.root_device, stage_parameters(run.module)
     run.observing = False
     report = StageReport(
         stage=executor.stage,

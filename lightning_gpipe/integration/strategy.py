@@ -27,7 +27,7 @@ from lightning_gpipe.integration import saving
 from lightning_gpipe.integration.backward import stage_backward
 from lightning_gpipe.integration.build import open_run
 from lightning_gpipe.integration.config import GPipeConfig
-from lightning_gpipe.integration.contract import ClosureOnce, seed_workers_alike, stage_parameters
+from lightning_gpipe.integration.contract import ClosureOnce, seed_workers_alike
 from lightning_gpipe.integration.hooks import parameters_refused_on_stages, run_step, start_training_batch
 from lightning_gpipe.integration.processes import PipelineProcesses
 from lightning_gpipe.integration.report import publish_observed, start_observing
@@ -208,7 +208,8 @@ class GPipeStrategy(PipelineProcesses):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         """Register ``strategy="gpipe"``."""
-        strategy_registry.register(cls.strategy_name, cls, description="GPipe pipeline parallelism (lightning-gpipe)", override=True)
+        description = "GPipe pipeline parallelism (lightning-gpipe)"
+        strategy_registry.register(cls.strategy_name, cls, description=description, override=True)
 
     # -- steps ----------------------------------------------------------------------------------------
 
@@ -220,7 +221,7 @@ class GPipeStrategy(PipelineProcesses):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self._run is not None
-        start_observing(self, self._run, self._kept, stage_parameters(self._run.module))
+        start_observing(self, self._run, self._kept)
         with self.precision_plugin.train_step_context():
             return run_step(self, self._run, "training_step", args, kwargs)
 
@@ -243,10 +244,10 @@ class GPipeStrategy(PipelineProcesses):
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
         run = self._run
         assert run is not None
-        with parameters_refused_on_stages(self, run, "code run around the backward (on_before_backward, on_after_backward)"):
+        with parameters_refused_on_stages(self, run, "backward"):
             loss = stage_backward(self, run, closure_loss, optimizer, *args, **kwargs)
             if run.observing:
-                publish_observed(self, run, self._kept, stage_parameters(run.module))
+                publish_observed(self, run, self._kept)
             loss = self.precision_plugin.post_backward(loss, run.module)
             self.post_backward(loss)
             return loss
@@ -255,7 +256,7 @@ class GPipeStrategy(PipelineProcesses):
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         # The hooks around the optimizer step run on each stage, where self.parameters() is the stage's alone.
         assert self._run is not None
-        with parameters_refused_on_stages(self, self._run, "code run around the optimizer step (on_before_optimizer_step, a callback's hook)"):
+        with parameters_refused_on_stages(self, self._run, "optimizer_step"):
             once = closure if self.topology.k == 1 else ClosureOnce(closure, optimizer)
             return super().optimizer_step(optimizer, once, model, **kwargs)
 
@@ -274,7 +275,7 @@ class GPipeStrategy(PipelineProcesses):
         return saving.optimizer_state(self, self._kept, optimizer)
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Union[str, Path], storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Union[str, Path], storage_options: Any = None) -> None:
         saving.save(self, self._kept, checkpoint, filepath, storage_options)
 
     @override
