@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,11 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
+
+# Every message between two ranks on one tag, so that gloo matches them by posting order as NCCL does: a schedule
+# that posts a send and its receive in different orders fails here as it would on GPUs (lightning_gpipe.engine.p2p).
+# Set before the package is imported, and inherited by every process the tests start.
+os.environ.setdefault("LIGHTNING_GPIPE_ORDER_STRICT", "1")
 
 from _model import RecordingLogger, StepRecorder, loaders  # noqa: E402
 from launch import fresh_env, launch  # noqa: E402

@@ -27,11 +27,15 @@ posts the matching receives. Both sides derive that order from the same data, th
    matched, and the others raise it.
 
 Tags (for gloo) number each message by micro-batch, model chunk (for schedules that put several stages of the
-model on one rank; 0 today) and kind (header, activations, gradients, three per skip route).
+model on one rank; 0 today) and kind (header, activations, gradients, three per skip route). With
+``LIGHTNING_GPIPE_ORDER_STRICT=1`` in the environment every message takes tag 0, so gloo too matches them by the
+order they were posted, as NCCL does: a send and receive posted in different orders then swap buffers or fail
+instead of passing. The test suite runs in that mode (``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Optional
 
@@ -42,7 +46,7 @@ from torch import Tensor
 from lightning_gpipe.engine.microbatch import Tensors
 from lightning_gpipe.engine.skip import Port
 
-__all__ = ["StageLink", "carries_grad", "MAX_SKIPS", "OBJECT_TAG", "from_host"]
+__all__ = ["StageLink", "carries_grad", "MAX_SKIPS", "OBJECT_TAG", "ORDER_STRICT", "from_host"]
 
 _DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -51,10 +55,13 @@ _DTYPES = (
 )  # fmt: skip
 _HEADER_LEN = 64  # int64 slots: a count, then (dtype, ndim, *shape) per tensor
 _HEADER, _ACTIVATION, _GRADIENT = range(3)
+#: Every message on tag 0, matched by order as NCCL matches (a test mode; see the module's docstring).
+ORDER_STRICT = os.environ.get("LIGHTNING_GPIPE_ORDER_STRICT", "0") == "1"
 _KIND_BITS = 12  # a message's tag: its micro-batch, its model chunk, then its kind (gloo matches on tags; NCCL on order)
 _CHUNK_BITS = 5  # up to 32 model chunks per rank (interleaved schedules)
 _MAX_MICROBATCHES = 1 << (31 - _KIND_BITS - _CHUNK_BITS)  # tags are 32-bit signed integers
-OBJECT_TAG = (1 << _KIND_BITS) - 1  # the tag of ObjectBroadcast's messages: a kind no micro-batch's message takes
+# The tag of ObjectBroadcast's messages: a kind no micro-batch's message takes.
+OBJECT_TAG = 0 if ORDER_STRICT else (1 << _KIND_BITS) - 1
 #: Skip connections that may cross stages in one model (each takes three kinds of message).
 MAX_SKIPS = ((1 << _KIND_BITS) - 4) // 3
 
@@ -187,6 +194,8 @@ class StageLink:
 def _tag(i: int, kind: int, chunk: int = 0) -> int:
     if not 0 <= i < _MAX_MICROBATCHES:
         raise ValueError(f"micro-batch {i}: a step carries at most {_MAX_MICROBATCHES} micro-batches between stages")
+    if ORDER_STRICT:
+        return 0
     return (((i << _CHUNK_BITS) | chunk) << _KIND_BITS) | kind
 
 
