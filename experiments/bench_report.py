@@ -56,10 +56,11 @@ def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
     gpipe = sorted((r for r in rows if r["impl"] == "gpipe"), key=lambda r: (r["k"], r["m"], r["checkpoint"]))
     never = [r for r in gpipe if r["checkpoint"] == "never"]
 
-    def versus(peer: str) -> list[dict]:
-        """gpipe's samples per second over ``peer``'s, at each (K, M) both measured, without re-materialization;
+    def versus(peer: str, impl: str = "gpipe") -> list[dict]:
+        """``impl``'s samples per second over ``peer``'s, at each (K, M) both measured, without re-materialization;
         and ``paired``, the same round by round."""
-        pairs = [(r, by.get((peer, r["k"], r["m"], "never"))) for r in never]
+        mine = [by[key] for key in sorted(by) if key[0] == impl and key[3] == "never"]
+        pairs = [(r, by.get((peer, r["k"], r["m"], "never"))) for r in mine]
         return [
             _point(r, ratio=r["samples_per_s"] / p["samples_per_s"], paired=paired(r, p)) for r, p in pairs if p is not None
         ]
@@ -91,6 +92,8 @@ def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "gpipe_vs_torch_gpipe": versus("torch_gpipe"),
         "gpipe_vs_torch_1f1b": versus("torch_1f1b"),
+        "gpipe_1f1b_vs_torch_1f1b": versus("torch_1f1b", "gpipe_1f1b"),
+        "gpipe_1f1b_vs_gpipe": versus("gpipe", "gpipe_1f1b"),
         "gpipe_vs_executor": versus("executor"),
         "efficiency_vs_theory": efficiency,
         "checkpoint_always_vs_never": memory,
@@ -118,6 +121,16 @@ def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
                 summary["gpipe_vs_torch_gpipe"],
                 lambda e: e["ratio"] >= EMULATED_TORCH_GOAL,
                 f"gpipe / torch_gpipe samples per second >= {EMULATED_TORCH_GOAL}",
+            ),
+            "emulated_1f1b_limit": _goal(
+                [e for e in summary["vs_limit"] if e["impl"] == "gpipe_1f1b"],
+                lambda e: e["ratio"] >= LIMIT_GOAL,
+                f"gpipe_1f1b samples per second / limit_samples_per_s >= {LIMIT_GOAL}",
+            ),
+            "emulated_1f1b_vs_torch_1f1b": _goal(
+                summary["gpipe_1f1b_vs_torch_1f1b"],
+                lambda e: e["ratio"] >= EMULATED_TORCH_GOAL,
+                f"gpipe_1f1b / torch_1f1b samples per second >= {EMULATED_TORCH_GOAL}",
             ),
         }
         return summary
@@ -311,6 +324,30 @@ def _overview_table(rows: list[dict]) -> list[str]:
             + f" {_fmt(get('torch_1f1b', 'samples_per_s'), '.0f')} | {_fmt(get('gpipe', 'bubble_measured'), '.3f')} |"
             f" {_fmt(get('gpipe', 'bubble_theory'), '.3f')} | {_mib(get('gpipe', 'activation_bytes_max'))} |"
             f" {_mib(get('gpipe', 'activation_bytes_max', 'always'))} |"
+        )
+    return lines + _one_f_one_b_table(by)
+
+
+def _one_f_one_b_table(by: dict) -> list[str]:
+    """This strategy's 1F1B beside its F-then-B and PyTorch's 1F1B, checkpoint=never: speed, and each stage's
+    peak of saved activations (1F1B holds at most K - j micro-batches on stage j, F-then-B all M)."""
+    points = sorted((k, m) for impl, k, m, mode in by if impl == "gpipe_1f1b" and mode == "never")
+    if not points:
+        return []
+    lines = [
+        "",
+        "| K | M | samples/s: gpipe | gpipe_1f1b | torch_1f1b | gpipe_1f1b / limit | activation KiB per stage:"
+        " gpipe | gpipe_1f1b |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, m in points:
+        mine, fthenb, torch_row = (by.get((impl, k, m, "never")) for impl in ("gpipe_1f1b", "gpipe", "torch_1f1b"))
+        limit = mine["samples_per_s"] / mine["limit_samples_per_s"] if "limit_samples_per_s" in mine else None
+        stages = [" ".join(f"{b / 1024:.0f}" for b in row["activation_bytes_stages"]) if row else "-" for row in (fthenb, mine)]
+        lines.append(
+            f"| {k} | {m} | {_fmt(fthenb and fthenb['samples_per_s'], '.0f')} | {mine['samples_per_s']:.0f} |"
+            f" {_fmt(torch_row and torch_row['samples_per_s'], '.0f')} | {_fmt(limit, '.3f')} | {stages[0]} |"
+            f" {stages[1]} |"
         )
     return lines
 

@@ -301,6 +301,7 @@ def run_gpipe(ctx: Context, row: dict) -> Measured:
     k = ctx.k // d
     strategy = GPipeStrategy(
         microbatches=row["m"],
+        schedule="1f1b" if row["impl"] == "gpipe_1f1b" else "gpipe",
         balance=[ctx.depth // k] * k,
         checkpoint=row["checkpoint"],
         sequential="net",
@@ -399,6 +400,7 @@ RUNNERS: dict[str, Callable[[Context, dict], Measured]] = {
     "single_raw": run_single_raw,
     "gpipe": run_gpipe,
     "gpipe_dp": run_gpipe,
+    "gpipe_1f1b": run_gpipe,
     "executor": run_executor,
     "ddp": run_ddp,
     "torch_gpipe": run_torch,

@@ -152,7 +152,8 @@ def plan(cfg: Config) -> dict[int, list[dict]]:
 
     Every group starts with ``single`` and ``single_raw`` (``window``: the group; emulated, the first group
     only), run by rank 0 alone with every core while the other ranks wait. For each M the implementations
-    run back to back, so rows compared with each other run close in time. ``torch_1f1b`` refuses M < K.
+    run back to back, so rows compared with each other run close in time (``gpipe_1f1b``, this strategy's 1F1B,
+    beside ``torch_1f1b``, which refuses M < K).
     """
     groups: dict[int, list[dict]] = {}
     # Lightning's own cost, measured in each group's window (rank 0 alone, every core) so that the
@@ -168,6 +169,8 @@ def plan(cfg: Config) -> dict[int, list[dict]]:
             # gpipe then the executor, back to back: strategy_overhead compares them round by round
             order = [("gpipe", "never"), ("executor", "never"), ("gpipe", "always"), ("torch_gpipe", "never")]
             rows += [{"impl": impl, "k": k, "m": m, "checkpoint": mode} for impl, mode in order]
+            # this project's 1F1B, then PyTorch's (which refuses M < K), back to back
+            rows.append({"impl": "gpipe_1f1b", "k": k, "m": m, "checkpoint": "never"})
             if m >= k:
                 rows.append({"impl": "torch_1f1b", "k": k, "m": m, "checkpoint": "never"})
             if k >= 4 and k % DP == 0 and (cfg.batch // DP) % m == 0:  # D x K/D on the same processes

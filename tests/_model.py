@@ -61,6 +61,15 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
+class MeanLossClassifier(Classifier):
+    """A loss that is a mean over samples, penalty included, as per-micro-batch schedules (1F1B) require."""
+
+    def _loss(self, batch):
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits, y) + 1e-3 * logits.pow(2).sum(-1).mean()
+
+
 class Augmented(TensorDataset):
     """Adds fresh noise to every sample it serves: a random augmentation, drawn in the loader's workers."""
 
@@ -117,6 +126,12 @@ class StepScheduled(Classifier):
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class MeanStepScheduled(StepScheduled):
+    """StepScheduled with a loss that is a mean over samples, for per-micro-batch schedules (1F1B)."""
+
+    _loss = MeanLossClassifier._loss
 
 
 class SyncedLogs(StepScheduled):

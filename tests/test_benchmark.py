@@ -26,7 +26,7 @@ EXPECTED = {("single", 1, 1, "never"), ("single_raw", 1, 1, "never"), ("ddp", K,
     (impl, K, m, mode)
     for m in MS
     for impl, mode in [("gpipe", "never"), ("gpipe", "always"), ("executor", "never"), ("torch_gpipe", "never"),
-                       ("torch_1f1b", "never")]
+                       ("gpipe_1f1b", "never"), ("torch_1f1b", "never")]
     if impl != "torch_1f1b" or m >= K  # PyTorch's 1F1B refuses M < K
 }  # fmt: skip
 ROW_KEYS = {"impl", "k", "m", "checkpoint", "samples_per_s", "bubble_measured", "bubble_theory", "activation_bytes_max"}
@@ -62,7 +62,7 @@ def test_every_row_measured(quick):
         assert r["activation_bytes_max"] > 0 and r["rss_max_bytes"] > 0
         processes = 1 if impl.startswith("single") else K  # CPU time per step: each process's
         assert len(r["cpu_step_s_ranks"]) == processes and all(c > 0 for c in r["cpu_step_s_ranks"])
-        if impl in ("gpipe", "executor"):
+        if impl in ("gpipe", "gpipe_1f1b", "executor"):
             assert 0 <= r["bubble_measured"] < 1
         else:  # no timeline: torch.distributed.pipelining exposes none, and single has no pipeline
             assert r["bubble_measured"] is None
@@ -239,4 +239,9 @@ def test_emulated_quick_run(emulated):
         assert 0 < row["samples_per_s"] <= row["limit_samples_per_s"] * 1.02  # nothing beats the exact limit
     vs_limit = {(e["impl"], e["k"], e["m"], e["checkpoint"]): e["ratio"] for e in emulated["summary"]["vs_limit"]}
     assert vs_limit == pytest.approx({key: r["samples_per_s"] / r["limit_samples_per_s"] for key, r in rows.items()})
-    assert set(emulated["summary"]["goals"]) == {"emulated_limit", "emulated_vs_torch_gpipe"}
+    assert set(emulated["summary"]["goals"]) == {
+        "emulated_limit", "emulated_vs_torch_gpipe", "emulated_1f1b_limit", "emulated_1f1b_vs_torch_1f1b"
+    }
+    # 1F1B holds at most K - j micro-batches on stage j, F-then-B all M: stage 0's peak at K=2, M=8 is about 2/8.
+    fthenb, one_f_one_b = rows[("gpipe", 2, 8, "never")], rows[("gpipe_1f1b", 2, 8, "never")]
+    assert one_f_one_b["activation_bytes_stages"][0] <= (2 / 8 + 0.1) * fthenb["activation_bytes_stages"][0]

@@ -40,6 +40,8 @@ def test_the_options_are_frozen_and_reach_the_strategy():
         ({"state_dict_type": "zip"}, r"GPipeStrategy\(state_dict_type='zip'\): choose one of full, sharded"),
         ({"gather_model": "yes"}, r"GPipeStrategy\(gather_model='yes'\): True, False, or None"),
         ({"data_parallel_size": 0}, r"GPipeStrategy\(data_parallel_size=0\): need a whole number of replicas"),
+        ({"schedule": "zb"}, r"GPipeStrategy\(schedule='zb'\): choose one of gpipe, 1f1b$"),
+        ({"schedule": "interleaved"}, r"choose one of gpipe, 1f1b \(interleaved 1F1B is planned, not available yet\)"),
     ],
 )  # fmt: skip
 def test_bad_options_name_the_value(kwargs, message):

@@ -52,6 +52,7 @@ def d2k2(tmp_path_factory) -> tuple[Path, dict]:
         _dp("observed", 2, 2, tensorboard=True, trainer={"max_steps": 3}, strategy={"observe_every_n_steps": 1},
             accumulate=1),
         {**_dp("tied", 2, 2, data={"classes": 8}), "model_class": "TiedClassifier"},  # stages 0 and 1 share a weight
+        {**_dp("1f1b", 2, 2, strategy={"schedule": "1f1b"}), "model_class": "MeanStepScheduled"},
     ]
     return out, run_scenarios(4, scenarios, out)
 
@@ -67,13 +68,15 @@ def two(d2k2, tmp_path_factory) -> dict:
         _dp("k2_resumed", 1, 2, resume_from=str(saved)),
         _ddp("ddp_resumed", resume_from=str(saved)),
         {**_ddp("tied", data={"classes": 8}), "model_class": "TiedClassifier"},
+        {**_ddp("1f1b"), "model_class": "MeanStepScheduled"},
     ]
     return run_scenarios(2, scenarios, tmp_path_factory.mktemp("two"))
 
 
-@pytest.mark.parametrize("name", ["whole", "tied"])
+@pytest.mark.parametrize("name", ["whole", "tied", "1f1b"])
 def test_two_replicas_of_two_stages_train_as_ddp(name, d2k2, two):
-    """``tied``: a weight shared by the first and the last stage, summed over them, averaged over the replicas."""
+    """``tied``: a weight shared by the first and the last stage, summed over them, averaged over the replicas;
+    ``1f1b``: the 1F1B schedule, each replica's micro-batch losses scaled by their share of its samples."""
     ranks, ddp = d2k2[1][name], two["ddp" if name == "whole" else name]
     assert_same_params(full_params(ranks), ddp[0]["params"])
     for rank, values in enumerate(ranks):  # every stage of replica r logs what DDP's rank r logs

@@ -45,8 +45,19 @@ def k2(tmp_path_factory) -> tuple[Path, dict]:
         scenario("dropout_e1", 2, 3, epochs=1, save=True, **DROPOUT),
         scenario("dropout_resumed", 2, 3, epochs=EPOCHS, resume_from="dropout_e1", **DROPOUT),
         scenario("dropout_uninterrupted", 2, 3, epochs=EPOCHS, **DROPOUT),
+        # Checkpoints do not depend on the schedule: 1F1B's resumed by GPipe's F-then-B, and the reverse.
+        _schedule("1f1b_e1", "1f1b", epochs=1, save=True),
+        _schedule("gpipe_e1", "gpipe", epochs=1, save=True),
+        _schedule("gpipe_from_1f1b", "gpipe", epochs=EPOCHS, resume_from="1f1b_e1"),
+        _schedule("1f1b_from_gpipe", "1f1b", epochs=EPOCHS, resume_from="gpipe_e1"),
     ]
     return out, run_scenarios(2, scenarios, out)
+
+
+def _schedule(name: str, schedule: str, **extra) -> dict:
+    """A run of ``schedule`` on a loss that is a mean over samples (as 1F1B's per-micro-batch loss needs)."""
+    return scenario(name, 2, 3, model_class="MeanLossClassifier", strategy={"microbatches": 3, "schedule": schedule},
+                    **extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +151,19 @@ def test_resume_with_another_k(k2, k4, k2_resumed, reference):
     for ranks in (k4[1]["from_k2_sharded"], k2_resumed["from_k4"]):
         assert_same_params(full_params(ranks), reference["params"])
         assert_same_logs(ranks[0]["logged"], _later(reference["logged"]))
+
+
+@pytest.fixture(scope="module")
+def mean_reference() -> dict:
+    return reference_run(trainer_kwargs={"max_epochs": EPOCHS}, model_class="MeanLossClassifier")
+
+
+@pytest.mark.parametrize("name", ["gpipe_from_1f1b", "1f1b_from_gpipe"])
+def test_resume_with_another_schedule(name, k2, mean_reference):
+    """A 1F1B checkpoint continues under F-then-B and the reverse, as single-device training does."""
+    ranks = k2[1][name]
+    assert_same_params(full_params(ranks), mean_reference["params"])
+    assert_same_logs(ranks[0]["logged"], _later(mean_reference["logged"]))
 
 
 def test_single_device_checkpoint_resumes_in_the_pipeline(k2_resumed, reference):

@@ -7,7 +7,17 @@ from torch import nn
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import merge, split
 from lightning_gpipe.engine.rng import random_states
-from lightning_gpipe.schedule import Action, GPipe, Phase, Schedule, checkpoint_stop, clock_cycles, fthenb
+from lightning_gpipe.schedule import (
+    Action,
+    GPipe,
+    OneFOneB,
+    Phase,
+    Schedule,
+    checkpoint_stop,
+    clock_cycles,
+    fthenb,
+    one_f_one_b,
+)
 
 
 def test_fthenb_literal_order():
@@ -50,6 +60,7 @@ class BackwardInForwardOrder:
     """A toy schedule on the protocol: F-then-B whose backward takes the micro-batches in forward order (B0 first),
     re-materializing every one. A second schedule is a class like this, nothing else."""
 
+    name = "backward_in_forward_order"
     loss_per_microbatch = False
     stages_per_rank = 1
 
@@ -82,3 +93,24 @@ def test_gpipe_marks_the_forwards_to_recompute():
     assert isinstance(GPipe(), Schedule) and not GPipe.loss_per_microbatch and GPipe.stages_per_rank == 1
     with pytest.raises(ValueError, match="checkpoint must be one of"):
         GPipe("sometimes")
+
+
+def test_1f1b_literal_order():
+    """Warm-up of K-1-j forwards on stage j, then one forward and one backward alternately, then the cool-down."""
+    assert [" ".join(map(repr, one_f_one_b(3, 4, j))) for j in range(3)] == [
+        "F0 F1 F2 B0 F3 B1 B2 B3",
+        "F0 F1 B0 F2 B1 F3 B2 B3",
+        "F0 B0 F1 B1 F2 B2 F3 B3",
+    ]
+    assert [" ".join(map(repr, one_f_one_b(4, 2, j))) for j in (0, 3)] == ["F0 F1 B0 B1", "F0 B0 F1 B1"]  # M < K
+    assert [repr(a) for a in OneFOneB("except_last").actions(2, 3, 0)] == ["F0r", "F1r", "B0", "F2", "B1", "B2"]
+    assert isinstance(OneFOneB(), Schedule) and OneFOneB.loss_per_microbatch and OneFOneB.name == "1f1b"
+    for k in (1, 2, 3, 5):  # every stage runs each micro-batch's forward, then later its backward, once
+        for m in (1, 2, 7):
+            for j in range(k):
+                order = one_f_one_b(k, m, j)
+                assert sorted(order, key=repr) == sorted(fthenb(k, m, j), key=repr)
+                assert all(order.index(Action(Phase.FORWARD, i)) < order.index(Action(Phase.BACKWARD, i)) for i in range(m))
+                in_flight = max(sum(a.phase is Phase.FORWARD for a in order[: n + 1]) - sum(
+                    a.phase is Phase.BACKWARD for a in order[: n + 1]) for n in range(len(order)))  # fmt: skip
+                assert in_flight == min(k - j, m)  # stage j holds at most K - j micro-batches

@@ -1,5 +1,6 @@
 """The step's pieces, each driven directly in one process: held gradients, the backward plan, the record and
-replay of logged calls, and the state a re-materialized forward replays."""
+replay of logged calls (and their merge under a per-micro-batch schedule), and the state a re-materialized forward
+replays."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from lightning_gpipe.engine.recompute import BufferReplay, ForwardState
 from lightning_gpipe.integration.backward import BackwardPlan, HeldGradients
 from lightning_gpipe.integration.logs import muted_logs, record_logs, replay_logs, shareable
+from lightning_gpipe.integration.microsteps import merge_logs, merge_output
 
 
 def _params() -> list[torch.Tensor]:
@@ -177,3 +179,26 @@ def test_buffer_replay_shows_a_recompute_the_buffers_its_forward_saw():
     with replay.replayed(kept):
         assert torch.equal(layer(torch.ones(1)), first)  # recomputed as the forward ran it
     assert layer.calls.item() == 2.0  # and left as the forwards left it
+
+
+def test_per_microbatch_logs_merge_to_their_sample_weighted_mean():
+    """Three micro-batches of 4, 3 and 3 samples: a mean logged per micro-batch merges to the whole batch's."""
+    weights = [0.4, 0.3, 0.3]
+    per_microbatch = [
+        [("loss", torch.tensor(v), (), {"prog_bar": True}), ("acc", a, (), {})]
+        for v, a in ((1.0, 0.5), (2.0, 1.0), (4.0, 0.0))
+    ]
+    merged = merge_logs(per_microbatch, weights, "Model.training_step")
+    assert [(n, round(float(v), 6), kw) for n, v, _, kw in merged] == [("loss", 2.2, {"prog_bar": True}), ("acc", 0.5, {})]
+    output = merge_output([{"loss": torch.tensor(1.0), "n": 2}, {"loss": torch.tensor(3.0), "n": 4}], [0.5, 0.5], "s")
+    assert float(output["loss"]) == 2.0 and output["n"] == 3.0
+    assert float(merge_output([torch.tensor(1.0), torch.tensor(2.0)], [0.25, 0.75], "s")) == 1.75
+
+
+def test_per_microbatch_logs_that_cannot_merge_are_refused():
+    with pytest.raises(ValueError, match=r"logged \['loss'\] for micro-batch 0 but \['other'\] for micro-batch 1"):
+        merge_logs([[("loss", 1.0, (), {})], [("other", 1.0, (), {})]], [0.5, 0.5], "Model.training_step")
+    with pytest.raises(TypeError, match=r"self.log\('v', ...\) of M.training_step is Tensor; under a per-micro-batch"):
+        merge_logs([[("v", torch.ones(3), (), {})]] * 2, [0.5, 0.5], "M.training_step")
+    with pytest.raises(TypeError, match=r"'logits' of what M.training_step returned is Tensor"):
+        merge_output([{"loss": torch.tensor(1.0), "logits": torch.ones(2, 3)}] * 2, [0.5, 0.5], "M.training_step")

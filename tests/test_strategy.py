@@ -28,6 +28,12 @@ def _error(name: str, k: int, balance, **extra) -> dict:
     return {"name": name, "k": k, "strategy": {"balance": balance}, "expect_error": True, **extra}
 
 
+def _one_f_one_b(k: int, m: int, checkpoint: str) -> dict:
+    """1F1B on a loss that is a mean over samples (the last stage's step runs once per micro-batch)."""
+    s = scenario(f"1f1b_m{m}_{checkpoint}", k, m, checkpoint, model_class="MeanLossClassifier")
+    return {**s, "strategy": {**s["strategy"], "schedule": "1f1b"}}
+
+
 K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES] + [
     scenario("predict_and_save", 2, 3, predict=True, save=True),
     scenario("steps_and_val_interval", 2, 3, trainer={"max_steps": 3, "val_check_interval": 2}),
@@ -43,12 +49,20 @@ K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES]
     scenario("bf16_never", 2, 3, "never", precision="bf16-mixed"),
     scenario("island", 2, 3, precision="bf16-mixed", model_class="AutocastIsland"),
     scenario("island_late", 2, 3, precision="bf16-mixed", model_class="AutocastIslandLate"),
+    *(_one_f_one_b(2, m, mode) for m, mode in ((2, "always"), (4, "except_last"), (4, "never"))),
     _error("balance_sum", 2, [3, 3]),
     _error("balance_zero", 2, [0, 9]),
     _error("balance_length", 2, [9]),
+    {**_one_f_one_b(2, 3, "never"), "name": "1f1b_late", "model_class": "NormBeforeZeroGrad", "expect_error": True},
+    # The last stage fails in its step's first micro-batch while the first is in its schedule: it takes every
+    # activation still coming and sends zeros for every gradient, then the error; the next scenario runs on.
+    {**_one_f_one_b(2, 3, "except_last"), "name": "1f1b_fails", "fail_at": {"rank": 1, "batch": 1},
+     "expect_error": True},
+    scenario("after_1f1b_fails", 2, 3),
 ]
 K4 = [scenario(f"m{m}_{mode}", 4, m, mode) for m, mode in ((1, "never"), (3, "always"), (4, "except_last"))] + [
     scenario("predict_and_save", 4, 4, predict=True, save=True),
+    *(_one_f_one_b(4, m, mode) for m, mode in ((4, "never"), (8, "except_last"))),
     _error("too_few_layers", 4, "uniform", model={"depth": 1}),
     _error("time_too_few_layers", 4, "time", model={"depth": 1}),  # rank 0 measures, every rank raises
     _error("stage_without_parameters", 4, [1, 1, 1, 6]),
@@ -58,6 +72,11 @@ K4 = [scenario(f"m{m}_{mode}", 4, m, mode) for m, mode in ((1, "never"), (3, "al
 @pytest.fixture(scope="module")
 def reference() -> dict:
     return reference_run()
+
+
+@pytest.fixture(scope="module")
+def mean_reference() -> dict:
+    return reference_run(model_class="MeanLossClassifier")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +115,47 @@ def test_k2_equals_single_device(name, k2, reference):
 @pytest.mark.parametrize("name", [s["name"] for s in K4 if s["name"][0] == "m"])
 def test_k4_equals_single_device(name, k4, reference):
     _check_against_reference(k4[name], reference, 4)
+
+
+@pytest.fixture(scope="module")
+def one_f_one_b_k1(tmp_path_factory) -> dict:
+    """1F1B on one process, for each M the pipelines run: the same micro-batches, no stage boundary."""
+    from _worker import run
+
+    out, runs = tmp_path_factory.mktemp("1f1b_k1"), {}
+    for m in (2, 4, 8):
+        run(_one_f_one_b(1, m, "never"), out)
+        runs[m] = [torch.load(out / f"1f1b_m{m}_never.rank0.pt", weights_only=False)]
+    return runs
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_1f1b_k1_equals_single_device(m, one_f_one_b_k1, mean_reference):
+    """Each micro-batch's loss scaled by its share of the samples: parameters and logged values (step and epoch)
+    as single-device training's on the whole batch, with clipping, accumulation, momentum and a scheduler."""
+    _check_against_reference(one_f_one_b_k1[m], mean_reference, 1)
+
+
+@pytest.mark.parametrize(("k", "name"), [(2, s["name"]) for s in K2 if s["name"].startswith("1f1b_m")] + [
+    (4, s["name"]) for s in K4 if s["name"].startswith("1f1b_m")])  # fmt: skip
+def test_1f1b_pipelines_equal_one_process(k, name, k2, k4, one_f_one_b_k1, mean_reference):
+    """K stages add no error of their own to 1F1B on the same micro-batches (1e-6), and so equal single-device
+    training (1e-5)."""
+    ranks = {2: k2, 4: k4}[k][name]
+    _check_against_reference(ranks, mean_reference, k)
+    alone = one_f_one_b_k1[int(name.split("_")[1][1:])][0]
+    assert_same_params(full_params(ranks), alone["params"], atol=1e-6)
+    assert_same_logs(ranks[0]["logged"], alone["logged"], atol=1e-6)
+
+
+def test_1f1b_refuses_code_between_the_step_and_its_backward(k2):
+    for rank in k2["1f1b_late"]:
+        assert "GPipeStrategy(schedule='1f1b') runs each micro-batch's backward inside the step" in rank["error"]
+
+
+def test_a_failing_1f1b_step_ends_every_stage_with_its_error(k2, reference):
+    assert [r["error"] for r in k2["1f1b_fails"]] == ["RuntimeError: deliberate failure on rank 1 at batch 1"] * 2
+    _check_against_reference(k2["after_1f1b_fails"], reference, 2)  # every message of the failed step was matched
 
 
 def test_max_steps_and_val_check_interval(k2):

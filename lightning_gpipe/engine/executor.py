@@ -79,6 +79,10 @@ class StageExecutor:
         self._slots: list[Optional[_Slot]] = []
         self._expecting = False  # whether this step's gradient receives are posted
         self._orders: dict[tuple[int, Phase], list[Action]] = {}
+        self._last_forward = -1  # this step's last forward micro-batch (begin)
+        self._taken: dict[int, tuple[Any, dict[Key, Tensor]]] = {}
+        self._backward_done: set[int] = set()
+        self._ahead_of: dict[int, int] = {}  # each forward's next one in this step
 
     @property
     def is_first(self) -> bool:
@@ -109,28 +113,51 @@ class StageExecutor:
         with self.random.active():
             self._backward()
 
-    def _forward(self, inputs: Optional[Sequence[Any]], n: int, train: bool) -> Optional[list[TensorOrTensors]]:
+    def begin(self, n: int) -> None:
+        """Start a step of ``n`` micro-batches: nothing of the last one is kept."""
         self._slots = [None] * n
+        self._taken: dict[int, tuple[Any, dict[Key, Tensor]]] = {}  # each micro-batch's input, once received
+        self._backward_done: set[int] = set()
         self._expecting = False
-        actions = self._actions(n, Phase.FORWARD)
+        forwards = self._actions(n, Phase.FORWARD)
+        self._last_forward = forwards[-1].i
+        self._ahead_of = {a.i: b.i for a, b in zip(forwards, forwards[1:])}  # each forward's next, for its header
+
+    def _forward(self, inputs: Optional[Sequence[Any]], n: int, train: bool) -> Optional[list[TensorOrTensors]]:
+        self.begin(n)
         outputs = []
-        for action, after in zip(actions, [*actions[1:], None]):
+        for action in self._actions(n, Phase.FORWARD):
             x = inputs[action.i] if self.is_first else None  # type: ignore[index]
-            outputs.append(self.forward_one(action, x, train, ahead=after.i if after is not None else None))
-        if train:
-            commit(self.deferred_norms)  # the whole mini-batch's statistics, once
-        self._flush()  # the next stage takes the last activations during its own forward; this one waits anyway
+            outputs.append(self.forward_one(action, x, train))
+        self.flush()  # the next stage takes the last activations during its own forward; this one waits anyway
         return outputs if self.is_last else None
 
-    def forward_one(self, action: Action, x: Any, train: bool, ahead: Optional[int] = None) -> Optional[TensorOrTensors]:
-        """Run the forward ``action``: ``x`` is its micro-batch on the first stage (the others receive it); ``ahead``,
-        the micro-batch of this stage's next forward, whose header may be posted now. Returns the output on the
-        last stage, in training as detached leaves whose gradients :meth:`backward_one` reads."""
+    def run(self, inputs: Optional[Sequence[Any]], n: int) -> None:
+        """Train on ``n`` micro-batches with every action of this stage's schedule in order, on a stage that is not
+        the last (whose loss runs per micro-batch between its actions, driven by the step): each gradient receive is
+        posted as soon as its forward has run, in the order of the forwards, which is the backwards' order."""
+        with self.random.active():
+            self.begin(n)
+            for action in self.schedule.actions(self.k, n, self.stage):
+                if action.phase is Phase.FORWARD:
+                    self.forward_one(action, inputs[action.i] if self.is_first else None, train=True)  # type: ignore[index]
+                    self.post_receive(action.i)
+                else:
+                    self.backward_one(action)
+            self.flush()
+
+    def forward_one(self, action: Action, x: Any, train: bool) -> Optional[TensorOrTensors]:
+        """Run the forward ``action`` of the step :meth:`begin` started: ``x`` is its micro-batch on the first stage
+        (the others receive it, and post the header of their next forward meanwhile). Returns the output on the last
+        stage, in training as detached leaves whose gradients :meth:`backward_one` reads. After the step's last
+        forward, deferred batch norms take the whole mini-batch's statistics."""
         i = action.i
         if not self.is_first:
             with self.timeline.span("recv", i):
-                x = self._receive(i, ahead if self._ahead else None, train)
+                x = self._receive(i, self._ahead_of.get(i) if self._ahead else None, train)
         popped = self._receive_skips(i, train)
+        if train:
+            self._taken[i] = (x, popped)
         state = ForwardState.capture(self.device) if train and action.recompute else None
         watched = self.buffers.before() if state else []
         with self.timeline.span("forward", i), self.meter.saving(), torch.set_grad_enabled(train and state is None):
@@ -154,6 +181,8 @@ class StageExecutor:
             output = y
         for port, t in zip(self.sends, stashed):  # after the activations, in the order the receiver takes them
             self.link.send_skip(i, port, t)  # type: ignore[union-attr]
+        if train and i == self._last_forward:
+            commit(self.deferred_norms)  # the whole mini-batch's statistics, once
         return output
 
     def post_receives(self) -> None:
@@ -166,10 +195,17 @@ class StageExecutor:
             return
         self._expecting = True
         for action in self._actions(len(self._slots), Phase.BACKWARD):
-            slot = self._slots[action.i]
-            self.link.expect_gradients(action.i, slot.sent)  # type: ignore[union-attr]
-            for port, (shape, dtype) in zip(self.sends, slot.stashed_sent):
-                self.link.expect_skip_gradient(action.i, port, shape, dtype)  # type: ignore[union-attr]
+            self.post_receive(action.i)
+
+    def post_receive(self, i: int) -> None:
+        """Post the receives of micro-batch ``i``'s output gradients (and its skips'), once its forward has run."""
+        if self.is_last:
+            return
+        slot = self._slots[i]
+        assert slot is not None, f"micro-batch {i} has no forward on stage {self.stage}"
+        self.link.expect_gradients(i, slot.sent)  # type: ignore[union-attr]
+        for port, (shape, dtype) in zip(self.sends, slot.stashed_sent):
+            self.link.expect_skip_gradient(i, port, shape, dtype)  # type: ignore[union-attr]
 
     def parameters(self) -> list[Tensor]:
         """This stage's parameters, each once."""
@@ -180,30 +216,39 @@ class StageExecutor:
         return [p for p in self.parameters() if p.requires_grad]
 
     def drain(self) -> None:
-        """Instead of a backward: send zeros as every micro-batch's input gradients, in the backward's order.
+        """Instead of the rest of a training step: take what the stages before still send, and send zeros back as
+        the input gradients of every micro-batch whose backward has not run, in the schedule's order.
 
         The last stage calls it when its step failed after the stages before it started their backward, so that
         they finish it and then learn of the failure; every message they posted is matched.
         """
-        for action in self._actions(len(self._slots), Phase.BACKWARD):
-            slot = self._slots[action.i]
-            assert slot is not None, f"micro-batch {action.i} has no forward on stage {self.stage}"
+        for action in self.schedule.actions(self.k, len(self._slots), self.stage):
+            i = action.i
+            if action.phase is Phase.FORWARD:
+                if self._slots[i] is None and i not in self._backward_done:  # taken, for the zeros of its backward
+                    x, popped = self._taken.get(i) or (self._receive(i, None, False), self._receive_skips(i, False))
+                    self._slots[i] = _Slot(inputs=x, outputs=None, state=None, popped=popped)
+                continue
+            slot = self._slots[i]
+            if slot is None:  # its backward ran
+                continue
             if not self.is_first:
                 zeros = [torch.zeros_like(x) for x in as_tuple(slot.inputs) if carries_grad(x)]
-                self.link.send_gradients(action.i, zeros)  # type: ignore[union-attr]
+                self.link.send_gradients(i, zeros)  # type: ignore[union-attr]
             for port in self.receives:
                 popped = slot.popped[port.key]
                 if carries_grad(popped):
-                    self.link.send_skip_gradient(action.i, port, torch.zeros_like(popped))  # type: ignore[union-attr]
+                    self.link.send_skip_gradient(i, port, torch.zeros_like(popped))  # type: ignore[union-attr]
             self.meter.release(slot.held)
-            self._slots[action.i] = None
-        self._flush()
+            self._slots[i] = None
+            self._backward_done.add(i)
+        self.flush()
 
     def _backward(self) -> None:
         self.post_receives()
         for action in self._actions(len(self._slots), Phase.BACKWARD):
             self.backward_one(action)
-        self._flush()
+        self.flush()
 
     def backward_one(self, action: Action) -> None:
         """Run the backward ``action``: its output gradients (received, or the last stage's leaves' own), the
@@ -236,8 +281,11 @@ class StageExecutor:
                 self.link.send_skip_gradient(i, port, _input_grads(popped)[0])  # type: ignore[union-attr]
         self.meter.release(slot.held)
         self._slots[i] = None
+        self._backward_done.add(i)
+        self._taken.pop(i, None)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Wait until this stage's sends have completed."""
         if self.link is not None:
             with self.timeline.span("send"):
                 self.link.flush()

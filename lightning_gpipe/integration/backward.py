@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Callable, Optional, Union
 
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["BackwardPlan", "HeldGradients", "stage_backward", "loss_backward", "clip_grad_by_global_norm"]
+__all__ = ["BackwardPlan", "HeldGradients", "stage_backward", "loss_backward", "microbatch_backward", "loss_problem", "clip_grad_by_global_norm"]
 
 
 class BackwardPlan(Enum):
@@ -103,7 +104,9 @@ def stage_backward(
         # ... which drive each micro-batch's backward, in reverse, through every stage.
         executor.backward()
         flow.start_average()
-    elif not executor.is_last:  # it ran in the step (step.py's step 4); the last stage called these hooks there
+    elif not executor.is_last or executor.schedule.loss_per_microbatch:
+        # It ran in the step (step.py's step 4, or per micro-batch); a last stage whose loss ran whole called these
+        # hooks there.
         before_backward(strategy, closure_loss)
     flow.finish_average()  # the replicas' average, before on_after_backward and clipping read it
     flow.held.release()
@@ -128,6 +131,13 @@ def loss_backward(strategy: Any, loss: Tensor, optimizer: Optional[Optimizer] = 
     strategy.precision_plugin.backward(before_backward(strategy, loss), module, optimizer, *args, **kwargs)
 
 
+def microbatch_backward(strategy: Any, loss: Tensor) -> None:
+    """Last stage, a per-micro-batch loss: one micro-batch's (scaled) loss backward, as Lightning runs a step's
+    (``LightningModule.backward`` through the precision plugin); the hooks around it run once per step."""
+    module = strategy.lightning_module
+    strategy.precision_plugin.backward(loss, module, module.trainer.optimizers[0])
+
+
 def clip_grad_by_global_norm(
     topology: Any, run: Any, device: torch.device, optimizer: Optimizer, clip_val: Union[int, float]
 ) -> None:
@@ -142,3 +152,20 @@ def clip_grad_by_global_norm(
     coef = torch.clamp(clip_val / (local.sqrt() + 1e-6), max=1.0)
     for p in params:
         p.grad.mul_(coef.to(p.grad.dtype))
+
+
+def loss_problem(output: Any, where: str) -> Optional[Exception]:
+    """Why Lightning's automatic optimization would refuse ``output`` of a training step, or ``None``."""
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if isinstance(loss, Tensor):
+        return None
+    if output is None:
+        return RuntimeError(
+            f"GPipeStrategy: {where} returned None. A pipeline cannot skip a step (its other stages are already in"
+            " their backward), as distributed Lightning cannot: return the loss."
+        )
+    what = "a dict without a 'loss' tensor" if isinstance(output, Mapping) else f"a {type(output).__name__}"
+    return TypeError(
+        f"GPipeStrategy: {where} returned {what}; in automatic optimization it returns the loss, or a dict with"
+        " the loss under 'loss'"
+    )

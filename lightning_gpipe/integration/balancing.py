@@ -86,6 +86,7 @@ def sample_microbatch(strategy: Any, module: LightningModule, fitting: bool) -> 
 class _StepInput(BaseException):
     """Carries the input of ``self(x)`` out of a user's step that is only run to find it."""
 
+
 def input_of_step(module: Any, batch: Any, batch_idx: int) -> Any:
     """What the LightningModule's ``training_step(batch, batch_idx)`` passes to ``self(x)``; the rest of the
     step does not run, and nothing it logs is kept."""
@@ -103,6 +104,7 @@ def input_of_step(module: Any, batch: Any, batch_idx: int) -> Any:
         " profiled on its input"
     )
 
+
 @contextmanager
 def untouched_random(loaders: Any, device: torch.device) -> Iterator[None]:
     """Every random stream, the data loaders' own generators included, as it was before the block."""
@@ -114,6 +116,7 @@ def untouched_random(loaders: Any, device: torch.device) -> Iterator[None]:
         set_rank_random_state(state, device)
         for generator, saved in generators:
             generator.set_state(saved)
+
 
 def _generators(loaders: Any) -> list[torch.Generator]:
     """The random generators of data loaders (and their samplers), wherever they sit in ``loaders``."""

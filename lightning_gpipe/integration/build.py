@@ -27,8 +27,9 @@ from lightning_gpipe.engine.p2p import MAX_SKIPS, StageLink
 from lightning_gpipe.engine.rng import StageRandom, rank_random_state, set_rank_random_state
 from lightning_gpipe.engine.skip import skip_routes, stage_ports
 from lightning_gpipe.errors import DeferredInitError, SkipError
-from lightning_gpipe.integration.backward import clip_grad_by_global_norm, loss_backward
+from lightning_gpipe.integration.backward import clip_grad_by_global_norm, loss_backward, microbatch_backward
 from lightning_gpipe.integration.balancing import profiled_balance
+from lightning_gpipe.integration.config import make_schedule
 from lightning_gpipe.integration.contract import (
     frozen_summaries,
     parameters_refused_in_end_hooks,
@@ -202,12 +203,14 @@ def partition(
     if kept.stage_random is None:  # one stream per stage for the strategy's life: runs continue it
         kept.stage_random = StageRandom(stage, device)
     executor = StageExecutor(
-        own, stage, k, device, link, config.checkpoint, kept.stage_random, skips=stage_ports(routes, balance, stage)
-    )
+        own, stage, k, device, link, config.checkpoint, kept.stage_random, make_schedule(config),
+        skips=stage_ports(routes, balance, stage),
+    )  # fmt: skip
     sharing = ObjectBroadcast(device, topology.pipeline_group) if k > 1 else None
     flow = StageStep(
-        executor, config.microbatches, name, device, sharing, partial(loss_backward, strategy), topology.rank_of(k - 1)
-    )
+        executor, config.microbatches, name, device, sharing, partial(loss_backward, strategy), topology.rank_of(k - 1),
+        partial(microbatch_backward, strategy),
+    )  # fmt: skip
     run = PipelineRun(module, name, executor, flow, patches, deferred_norms=norms)
     if topology.d > 1:
         run.averager = GradientAverager(topology.replica_group, topology.d, executor.timeline)
@@ -216,7 +219,7 @@ def partition(
     replicas = f"{topology.d} replicas of " if topology.d > 1 else ""
     rank_zero_info(
         f"GPipeStrategy: {replicas}{k} stages of {name!r} with balance {balance},"
-        f" microbatches={config.microbatches}, checkpoint={config.checkpoint!r}"
+        f" microbatches={config.microbatches}, checkpoint={config.checkpoint!r}, schedule={config.schedule!r}"
     )
     if kept.balance_report is not None and strategy.is_global_zero:
         kept.balance_report.publish(module.trainer)

@@ -12,6 +12,7 @@ from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import batch_size, merge, split, split_sizes
 from lightning_gpipe.engine.rng import rank_random_state
 from lightning_gpipe.patching import patched
+from lightning_gpipe.schedule import Action
 
 __all__ = ["PipelineCall", "StageFinished", "prints_recorded", "rank_zero_watched"]
 
@@ -19,18 +20,33 @@ __all__ = ["PipelineCall", "StageFinished", "prints_recorded", "rank_zero_watche
 class StageFinished(BaseException):
     """Ends the user's step on a stage that has no loss to compute (a BaseException so ``except Exception`` passes it)."""
 
+
 class PipelineCall:
-    """Stands in for ``LightningModule.forward`` during a step: ``self(x)`` runs the pipeline on the whole batch."""
+    """Stands in for ``LightningModule.forward`` during a step: ``self(x)`` runs the pipeline on the whole batch.
+
+    With a schedule whose loss runs per micro-batch (1F1B), a stage that is not the last trains through every action
+    of its schedule in ``self(x)`` (``run``); the last stage's step runs once per micro-batch, and ``self(x)`` is then
+    that micro-batch's forward alone (:meth:`expect`).
+    """
 
     def __init__(
-        self, executor: StageExecutor, microbatches: int, train: bool, check: Optional[Callable[[Any], None]] = None
-    ) -> None:
+        self, executor: StageExecutor, microbatches: int, train: bool, check: Optional[Callable[[Any], None]] = None,
+        run: Optional[Callable[[Optional[list[Any]], int], None]] = None,
+    ) -> None:  # fmt: skip
         self.executor, self.microbatches, self.train = executor, microbatches, train
         self.check = check  # called with the first input, to verify the module's forward contract
+        self.run = run  # trains through the whole schedule (a stage before the last, per-micro-batch loss)
         self.calls = 0
         self.returned = False  # whether the pipeline ran to the end and handed the step its output
         self.samples = self.n = 0  # batch size and micro-batch count, once called
         self.random: Optional[dict[str, Any]] = None  # last stage: the rank-wide random state at self(x)
+        self.one: Optional[tuple[Action, int]] = None  # per micro-batch: the forward to run, and its rows
+
+    def expect(self, action: Action, rows: int, n: int, samples: int) -> None:
+        """The next ``self(x)`` is micro-batch ``action.i``'s forward, of ``rows`` samples (of ``samples`` in ``n``
+        micro-batches), in a step run once per micro-batch."""
+        self.one, self.n, self.samples = (action, rows), n, samples
+        self.calls, self.returned = 0, False
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -47,21 +63,35 @@ class PipelineCall:
         if self.check is not None:
             self.check(x)
         executor = self.executor
-        if executor.is_last and executor.k > 1:  # idle until its first input arrives: no time lost
+        if executor.is_last and executor.k > 1 and self.random is None:  # idle until its first input: no time lost
             self.random = rank_random_state(executor.device)
+        if self.one is not None:
+            return self._one(x, *self.one)
         self.samples = batch_size(x)
-        if executor.is_first:
-            micro = split(x, self.microbatches)
-            self.n = len(micro)
-            outputs = executor.forward(micro, self.n, self.train)
-        else:
-            self.n = len(split_sizes(self.samples, self.microbatches))
-            outputs = executor.forward(None, self.n, self.train)
+        micro = split(x, self.microbatches) if executor.is_first else None
+        self.n = len(micro) if micro is not None else len(split_sizes(self.samples, self.microbatches))
+        if self.run is not None and self.train:
+            self.run(micro, self.n)
+            raise StageFinished
+        outputs = executor.forward(micro, self.n, self.train)
         if not executor.is_last:
             raise StageFinished
         assert outputs is not None
         self.returned = True
         return merge(outputs)
+
+    def _one(self, x: Any, action: Action, rows: int) -> Any:
+        if batch_size(x) != rows:
+            raise ValueError(
+                f"GPipeStrategy(schedule={self.executor.schedule.name!r}) runs the step once per micro-batch, on its"
+                f" slice of the batch: micro-batch {action.i} holds {rows} samples, but self(x) got {batch_size(x)}"
+                " rows. x must be the batch's samples, in order, one row each."
+            )
+        with self.executor.random.active():
+            output = self.executor.forward_one(action, x if self.executor.is_first else None, train=True)
+        self.returned = True
+        return output
+
 
 def prints_recorded(module: LightningModule, call: PipelineCall, prints: list[tuple[tuple, dict]]) -> Any:
     """Inside the block, ``module.print`` after ``self(x)`` returned records its arguments into ``prints``."""
@@ -74,6 +104,7 @@ def prints_recorded(module: LightningModule, call: PipelineCall, prints: list[tu
             original(*args, **kwargs)
 
     return patched(module, "print", print_)
+
 
 class _WatchedRank(int):
     """``rank_zero_only.rank`` that notes when code compares it with 0, once ``call`` has returned: rank-zero-only
@@ -97,6 +128,7 @@ class _WatchedRank(int):
         return int(self) > other
 
     __hash__ = int.__hash__
+
 
 def rank_zero_watched(call: PipelineCall, seen: list[bool]) -> Any:
     return patched(rank_zero_only, "rank", _WatchedRank(getattr(rank_zero_only, "rank", 0), call, seen))

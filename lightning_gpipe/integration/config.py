@@ -12,9 +12,9 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning_gpipe.errors import BalanceError
 from lightning_gpipe.model.partition import BALANCE_RULES, Balance
 from lightning_gpipe.parallel.topology import check_replicas
-from lightning_gpipe.schedule import CHECKPOINT_MODES
+from lightning_gpipe.schedule import CHECKPOINT_MODES, SCHEDULES, Schedule
 
-__all__ = ["GPipeConfig", "STATE_DICT_TYPES"]
+__all__ = ["GPipeConfig", "STATE_DICT_TYPES", "make_schedule"]
 
 STATE_DICT_TYPES = ("full", "sharded")
 
@@ -24,6 +24,7 @@ class GPipeConfig:
     """What ``GPipeStrategy(...)`` was asked for; see :class:`~lightning_gpipe.GPipeStrategy` for each option."""
 
     microbatches: int = 4
+    schedule: str = "gpipe"
     balance: Balance = "uniform"
     checkpoint: str = "except_last"
     sequential: Optional[str] = None
@@ -39,6 +40,11 @@ class GPipeConfig:
     def __post_init__(self) -> None:
         if not _whole(self.microbatches) or self.microbatches < 1:
             raise ValueError(f"GPipeStrategy(microbatches={self.microbatches!r}): need an integer of at least 1")
+        if self.schedule not in SCHEDULES:
+            planned = " (interleaved 1F1B is planned, not available yet)" if self.schedule == "interleaved" else ""
+            raise ValueError(
+                f"GPipeStrategy(schedule={self.schedule!r}): choose one of {', '.join(SCHEDULES)}{planned}"
+            )
         if self.checkpoint not in CHECKPOINT_MODES:
             raise ValueError(
                 f"GPipeStrategy(checkpoint={self.checkpoint!r}): choose one of {', '.join(CHECKPOINT_MODES)}"
@@ -64,6 +70,11 @@ class GPipeConfig:
             raise ValueError(
                 f"GPipeStrategy(gather_model={self.gather_model!r}): True, False, or None (gather a model built whole)"
             )
+
+
+def make_schedule(config: GPipeConfig) -> Schedule:
+    """The schedule ``config`` names, with its re-materialization mode."""
+    return SCHEDULES[config.schedule](config.checkpoint)
 
 
 def _whole(value: Any) -> bool:

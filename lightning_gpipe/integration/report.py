@@ -11,7 +11,6 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_gpipe.checkpointing.state import unwrapped
-from lightning_gpipe.integration.contract import stage_parameters
 from lightning_gpipe.instrument.memory import host_peak_bytes, optimizer_state_bytes, tensor_bytes
 from lightning_gpipe.instrument.timeline import (
     COMPUTE,
@@ -22,6 +21,7 @@ from lightning_gpipe.instrument.timeline import (
     makespan,
     theoretical_bubble,
 )
+from lightning_gpipe.integration.contract import stage_parameters
 from lightning_gpipe.model.partition import stage_layers
 from lightning_gpipe.model.profile import LayerCosts, predicted_efficiency
 from lightning_gpipe.parallel.collectives import gather_to_first

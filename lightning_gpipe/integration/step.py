@@ -59,10 +59,11 @@ from torch import Tensor
 from lightning_gpipe.engine.broadcast import ObjectBroadcast
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.rng import rank_random_state, set_rank_random_state
-from lightning_gpipe.integration.backward import BackwardPlan, HeldGradients
+from lightning_gpipe.integration.backward import BackwardPlan, HeldGradients, loss_problem
 from lightning_gpipe.integration.call import PipelineCall, StageFinished, prints_recorded, rank_zero_watched
 from lightning_gpipe.integration.contract import StageError, parameters_refused
 from lightning_gpipe.integration.logs import muted_logs, record_logs, replay_logs, shareable
+from lightning_gpipe.integration.microsteps import run_per_microbatch
 from lightning_gpipe.model.partition import check_forward
 from lightning_gpipe.parallel.collectives import Failure
 from lightning_gpipe.parallel.replicas import GradientAverager
@@ -77,12 +78,14 @@ class StageStep:
     def __init__(
         self, executor: StageExecutor, microbatches: int, sequential: str, device: torch.device,
         sharing: Optional[ObjectBroadcast], loss_backward: Callable[[Tensor], None], source: Optional[int] = None,
+        microbatch_backward: Optional[Callable[[Tensor], None]] = None,
     ) -> None:  # fmt: skip
         if executor.k > 1 and sharing is None:
             raise ValueError(f"a pipeline of {executor.k} stages needs an ObjectBroadcast for the last stage's results")
         self.executor, self.microbatches, self.sequential, self.device = executor, microbatches, sequential, device
         self.sharing = sharing
         self.loss_backward = loss_backward  # Lightning's backward of a step's (scaled) loss: hooks, precision
+        self.microbatch_backward = microbatch_backward or loss_backward  # one micro-batch's loss (1F1B): no hooks
         self.source = executor.k - 1 if source is None else source  # the last stage's global rank
         self.averager: Optional[GradientAverager] = None  # set for a step whose gradients the replicas average
         self._averaged: tuple[list[Tensor], bool] = ([], False)  # the parameters averaged, and whether held
@@ -120,16 +123,25 @@ class StageStep:
         """Run ``module.<hook>(*args, **kwargs)`` with ``self(x)`` routed through the pipeline; on every stage,
         return what the last stage's step returned. ``plan`` (training only) places the stages' backward."""
         executor = self.executor
-        self.plan = plan if train and executor.k > 1 else None
+        per_micro = train and executor.schedule.loss_per_microbatch  # the last stage's step runs per micro-batch
+        self.plan = plan if train and (executor.k > 1 or per_micro) else None
         self.held.discard()
+        if per_micro and self.plan is BackwardPlan.LATE:  # decided alike on every stage: refused on every stage
+            raise StageError(
+                f"GPipeStrategy(schedule={executor.schedule.name!r}) runs each micro-batch's backward inside the step,"
+                " so no code can run between the step and its backward; this run has some (an on_before_zero_grad,"
+                " optimizer_zero_grad or on_before_backward of the module, or a callback's): use schedule='gpipe'"
+            )
         check = None
         if module.training not in self._checked_modes:  # forward may branch on self.training: check both
             self._checked_modes.add(module.training)
             check = partial(check_forward, module, self.sequential)
-        call = self.call = PipelineCall(executor, self.microbatches, train, check)
+        run = partial(self._train_through, executor.parameters()) if per_micro and not executor.is_last else None
+        call = self.call = PipelineCall(executor, self.microbatches, train, check, run)
         # The last stage records its calls of self.log; the others drop their own. Every stage makes the recorded
         # calls: the last at the end of its step (step 5), the others once they have them (step 3, or step 5).
-        logging = nullcontext([]) if executor.k == 1 else record_logs(module) if executor.is_last else muted_logs(module)
+        recording = executor.is_last and (executor.k > 1 or per_micro)
+        logging = record_logs(module) if recording else nullcontext([]) if executor.k == 1 else muted_logs(module)
         # The last stage's self.print calls after self(x) go to global rank 0, which prints them (it alone prints).
         prints: list[tuple[tuple, dict]] = []
         printing = prints_recorded(module, call, prints) if executor.k > 1 and executor.is_last else nullcontext()
@@ -145,7 +157,10 @@ class StageStep:
         self._running = (where, call)
         with patched(module, "forward", call), logging as records, refusal, printing, watching:
             try:
-                output = getattr(module, hook)(*args, **kwargs)
+                if per_micro and executor.is_last:
+                    output = self._per_microbatch(module, hook, args, kwargs, records, params)
+                else:
+                    output = getattr(module, hook)(*args, **kwargs)
                 if call.calls == 0:
                     raise RuntimeError(
                         f"GPipeStrategy: {where} never called self(...). The pipeline runs when the step calls the"
@@ -154,12 +169,15 @@ class StageStep:
             except StageFinished:
                 output = None
             except Exception as error:
-                if call.returned and executor.k > 1:  # the other stages wait for this one's logs: send the error
+                # The other stages wait for this one's logs (per micro-batch: for its gradients too): send the error.
+                if call.returned and executor.k > 1 and not per_micro:
                     self._fail(Failure.of(error), drain=False)
                 raise
             finally:
                 self._running = None
         if executor.k == 1:
+            if per_micro:  # recorded to be merged: made now
+                replay_logs(module, records, self.device)
             return output
         if executor.is_last:
             if rank_zero_code and where not in self._warned:
@@ -171,11 +189,12 @@ class StageStep:
                     " reach global rank 0.",
                     stacklevel=2,
                 )
-            problem = _loss_problem(output, where) if train else None
+            problem = loss_problem(output, where) if train and not per_micro else None
             if problem is not None:  # Lightning would refuse it before the backward: so do the other stages
                 self._fail(Failure.of(problem), drain=False)
                 raise problem
-            if self._early:
+            logs_ahead = self._early and not per_micro  # per micro-batch: the backward ran, logs go with results
+            if logs_ahead:
                 with executor.timeline.span("logs"):  # step 3: the logged calls, their tensors left on the device
                     self._share(records, where, packed=True)
                 self._backward_in_step(module, output, params)  # step 4
@@ -185,7 +204,7 @@ class StageStep:
                 random = rank_random_state(self.device)
                 assert call.random is not None  # noted when self(x) began, which it has (the step returned)
                 results = {
-                    "records": None if self._early else shareable(records),
+                    "records": None if logs_ahead else shareable(records),
                     "output": apply_to_collection(output, Tensor, Tensor.detach),
                     "should_stop": module.trainer.should_stop,
                     "random": None if _same_random(random, call.random) else random,
@@ -195,7 +214,7 @@ class StageStep:
                 self._share(results, where)
             replay_logs(module, records, self.device)  # step 5: the same calls as every other stage
             return output
-        if not self.backward_ran:
+        if not self.backward_ran or per_micro:  # per micro-batch: the backward ran in self(x), logs come with results
             return self._take_shared(module)
         with executor.timeline.span("logs"):  # step 3: while the last stage runs its backward
             params = executor.parameters()
@@ -212,6 +231,31 @@ class StageStep:
             self.held.compute(executor.backward, params, self.plan)  # type: ignore[arg-type]
         self.start_average()  # the replicas' average travels while this stage waits for the results
         return self._take_shared(module)
+
+    def _train_through(self, params: list[Tensor], inputs: Optional[list[Any]], n: int) -> None:
+        """A stage before the last, per-micro-batch loss: every action of its schedule, in ``self(x)``."""
+        with torch.autocast(self.device.type, enabled=False):  # the backwards as Lightning's, outside the step
+            self.held.compute(partial(self.executor.run, inputs, n), params, self.plan)  # type: ignore[arg-type]
+        self.start_average()
+
+    def _per_microbatch(
+        self, module: LightningModule, hook: str, args: tuple, kwargs: dict, records: list, params: list[Tensor]
+    ) -> Any:
+        """The last stage, per-micro-batch loss: its step once per micro-batch (integration.microsteps). If it fails,
+        the rest of its actions are drained, so the other stages finish theirs, and they are sent the error."""
+        step = partial(
+            run_per_microbatch, module, hook, args, kwargs, self.executor, self.call, self.microbatches, records,
+            self.microbatch_backward,
+        )  # fmt: skip
+        result: list[Any] = []
+        try:
+            self.held.compute(lambda: result.append(step()), params, self.plan)  # type: ignore[arg-type]
+        except Exception as error:
+            if self.executor.k > 1:
+                self._fail(Failure.of(error), drain=True)
+            raise
+        self.start_average()
+        return result[0]
 
     def _backward_in_step(self, module: LightningModule, output: Any, params: list[Tensor]) -> None:
         """Last stage, step 4: the loss's backward as Lightning would run it after the step, then every
@@ -279,7 +323,8 @@ class StageStep:
             raise failure.error from error
 
     def _fail(self, failure: Failure, drain: bool) -> None:
-        """Send the last stage's error to the others; ``drain``: first end the backward they are in (step 4)."""
+        """Send the last stage's error to the others; ``drain``: first end the backward they are in (step 4, or the
+        rest of a per-micro-batch step)."""
         assert self.sharing is not None
         if drain:
             self.executor.drain()
@@ -321,23 +366,6 @@ def _hyperparameters(module: LightningModule) -> list[list[dict[str, Any]]]:
         ]
         for o in module.trainer.optimizers
     ]
-
-
-def _loss_problem(output: Any, where: str) -> Optional[Exception]:
-    """Why Lightning's automatic optimization would refuse ``output`` of a training step, or ``None``."""
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if isinstance(loss, Tensor):
-        return None
-    if output is None:
-        return RuntimeError(
-            f"GPipeStrategy: {where} returned None. A pipeline cannot skip a step (its other stages are already in"
-            " their backward), as distributed Lightning cannot: return the loss."
-        )
-    what = "a dict without a 'loss' tensor" if isinstance(output, Mapping) else f"a {type(output).__name__}"
-    return TypeError(
-        f"GPipeStrategy: {where} returned {what}; in automatic optimization it returns the loss, or a dict with"
-        " the loss under 'loss'"
-    )
 
 
 def _cpu(t: Tensor) -> Tensor:

@@ -59,6 +59,9 @@ class GPipeStrategy(PipelineProcesses):
             measured weights, gradients, optimizer state and saved activations). Measured rules profile on a
             sample micro-batch (``example_input_array`` or the first training batch) and report their choice.
         checkpoint: re-materialization: ``"always"``, ``"except_last"`` (all but the last micro-batch) or ``"never"``.
+        schedule: ``"gpipe"`` (F-then-B: the loss sees the whole batch) or ``"1f1b"`` (each micro-batch's backward as
+            soon as its forward leaves the last stage, which runs the step once per micro-batch: a loss that is a mean
+            over samples, scaled by each micro-batch's share; logs and loss are sample-weighted means).
         sequential: attribute name of the ``nn.Sequential`` to pipeline; found automatically when the module
             has exactly one Sequential child holding all its parameters.
         process_group_backend: ``torch.distributed`` backend; gloo on CPU and NCCL on GPU by default.
@@ -90,6 +93,7 @@ class GPipeStrategy(PipelineProcesses):
         microbatches: int = 4,
         balance: Balance = "uniform",
         checkpoint: str = "except_last",
+        schedule: str = "gpipe",
         sequential: Optional[str] = None,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -106,8 +110,8 @@ class GPipeStrategy(PipelineProcesses):
         weights: Optional[Union[str, Path]] = None,
     ) -> None:
         config = GPipeConfig(
-            microbatches, balance, checkpoint, sequential, process_group_backend, timeout, observe_every_n_steps,
-            state_dict_type, deferred_batchnorm, gather_model, data_parallel_size, weights,
+            microbatches, schedule, balance, checkpoint, sequential, process_group_backend, timeout,
+            observe_every_n_steps, state_dict_type, deferred_batchnorm, gather_model, data_parallel_size, weights,
         )  # fmt: skip
         super().__init__(
             config, accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
@@ -115,8 +119,6 @@ class GPipeStrategy(PipelineProcesses):
         )  # fmt: skip
         self._kept = Kept(weights=weights)  # what outlives a run
         self._run: Optional[PipelineRun] = None  # one run's objects, from setup to teardown
-
-    # -- options and properties -------------------------------------------------------------------
 
     @property
     def microbatches(self) -> int:
@@ -153,8 +155,6 @@ class GPipeStrategy(PipelineProcesses):
     def restore_checkpoint_after_setup(self) -> bool:
         """True: checkpoints load into the partitioned module, each stage reading only its own tensors."""
         return True
-
-    # -- processes and runs -------------------------------------------------------------------------
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -210,8 +210,6 @@ class GPipeStrategy(PipelineProcesses):
         """Register ``strategy="gpipe"``."""
         description = "GPipe pipeline parallelism (lightning-gpipe)"
         strategy_registry.register(cls.strategy_name, cls, description=description, override=True)
-
-    # -- steps ----------------------------------------------------------------------------------------
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

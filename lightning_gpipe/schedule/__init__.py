@@ -3,9 +3,13 @@ is divided into stages and micro-batches."""
 
 from lightning_gpipe.schedule.actions import CHECKPOINT_MODES, Action, Phase, Schedule, checkpoint_stop
 from lightning_gpipe.schedule.gpipe import GPipe, clock_cycles, fthenb
+from lightning_gpipe.schedule.one_f_one_b import OneFOneB, one_f_one_b
 from lightning_gpipe.schedule.split import optimal_split, stage_owners, uniform_split
 
+#: The schedules ``GPipeStrategy(schedule=...)`` takes, by name.
+SCHEDULES = {"gpipe": GPipe, "1f1b": OneFOneB}
+
 __all__ = [
-    "Action", "Phase", "Schedule", "GPipe", "fthenb", "clock_cycles", "checkpoint_stop", "CHECKPOINT_MODES",
-    "optimal_split", "stage_owners", "uniform_split",
+    "Action", "Phase", "Schedule", "SCHEDULES", "GPipe", "OneFOneB", "fthenb", "one_f_one_b", "clock_cycles",
+    "checkpoint_stop", "CHECKPOINT_MODES", "optimal_split", "stage_owners", "uniform_split",
 ]  # fmt: skip

@@ -45,6 +45,8 @@ class Schedule(Protocol):
     for the order in which they are posted).
     """
 
+    #: What ``GPipeStrategy(schedule=...)`` calls it.
+    name: str
     #: Whether the user's loss runs once per micro-batch, as each leaves the last stage (1F1B), rather than once
     #: on the whole batch after every forward (GPipe's F-then-B).
     loss_per_microbatch: bool

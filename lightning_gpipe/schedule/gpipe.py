@@ -15,6 +15,7 @@ class GPipe:
     (``"always"``, ``"except_last"``: all but the last micro-batch, ``"never"``)."""
 
     checkpoint: str = "except_last"
+    name = "gpipe"
     loss_per_microbatch = False  # the user's loss sees the whole batch's output
     stages_per_rank = 1
 
