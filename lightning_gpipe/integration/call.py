@@ -62,6 +62,7 @@ class PipelineCall:
             )
         if self.check is not None:
             self.check(x)
+            self.check = None  # once a step (the last stage's step may run once per micro-batch)
         executor = self.executor
         if executor.is_last and executor.k > 1 and self.random is None:  # idle until its first input: no time lost
             self.random = rank_random_state(executor.device)
