@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Action", "Phase", "Schedule", "checkpoint_stop", "CHECKPOINT_MODES", "check_km"]
+__all__ = ["Action", "Phase", "Schedule", "Rematerialized", "checkpoint_stop", "CHECKPOINT_MODES", "check_km"]
 
 #: Re-materialization modes: how many of the M micro-batches recompute their stage in backward.
 CHECKPOINT_MODES = ("always", "except_last", "never")
@@ -68,3 +68,22 @@ def checkpoint_stop(mode: str, m: int) -> int:
 def check_km(k: int, m: int) -> None:
     if k < 1 or m < 1:
         raise ValueError(f"need at least one stage and one micro-batch, got k={k}, m={m}")
+
+
+@dataclass(frozen=True)
+class Rematerialized:
+    """A schedule made of a bare order of actions (:meth:`order`) and a re-materialization mode, ``checkpoint``:
+    the forwards of the micro-batches it names recompute (``"always"``, ``"except_last"``: all but the last
+    micro-batch, ``"never"``)."""
+
+    checkpoint: str = "except_last"
+
+    def __post_init__(self) -> None:
+        checkpoint_stop(self.checkpoint, 1)  # a mode it knows, checked once
+
+    def order(self, k: int, m: int, stage: int) -> list[Action]:
+        raise NotImplementedError
+
+    def actions(self, k: int, m: int, stage: int) -> list[Action]:
+        stop = checkpoint_stop(self.checkpoint, m)
+        return [Action(a.phase, a.i, a.phase is Phase.FORWARD and a.i < stop) for a in self.order(k, m, stage)]

@@ -4,27 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_gpipe.schedule.actions import Action, Phase, check_km, checkpoint_stop
+from lightning_gpipe.schedule.actions import Action, Phase, Rematerialized, check_km
 
 __all__ = ["GPipe", "fthenb", "clock_cycles"]
 
 
 @dataclass(frozen=True)
-class GPipe:
+class GPipe(Rematerialized):
     """F-then-B (`fthenb`) with re-materialization: ``checkpoint`` says which forwards recompute
     (``"always"``, ``"except_last"``: all but the last micro-batch, ``"never"``)."""
 
-    checkpoint: str = "except_last"
     name = "gpipe"
     loss_per_microbatch = False  # the user's loss sees the whole batch's output
     stages_per_rank = 1
 
-    def __post_init__(self) -> None:
-        checkpoint_stop(self.checkpoint, 1)  # a mode it knows, checked once
-
-    def actions(self, k: int, m: int, stage: int) -> list[Action]:
-        stop = checkpoint_stop(self.checkpoint, m)
-        return [Action(a.phase, a.i, a.phase is Phase.FORWARD and a.i < stop) for a in fthenb(k, m, stage)]
+    def order(self, k: int, m: int, stage: int) -> list[Action]:
+        return fthenb(k, m, stage)
 
 
 def fthenb(k: int, m: int, stage: int) -> list[Action]:

@@ -5,27 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_gpipe.schedule.actions import Action, Phase, check_km, checkpoint_stop
+from lightning_gpipe.schedule.actions import Action, Phase, Rematerialized, check_km
 
 __all__ = ["OneFOneB", "one_f_one_b"]
 
 
 @dataclass(frozen=True)
-class OneFOneB:
+class OneFOneB(Rematerialized):
     """1F1B (`one_f_one_b`) with re-materialization by ``checkpoint``, as `GPipe`. The user's loss runs once per
     micro-batch, on the last stage, as each micro-batch's forward ends."""
 
-    checkpoint: str = "except_last"
     name = "1f1b"
     loss_per_microbatch = True
     stages_per_rank = 1
 
-    def __post_init__(self) -> None:
-        checkpoint_stop(self.checkpoint, 1)  # a mode it knows, checked once
-
-    def actions(self, k: int, m: int, stage: int) -> list[Action]:
-        stop = checkpoint_stop(self.checkpoint, m)
-        return [Action(a.phase, a.i, a.phase is Phase.FORWARD and a.i < stop) for a in one_f_one_b(k, m, stage)]
+    def order(self, k: int, m: int, stage: int) -> list[Action]:
+        return one_f_one_b(k, m, stage)
 
 
 def one_f_one_b(k: int, m: int, stage: int) -> list[Action]:
