@@ -65,9 +65,12 @@ def checkpoint_stop(mode: str, m: int) -> int:
     return {"always": m, "except_last": max(m - 1, 0), "never": 0}[mode]
 
 
-def check_km(k: int, m: int) -> None:
+def check_km(k: int, m: int, stage: int = 0) -> None:
+    """Raise unless there are stages and micro-batches, and ``stage`` is one of the ``k``."""
     if k < 1 or m < 1:
         raise ValueError(f"need at least one stage and one micro-batch, got k={k}, m={m}")
+    if not 0 <= stage < k:
+        raise ValueError(f"stage must be in [0, {k}), got {stage}")
 
 
 @dataclass(frozen=True)

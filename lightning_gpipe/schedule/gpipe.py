@@ -35,9 +35,7 @@ def fthenb(k: int, m: int, stage: int) -> list[Action]:
     stage 2                    F0  F1  F2  F3  B3  B2  B1  B0
     ```
     """
-    check_km(k, m)
-    if not 0 <= stage < k:
-        raise ValueError(f"stage must be in [0, {k}), got {stage}")
+    check_km(k, m, stage)
     forward = [Action(Phase.FORWARD, i) for i in range(m)]
     backward = [Action(Phase.BACKWARD, i) for i in reversed(range(m))]
     return forward + backward

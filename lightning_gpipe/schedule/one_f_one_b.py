@@ -37,9 +37,7 @@ def one_f_one_b(k: int, m: int, stage: int) -> list[Action]:
     stage 2   F0 B0 F1 B1 F2 B2 F3 B3
     ```
     """
-    check_km(k, m)
-    if not 0 <= stage < k:
-        raise ValueError(f"stage must be in [0, {k}), got {stage}")
+    check_km(k, m, stage)
     warmup = min(k - 1 - stage, m)
     order = [Action(Phase.FORWARD, i) for i in range(warmup)]
     for i in range(warmup, m):  # steady state: the forward of i, then the backward of the oldest in flight
