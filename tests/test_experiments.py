@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,7 +188,30 @@ def test_multirun_gives_one_run_per_value(tmp_path):
         (["balance=fastest"], "train.py: balance=fastest: choose one of uniform, params, time, memory or a list of layer counts"),
     ],
 )  # fmt: skip
-def test_bad_input_gives_a_clear_message(args, message, tmp_path):
+def test_bad_input_gives_a_clear_message(args, message, tmp_path, monkeypatch):
+    """Each refusal, raised before anything trains (train.py prints it as ``train.py: <message>``, as the CLI test
+    below shows; a config that does not exist is Hydra's own error)."""
+    from experiments.train import ConfigError, train
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()  # train() gives each of the k x dp processes its share of the cores
+    try:
+        if message.startswith("Could not find"):
+            with pytest.raises(Exception, match=re.escape(message)):
+                _compose(args)
+            return
+        with pytest.raises(ConfigError) as raised:
+            train(_compose([*args, f"logger.save_dir={tmp_path}"]))
+        assert message in f"train.py: {raised.value}"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["k=40"], "train.py: k=40 stages, but MLP's Sequential has 19 layers: lower k or make the model deeper"),
+    (["model=resnet"], "Could not find 'model/resnet'"),
+])  # fmt: skip
+def test_the_cli_prints_bad_input_without_a_traceback(args, message, tmp_path):
     proc = _train(tmp_path, *args, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr

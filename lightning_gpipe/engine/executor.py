@@ -80,8 +80,8 @@ class StageExecutor:
         self._expecting = False  # whether this step's gradient receives are posted
         self._orders: dict[tuple[int, Phase], list[Action]] = {}
         self._last_forward = -1  # this step's last forward micro-batch (begin)
-        self._taken: dict[int, tuple[Any, dict[Key, Tensor]]] = {}
-        self._backward_done: set[int] = set()
+        self._taken: dict[int, tuple[Any, dict[Key, Tensor]]] = {}  # each micro-batch's input, once received
+        self._backward_done: set[int] = set()  # the micro-batches whose backward ran (or was drained)
         self._ahead_of: dict[int, int] = {}  # each forward's next one in this step
 
     @property
@@ -116,8 +116,8 @@ class StageExecutor:
     def begin(self, n: int) -> None:
         """Start a step of ``n`` micro-batches: nothing of the last one is kept."""
         self._slots = [None] * n
-        self._taken: dict[int, tuple[Any, dict[Key, Tensor]]] = {}  # each micro-batch's input, once received
-        self._backward_done: set[int] = set()
+        self._taken = {}
+        self._backward_done = set()
         self._expecting = False
         forwards = self._actions(n, Phase.FORWARD)
         self._last_forward = forwards[-1].i

@@ -36,7 +36,7 @@ def run_per_microbatch(
     ``self(x)`` the micro-batch's forward), the backward of its loss scaled by its share of the samples, then the
     stage's backward of it. ``records`` collects the logged calls and ends merged. Returns the merged output."""
     where = f"{type(module).__name__}.{hook}"
-    name = getattr(executor.schedule, "name", type(executor.schedule).__name__)
+    name = executor.schedule.name
     batch = args[0] if args else kwargs["batch"]
     try:
         slices = split(batch, microbatches)
@@ -49,7 +49,8 @@ def run_per_microbatch(
     total, accumulate = sum(rows), module.trainer.accumulate_grad_batches
     executor.begin(len(slices))
     outputs: list[Any] = []
-    bounds: list[tuple[int, int]] = []
+    bounds: list[tuple[int, int]] = []  # each forward's logged calls, as positions in ``records``
+    shares: list[float] = []  # each forward's share of the batch's samples
     for action in executor.schedule.actions(executor.k, len(slices), executor.stage):
         if action.phase is Phase.BACKWARD:
             with executor.random.active():
@@ -70,13 +71,13 @@ def run_per_microbatch(
             raise problem
         outputs.append(output)
         bounds.append((start, len(records)))
+        shares.append(rows[action.i] / total)
         loss = output["loss"] if isinstance(output, Mapping) else output
         with torch.autocast(executor.device.type, enabled=False):  # as Lightning's backward, outside the step
-            backward(loss * (rows[action.i] / total) / accumulate)
+            backward(loss * shares[-1] / accumulate)
     executor.flush()
-    weights = [n / total for n in rows]
-    records[:] = merge_logs([records[s:e] for s, e in bounds], weights, where)
-    return merge_output(outputs, weights, where)
+    records[:] = merge_logs([records[s:e] for s, e in bounds], shares, where)
+    return merge_output(outputs, shares, where)
 
 
 def merge_logs(per_microbatch: list[list[LogRecord]], weights: list[float], where: str) -> list[LogRecord]:
