@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
-
-import torch.distributed as dist
 
 from lightning_gpipe.integration.backward import BackwardPlan
 from lightning_gpipe.integration.contract import parameters_refused
 from lightning_gpipe.integration.invariants import check_same_batch
 from lightning_gpipe.integration.runtime import PipelineRun
+from lightning_gpipe.parallel.collectives import all_gather_object
 
 __all__ = ["start_training_batch", "run_step", "parameters_refused_on_stages"]
 
@@ -62,10 +62,5 @@ def _check_same_batch(strategy: Any, batch: Any, where: str, batches: Any) -> No
     topology = strategy.topology
     if topology.k == 1:
         return
-
-    def gather(obj: Any) -> list[Any]:
-        seen: list[Any] = [None] * topology.k
-        dist.all_gather_object(seen, obj, group=topology.pipeline_group)
-        return seen
-
+    gather = partial(all_gather_object, group=topology.pipeline_group)
     check_same_batch(batch, batches, where, gather, range(topology.k))

@@ -24,7 +24,7 @@ from lightning_gpipe.instrument.timeline import (
 from lightning_gpipe.integration.contract import stage_parameters
 from lightning_gpipe.model.partition import stage_layers
 from lightning_gpipe.model.profile import LayerCosts, predicted_efficiency
-from lightning_gpipe.parallel.collectives import gather_to_first
+from lightning_gpipe.parallel.collectives import gather_pipeline
 from lightning_gpipe.schedule.split import optimal_split, uniform_split
 
 __all__ = ["StageReport", "summarize", "Reporter", "BalanceReport", "start_observing", "publish_observed"]
@@ -177,7 +177,7 @@ def publish_observed(strategy: Any, run: Any, kept: Any) -> None:
     topology = strategy.topology
     if topology.replica != 0:  # the first replica's steps stand for all
         return
-    reports = gather_to_first(report, topology.stage, topology.k, topology.pipeline_ranks)
+    reports = gather_pipeline(report, topology)
     if strategy.is_global_zero:
         call = run.flow.call
         kept.reporter.publish(run.module.trainer, reports, call.n, call.samples)

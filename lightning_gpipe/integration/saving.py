@@ -26,7 +26,7 @@ from lightning_gpipe.checkpointing.state import (
 )
 from lightning_gpipe.engine.rng import rank_random_state, set_rank_random_state
 from lightning_gpipe.model.partition import stage_view
-from lightning_gpipe.parallel.collectives import gather_to_first
+from lightning_gpipe.parallel.collectives import gather_pipeline
 
 __all__ = ["module_state", "optimizer_state", "save", "load", "load_module_state", "load_optimizer_states"]
 
@@ -36,7 +36,7 @@ def _first_replica(strategy: Any, local: Any) -> list[Any]:
     topology = strategy.topology
     if topology.replica != 0:
         return []
-    return gather_to_first(local, topology.stage, topology.k, topology.pipeline_ranks)
+    return gather_pipeline(local, topology)
 
 
 def module_state(strategy: Any, kept: Any) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def save(
         if storage_options is not None:
             raise TypeError(f"GPipeStrategy(state_dict_type='sharded') takes no storage_options, got {storage_options!r}")
         # Every replica writes its stage's tensors (the writer deduplicates them); the first replica's metadata.
-        gather = partial(gather_to_first, stage=topology.stage, k=topology.k, ranks=topology.pipeline_ranks)
+        gather = partial(gather_pipeline, topology=topology)
         save_sharded(
             checkpoint, filepath, kept.optimizer_layouts, strategy.is_global_zero, strategy.barrier, gather,
             strategy.broadcast,

@@ -11,7 +11,9 @@ import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-__all__ = ["Failure", "gather_to_first", "all_gather_object", "together"]
+from lightning_gpipe.parallel.topology import Topology
+
+__all__ = ["Failure", "gather_to_first", "gather_pipeline", "all_gather_object", "together"]
 
 
 @dataclass
@@ -55,6 +57,11 @@ def gather_to_first(local: Any, stage: int, k: int, ranks: Optional[Sequence[int
         dist.recv_object_list(box, src=src)
         gathered.append(box[0])
     return gathered
+
+
+def gather_pipeline(local: Any, topology: Topology) -> list[Any]:
+    """Every stage's ``local`` of this rank's pipeline on its first stage (``[]`` elsewhere), by :func:`gather_to_first`."""
+    return gather_to_first(local, topology.stage, topology.k, topology.pipeline_ranks)
 
 
 def all_gather_object(obj: Any, group: Optional[Any] = None) -> list[Any]:
