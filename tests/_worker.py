@@ -174,6 +174,9 @@ def run(scenario: dict, out: Path) -> None:
 
             def on_train_end(self, trainer, pl_module):
                 result["stage_params"] = sorted(pl_module.state_dict())  # what this rank holds while training
+                run = getattr(trainer.strategy, "_run", None)
+                link = run.executor.link if run is not None else None
+                result["headers"] = (link.headers_sent, link.headers_received) if link is not None else None
 
         steps = StepRecorder()
         trainer.callbacks += [RecordStage(), steps]

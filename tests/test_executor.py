@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_gpipe.engine.executor import StageExecutor
-from lightning_gpipe.engine.microbatch import merge, split
+from lightning_gpipe.engine.microbatch import merge, shape_keys, split
 from lightning_gpipe.engine.p2p import StageLink
 
 MODES = ("always", "except_last", "never")
@@ -49,12 +49,13 @@ def _loss(y: torch.Tensor) -> torch.Tensor:
     return y.pow(2).sum() / 3
 
 
-def _pipeline_grads(layers, x, m, checkpoint, k=1, stage=0, link=None, split_at=None, schedule=None):
-    """One training step of the executor; returns this stage's parameter gradients and the output (last stage)."""
+def _pipeline_grads(layers, x, m, checkpoint, k=1, stage=0, link=None, split_at=None, schedule=None, keyed=False):
+    """One training step of the executor; returns this stage's parameter gradients and the output (last stage).
+    ``keyed``: the micro-batches' shape keys go with it, as the strategy passes them."""
     mine = layers if k == 1 else (layers[:split_at] if stage == 0 else layers[split_at:])
     executor = StageExecutor(mine, stage, k, torch.device("cpu"), link, checkpoint, schedule=schedule)
     micro = split(x, m)
-    outputs = executor.forward(micro, len(micro), train=True)
+    outputs = executor.forward(micro, len(micro), train=True, keys=shape_keys(x, m, True) if keyed else None)
     y = None
     if executor.is_last:
         y = merge(outputs)
@@ -170,20 +171,40 @@ def _two_stage_worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        link = StageLink(rank, 2, torch.device("cpu"))
-        # Batch size, sequence length and micro-batch count change from step to step.
-        for step, (b, t, m) in enumerate([(10, 3, 3), (7, 5, 4), (2, 1, 3)]):
+        link, keyed = StageLink(rank, 2, torch.device("cpu")), StageLink(rank, 2, torch.device("cpu"))
+        # Batch size, sequence length and micro-batch count change from step to step; the last step's shapes are the
+        # first's. Without keys every micro-batch's activations take a header; with them, only shapes not met before.
+        headers = []
+        for step, (b, t, m) in enumerate([(10, 3, 3), (7, 5, 4), (2, 1, 3), (10, 3, 3)]):
             for checkpoint, schedule in [(mode, None) for mode in MODES] + [("always", BackwardInForwardOrder())]:
                 torch.manual_seed(step)
                 x = torch.randn(b, t, 4)
                 layers = _layers()
                 expected, y_ref = _reference_grads(copy.deepcopy(layers), x)
-                got, y = _pipeline_grads(layers, x, m, checkpoint, k=2, stage=rank, link=link, split_at=4, schedule=schedule)
-                mine = expected[: len(got)] if rank == 0 else expected[-len(got) :]
-                for g, e in zip(got, mine):
-                    torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
-                if rank == 1:
-                    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+                for use in (link, keyed):
+                    got, y = _pipeline_grads(
+                        copy.deepcopy(layers), x, m, checkpoint, k=2, stage=rank, link=use, split_at=4,
+                        schedule=schedule, keyed=use is keyed,
+                    )  # fmt: skip
+                    mine = expected[: len(got)] if rank == 0 else expected[-len(got) :]
+                    for g, e in zip(got, mine):
+                        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+                    if rank == 1:
+                        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+            headers.append(keyed.headers_sent if rank == 0 else keyed.headers_received)
+        # Micro-batch sizes 4, 3, 3 (two keys); 2, 2, 2, 1; 1, 1; then 4, 3, 3 again: nothing new.
+        assert headers == [2, 4, 5, 5], headers
+        assert link.headers_sent + link.headers_received == 4 * (3 + 4 + 2 + 3)  # four runs a step, each micro-batch
+        # A stage whose output shapes change for an input of the same shapes is refused at the sender, before it
+        # sends anything (the receiver posts nothing for it here).
+        if rank == 0:
+            with pytest.raises(ValueError) as refused:
+                keyed.send_activations(0, (torch.zeros(4, 3, 2), torch.zeros(4, 3)), key=(True, 4, (((3, 4), torch.float32),)))
+            assert str(refused.value) == (
+                "GPipeStrategy: stage 0's output for micro-batch 0 has shapes [4, 3, 2] float32, [4, 3] float32, where"
+                " an input of the same shapes gave [4, 3, 4] float32, [4, 3] int64 before: its shapes depend on the"
+                " input's values, not only on its shapes. Send them with every micro-batch: GPipeStrategy(headers='always')"
+            )
     finally:
         dist.destroy_process_group()
 

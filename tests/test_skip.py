@@ -13,7 +13,7 @@ from conftest import assert_same_logs, assert_same_params, full_params, referenc
 from torch import nn
 
 from lightning_gpipe.engine.executor import StageExecutor
-from lightning_gpipe.engine.microbatch import split
+from lightning_gpipe.engine.microbatch import shape_keys, split
 from lightning_gpipe.engine.p2p import StageLink
 from lightning_gpipe.engine.skip import Namespace, Port, SkipError, pop, skip_routes, skippable, stage_ports, stash
 
@@ -143,8 +143,8 @@ def _skip_worker(rank: int, port: int, k: int, balance: list[int], received: dic
 
     dist.irecv = recording
     try:
-        link = StageLink(rank, k, torch.device("cpu"))
-        for checkpoint in MODES:
+        link, keyed = StageLink(rank, k, torch.device("cpu")), StageLink(rank, k, torch.device("cpu"))
+        for checkpoint, use in [(mode, link) for mode in MODES] + [(mode, keyed) for mode in MODES]:
             model = _model()
             x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
             expected, y_ref = _reference(copy.deepcopy(model), x, 3)
@@ -156,7 +156,9 @@ def _skip_worker(rank: int, port: int, k: int, balance: list[int], received: dic
             )
             sources.clear()
             executor.meter.start(executor.parameters())
-            outputs = executor.forward(split(x, 3), 3, train=True)
+            keys = shape_keys(x, 3, True) if use is keyed else None  # as the strategy passes them
+            executor.link = use
+            outputs = executor.forward(split(x, 3), 3, train=True, keys=keys)
             received[(rank, checkpoint, "held")] = executor.meter.current
             if executor.is_last:
                 y = torch.cat(outputs)
@@ -167,7 +169,7 @@ def _skip_worker(rank: int, port: int, k: int, balance: list[int], received: dic
             for p, e in zip(params, expected):
                 if any(p is q for layer in mine for q in layer.parameters()):
                     torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-6)
-            received[(rank, checkpoint)] = list(sources)
+            received[(rank, checkpoint, use is keyed)] = list(sources)
     finally:
         dist.irecv = irecv
         dist.destroy_process_group()
@@ -192,11 +194,18 @@ def test_skips_cross_stages_point_to_point(k, balance, between):
         for rank in between:
             # Three micro-batches of a header and an activation from the stage before, three gradients from after.
             expected = [(rank - 1, (64,)), (rank - 1, (2, 4))] * 3 + [(rank + 1, (2, 4))] * 3
-            assert sorted(received[(rank, checkpoint)]) == sorted(expected), (rank, checkpoint)
-        from_first = [shape for src, shape in received[(last, checkpoint)] if src == 0]
+            assert sorted(received[(rank, checkpoint, False)]) == sorted(expected), (rank, checkpoint)
+        from_first = [shape for src, shape in received[(last, checkpoint, False)] if src == 0]
         assert from_first == [(64,), (2, 4)] * 3  # each micro-batch's skip, header and tensor, straight from stage 0
-        to_first = [shape for src, shape in received[(0, checkpoint)] if src == last]
+        to_first = [shape for src, shape in received[(0, checkpoint, False)] if src == last]
         assert to_first == [(2, 4)] * 3  # and its gradient straight back
+    # With the micro-batches' shape keys (all three of 2 rows: one key), the first micro-batch of the first keyed
+    # step takes the only header of each stream, the skip's included; the others' shapes are known on both ends.
+    for checkpoint, header in zip(MODES, [[(64,)], [], []]):
+        from_first = [shape for src, shape in received[(last, checkpoint, True)] if src == 0]
+        assert from_first == header + [(2, 4)] * 3, checkpoint
+        for rank in between:
+            assert received[(rank, checkpoint, True)].count((rank - 1, (64,))) == len(header), (rank, checkpoint)
     # Re-materializing every micro-batch, the last stage keeps each one's input and popped skip: 3 x 2 x (2, 4) fp32.
     assert received[(last, "always", "held")] == 3 * 2 * 2 * 4 * 4
 

@@ -19,6 +19,7 @@ from conftest import (
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gpipe import GPipeStrategy
+from lightning_gpipe.engine.microbatch import split_sizes
 
 MODES = ("always", "except_last", "never")
 SHUFFLED = {"shuffle": True, "generator_seed": 7}
@@ -39,6 +40,7 @@ K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES]
     scenario("steps_and_val_interval", 2, 3, trainer={"max_steps": 3, "val_check_interval": 2}),
     {**scenario("balance_params", 2, 2), "strategy": {"microbatches": 2, "balance": "params"}},
     {**scenario("balance_list", 2, 2), "strategy": {"microbatches": 2, "balance": [3, 6]}},
+    {**scenario("headers_always", 2, 3), "strategy": {"microbatches": 3, "headers": "always"}},
     {**scenario("balance_time_shuffled", 2, 2, data=SHUFFLED), "strategy": {"microbatches": 2, "balance": "time"}},
     scenario("dropout_always", 2, 3, "always", model={"dropout": 0.3}),
     scenario("dropout_never", 2, 3, "never", model={"dropout": 0.3}),
@@ -107,7 +109,9 @@ def test_k1_equals_single_device(m, checkpoint, reference, tmp_path):
     _check_against_reference([torch.load(tmp_path / "k1.rank0.pt", weights_only=False)], reference, 1)
 
 
-@pytest.mark.parametrize("name", [s["name"] for s in K2 if s["name"][0] == "m"] + ["balance_params", "balance_list"])
+@pytest.mark.parametrize(
+    "name", [s["name"] for s in K2 if s["name"][0] == "m"] + ["balance_params", "balance_list", "headers_always"]
+)
 def test_k2_equals_single_device(name, k2, reference):
     _check_against_reference(k2[name], reference, 2)
 
@@ -156,6 +160,19 @@ def test_1f1b_refuses_code_between_the_step_and_its_backward(k2):
 def test_a_failing_1f1b_step_ends_every_stage_with_its_error(k2, reference):
     assert [r["error"] for r in k2["1f1b_fails"]] == ["RuntimeError: deliberate failure on rank 1 at batch 1"] * 2
     _check_against_reference(k2["after_1f1b_fails"], reference, 2)  # every message of the failed step was matched
+
+
+def test_shapes_travel_only_when_new(k2):
+    """By default stage 0 sends its output's shapes once per micro-batch input shape met (training and evaluation
+    apart), so stage 1 reads no header where it knows the shapes; ``headers="always"``: once per micro-batch."""
+    train, val = loaders()
+    phases = [(True, [len(y) for _, y in train]), (False, [len(y) for _, y in val])]
+    keys = {(training, rows) for training, sizes in phases for size in sizes for rows in split_sizes(size, 3)}
+    assert len(keys) == 6  # 4, 3, 3 and 2, 1, 1 rows in training; 2, 2, 1 and 1, 1 in validation
+    assert [rank["headers"] for rank in k2["m3_except_last"]] == [(6, 0), (0, 6)]
+    microbatches = 2 * sum(len(split_sizes(size, 3)) for _, sizes in phases for size in sizes)  # two epochs
+    assert microbatches == 40
+    assert [rank["headers"] for rank in k2["headers_always"]] == [(40, 0), (0, 40)]
 
 
 def test_max_steps_and_val_check_interval(k2):
@@ -304,6 +321,7 @@ def test_failure_on_one_rank_ends_all_ranks(failing_rank, tmp_path):
         ({"microbatches": 2.5}, r"GPipeStrategy\(microbatches=2.5\): need an integer of at least 1"),
         ({"checkpoint": "sometimes"}, r"GPipeStrategy\(checkpoint='sometimes'\): choose one of always, except_last, never"),
         ({"balance": "fastest"}, r"GPipeStrategy\(balance='fastest'\): choose one of uniform, params, time, memory or a list"),
+        ({"headers": "never"}, r"GPipeStrategy\(headers='never'\): choose one of auto, always"),
     ],
 )  # fmt: skip
 def test_bad_arguments(kwargs, message):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -72,11 +72,12 @@ class StageExecutor:
         self.link = link
         self.schedule: Schedule = GPipe(checkpoint) if schedule is None else schedule  # ``checkpoint``: GPipe's
         self.random = random if random is not None else StageRandom(stage, device)  # the stage's dropout stream
-        self.timeline = Timeline(stage)  # records only while a step is being observed
+        self.timeline = Timeline(stage, device)  # records only while a step is being observed
         self.meter = ActivationMeter()
         self.deferred_norms = deferred_norms(self.layers)  # batch norms that update once per mini-batch
         self.buffers = BufferReplay(self.layers)  # what a recompute must read of the buffers its forward changed
         self._slots: list[Optional[_Slot]] = []
+        self._keys: list[Optional[Hashable]] = []  # each micro-batch's input shapes, this step (see StageLink)
         self._expecting = False  # whether this step's gradient receives are posted
         self._orders: dict[tuple[int, Phase], list[Action]] = {}
         self._last_forward = -1  # this step's last forward micro-batch (begin)
@@ -98,23 +99,30 @@ class StageExecutor:
             x = layer(x)
         return x
 
-    def forward(self, inputs: Optional[Sequence[Any]], n: int, train: bool) -> Optional[list[TensorOrTensors]]:
+    def forward(
+        self, inputs: Optional[Sequence[Any]], n: int, train: bool, keys: Optional[Sequence[Hashable]] = None
+    ) -> Optional[list[TensorOrTensors]]:
         """Run the forward actions for ``n`` micro-batches.
 
         ``inputs`` are the micro-batches on the first stage (ignored elsewhere: those receive
-        them). Returns the outputs on the last stage; in training, detached leaves whose
+        them); ``keys``, each micro-batch's input shapes, as every stage computes them alike
+        (:func:`~lightning_gpipe.engine.microbatch.shape_keys`), spare the headers of shapes met
+        before. Returns the outputs on the last stage; in training, detached leaves whose
         gradients :meth:`backward` reads.
         """
         with self.random.active():
-            return self._forward(inputs, n, train)
+            return self._forward(inputs, n, train, keys)
 
     def backward(self) -> None:
         """Run the backward actions, after the loss has filled the gradients of the last stage's outputs."""
         with self.random.active():
             self._backward()
 
-    def begin(self, n: int) -> None:
-        """Start a step of ``n`` micro-batches: nothing of the last one is kept."""
+    def begin(self, n: int, keys: Optional[Sequence[Hashable]] = None) -> None:
+        """Start a step of ``n`` micro-batches (of input shapes ``keys``): nothing of the last one is kept."""
+        if keys is not None and len(keys) != n:
+            raise ValueError(f"{len(keys)} shape keys for {n} micro-batches")
+        self._keys = list(keys) if keys is not None else [None] * n
         self._slots = [None] * n
         self._taken = {}
         self._backward_done = set()
@@ -123,8 +131,10 @@ class StageExecutor:
         self._last_forward = forwards[-1].i
         self._ahead_of = {a.i: b.i for a, b in zip(forwards, forwards[1:])}  # each forward's next, for its header
 
-    def _forward(self, inputs: Optional[Sequence[Any]], n: int, train: bool) -> Optional[list[TensorOrTensors]]:
-        self.begin(n)
+    def _forward(
+        self, inputs: Optional[Sequence[Any]], n: int, train: bool, keys: Optional[Sequence[Hashable]]
+    ) -> Optional[list[TensorOrTensors]]:
+        self.begin(n, keys)
         outputs = []
         for action in self._actions(n, Phase.FORWARD):
             x = inputs[action.i] if self.is_first else None  # type: ignore[index]
@@ -132,12 +142,12 @@ class StageExecutor:
         self.flush()  # the next stage takes the last activations during its own forward; this one waits anyway
         return outputs if self.is_last else None
 
-    def run(self, inputs: Optional[Sequence[Any]], n: int) -> None:
+    def run(self, inputs: Optional[Sequence[Any]], n: int, keys: Optional[Sequence[Hashable]] = None) -> None:
         """Train on ``n`` micro-batches with every action of this stage's schedule in order, on a stage that is not
         the last (whose loss runs per micro-batch between its actions, driven by the step): each gradient receive is
         posted as soon as its forward has run, in the order of the forwards, which is the backwards' order."""
         with self.random.active():
-            self.begin(n)
+            self.begin(n, keys)
             for action in self.schedule.actions(self.k, n, self.stage):
                 if action.phase is Phase.FORWARD:
                     self.forward_one(action, inputs[action.i] if self.is_first else None, train=True)  # type: ignore[index]
@@ -172,7 +182,7 @@ class StageExecutor:
             )  # fmt: skip
         output: Optional[TensorOrTensors] = None
         if not self.is_last:
-            self.link.send_activations(i, ys)  # type: ignore[union-attr]
+            self.link.send_activations(i, ys, self._keys[i])  # type: ignore[union-attr]
         elif train:
             leaves = tuple(t.detach().requires_grad_(carries_grad(t)) for t in ys)
             self._slots[i].leaves = leaves  # type: ignore[union-attr]
@@ -180,7 +190,7 @@ class StageExecutor:
         else:
             output = y
         for port, t in zip(self.sends, stashed):  # after the activations, in the order the receiver takes them
-            self.link.send_skip(i, port, t)  # type: ignore[union-attr]
+            self.link.send_skip(i, port, t, self._keys[i])  # type: ignore[union-attr]
         if train and i == self._last_forward:
             commit(self.deferred_norms)  # the whole mini-batch's statistics, once
         return output
@@ -298,7 +308,8 @@ class StageExecutor:
         return self._orders[key]
 
     def _receive(self, i: int, ahead: Optional[int], train: bool) -> Any:
-        xs = self.link.recv_activations(i, ahead=ahead)  # type: ignore[union-attr]
+        ahead_key = self._keys[ahead] if ahead is not None else None
+        xs = self.link.recv_activations(i, ahead, self._keys[i], ahead_key)  # type: ignore[union-attr]
         if train:
             xs = tuple(x.requires_grad_(carries_grad(x)) for x in xs)
         return xs[0] if len(xs) == 1 else xs
@@ -307,7 +318,7 @@ class StageExecutor:
         popped = {}
         for port in self.receives:
             with self.timeline.span("recv", i):
-                x = self.link.recv_skip(i, port)  # type: ignore[union-attr]
+                x = self.link.recv_skip(i, port, self._keys[i])  # type: ignore[union-attr]
             popped[port.key] = x.requires_grad_(train and carries_grad(x))
         return popped
 

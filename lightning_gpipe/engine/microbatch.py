@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -10,7 +10,9 @@ from torch import Tensor
 
 from lightning_gpipe.schedule.split import uniform_split
 
-__all__ = ["Tensors", "TensorOrTensors", "split", "split_sizes", "merge", "as_tuple", "batch_size", "tensors_in"]
+__all__ = [
+    "Tensors", "TensorOrTensors", "split", "split_sizes", "shape_keys", "merge", "as_tuple", "batch_size", "tensors_in",
+]  # fmt: skip
 
 Tensors = tuple[Tensor, ...]
 #: What a stage takes and returns: a tensor, or a tuple of tensors.
@@ -55,6 +57,15 @@ def split_sizes(n: int, m: int) -> list[int]:
     if n < 1:
         raise ValueError(f"cannot split an empty batch (dim 0 has size {n})")
     return uniform_split(n, min(m, n))
+
+
+def shape_keys(batch: Any, m: int, train: bool) -> list[Hashable]:
+    """For each micro-batch of ``split(batch, m)``, a key of its shapes and dtypes (and of ``train``): the same on
+    every stage that holds the same batch, so the stages agree on which micro-batches' shapes they have met before.
+    Nothing is split or read from the device."""
+    leaves = _leaves(batch)
+    rest = tuple((tuple(t.shape[1:]), t.dtype) for t in leaves)
+    return [(train, rows, rest) for rows in split_sizes(batch_size(batch), m)]
 
 
 def merge(outputs: Sequence[TensorOrTensors]) -> TensorOrTensors:

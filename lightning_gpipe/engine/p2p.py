@@ -1,8 +1,14 @@
 """Asynchronous point-to-point transfers between stages, and the rules that keep their order on both ends.
 
 Activations travel forward with a small header describing their shapes and dtypes, so nothing is fixed at the
-first step: batch sizes, sequence lengths and dtypes may change from step to step. Gradients travel backward shaped
-like the activations the receiving stage sent, so they need no header.
+first step: batch sizes, sequence lengths and dtypes may change from step to step. Reading a header is a host read,
+which on a GPU waits for the device, so a header is sent only when needed: each forward carries a *key*, the shapes
+and dtypes of its micro-batch's input (every stage holds the same batch, so both ends compute the same key), and both
+ends of a stream of messages remember the shapes that went with each key (:class:`ShapeMemory`). A key met before
+sends its tensors alone, into buffers the receiver shapes from memory; a new key sends its header first. A forward
+without a key (``None``; or a link built with ``headers="always"``) always sends one. A stage whose output shapes
+depend on the input's values, not only on its shapes, is refused at its sender, naming the shapes. Gradients travel
+backward shaped like the activations the receiving stage sent, so they need no header.
 
 **Order.** NCCL matches the point-to-point messages between two ranks by the order they are posted, not by tag
 (gloo matches by tag too), so for every ordered pair of ranks the sender posts its sends in the order the receiver
@@ -13,7 +19,8 @@ posts the matching receives. Both sides derive that order from the same data, th
    tensors, then the skips stage j stashes for later stages, in the ports' order. Stage j+1 receives them in its
    own forward order, which is the same micro-batches in the same order; it posts the next forward's header receive
    one action ahead (:meth:`StageLink.recv_activations`), except when a skip from stage j follows each micro-batch's
-   activations: that skip comes first on the wire, so nothing is posted ahead of it.
+   activations: that skip comes first on the wire, so nothing is posted ahead of it. Whether a header is sent is
+   decided alike on both ends: by the key, against memories that change only when a header passes.
 2. *Backward, stage j+1 to j*: for each backward action of stage j+1, in order, micro-batch i's input gradients,
    and the gradients of skips popped there. Stage j posts every gradient receive of the step at once, in its own
    backward order (``StageExecutor.post_receives``); a schedule must give neighbouring stages the same backward
@@ -36,7 +43,7 @@ instead of passing. The test suite runs in that mode (``tests/conftest.py``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Optional
 
 import torch
@@ -46,7 +53,13 @@ from torch import Tensor
 from lightning_gpipe.engine.microbatch import Tensors
 from lightning_gpipe.engine.skip import Port
 
-__all__ = ["StageLink", "carries_grad", "MAX_SKIPS", "OBJECT_TAG", "ORDER_STRICT", "from_host"]
+__all__ = [
+    "StageLink", "ShapeMemory", "carries_grad", "MAX_SKIPS", "OBJECT_TAG", "ORDER_STRICT", "HEADERS", "from_host",
+]
+
+#: When activations carry a header: ``"auto"`` for a key not met before, ``"always"`` with every micro-batch.
+HEADERS = ("auto", "always")
+Specs = tuple[tuple[tuple[int, ...], torch.dtype], ...]  # shapes and dtypes of the tensors of one message
 
 _DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -75,11 +88,48 @@ def _carries_grad(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-class StageLink:
-    """The sends and receives of one stage to the stage before it and the stage after it."""
+class ShapeMemory:
+    """The shapes sent with each key on one stream of messages (a stage's activations to the next, or one skip
+    route), kept alike by its sender and its receiver: both remember a key when its header passes, and forget the
+    oldest past :attr:`LIMIT` keys, so both always agree on which keys need a header."""
 
-    def __init__(self, stage: int, k: int, device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._specs: dict[Hashable, Specs] = {}
+
+    def get(self, key: Optional[Hashable]) -> Optional[Specs]:
+        """The shapes remembered for ``key``; ``None`` when a header must pass."""
+        return None if key is None else self._specs.get(key)
+
+    def put(self, key: Optional[Hashable], specs: Specs) -> None:
+        if key is None:
+            return
+        if len(self._specs) >= self.LIMIT:
+            del self._specs[next(iter(self._specs))]
+        self._specs[key] = specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+class StageLink:
+    """The sends and receives of one stage to the stage before it and the stage after it.
+
+    ``headers="auto"`` sends an activation header only for a key not met before (see the module's docstring);
+    ``"always"`` sends one with every micro-batch.
+    """
+
+    def __init__(
+        self, stage: int, k: int, device: torch.device, group: Optional[dist.ProcessGroup] = None,
+        headers: str = "auto",
+    ) -> None:  # fmt: skip
+        if headers not in HEADERS:
+            raise ValueError(f"headers={headers!r}: choose one of {', '.join(HEADERS)}")
         self.stage, self.k, self.device, self.group = stage, k, device, group
+        self.remember = headers == "auto"
+        self._memories: dict[tuple[str, int], ShapeMemory] = {}  # per stream: ("out" | "in", skip route or -1)
+        self.headers_sent = self.headers_received = 0  # counted, for tests and reports
         self._sends: list[tuple[dist.Work, Tensor]] = []
         self._headers: dict[int, tuple[dist.Work, Tensor]] = {}
         self._gradients: dict[int, tuple[list[dist.Work], list[Optional[Tensor]]]] = {}
@@ -99,32 +149,74 @@ class StageLink:
         assert work is not None
         return work
 
+    def _memory(self, direction: str, route: int = -1) -> ShapeMemory:
+        return self._memories.setdefault((direction, route), ShapeMemory())
+
+    def _send_tensors(self, i: int, xs: Tensors, stage: int, key: Optional[Hashable], route: int = -1) -> None:
+        """Post ``xs`` to ``stage``, after their header unless the key's shapes are remembered on both ends."""
+        header_kind, data_kind = (
+            (_HEADER, _ACTIVATION) if route < 0 else (_skip_kind(route, _HEADER), _skip_kind(route, _ACTIVATION))
+        )
+        key = key if self.remember else None
+        memory, specs = self._memory("out", route), _specs(xs)
+        known = memory.get(key)
+        if known is None:
+            self._isend(_encode_header(xs, self.device), stage, _tag(i, header_kind))
+            memory.put(key, specs)
+            self.headers_sent += 1
+        elif known != specs:
+            what = "output" if route < 0 else f"skip (route {route})"
+            raise ValueError(
+                f"GPipeStrategy: stage {self.stage}'s {what} for micro-batch {i} has shapes {_show(specs)}, where an"
+                f" input of the same shapes gave {_show(known)} before: its shapes depend on the input's values, not"
+                " only on its shapes. Send them with every micro-batch: GPipeStrategy(headers='always')"
+            )
+        for x in xs:
+            self._isend(x, stage, _tag(i, data_kind))
+
     # -- forward: stage j sends to j + 1 --------------------------------------------------------
 
-    def send_activations(self, i: int, xs: Tensors) -> None:
-        """Post the sends of micro-batch ``i``'s stage output to the next stage."""
-        self._isend(_encode_header(xs, self.device), self.stage + 1, _tag(i, _HEADER))
-        for x in xs:
-            self._isend(x, self.stage + 1, _tag(i, _ACTIVATION))
+    def send_activations(self, i: int, xs: Tensors, key: Optional[Hashable] = None) -> None:
+        """Post the sends of micro-batch ``i``'s stage output to the next stage; ``key``: its input's shapes."""
+        self._send_tensors(i, xs, self.stage + 1, key)
 
-    def expect_activations(self, i: int) -> None:
-        """Post the receive of micro-batch ``i``'s header ahead of time."""
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-        self._headers[i] = (self._irecv(header, self.stage - 1, _tag(i, _HEADER)), header)
+    def expect_activations(self, i: int, key: Optional[Hashable] = None) -> None:
+        """Post the receive of micro-batch ``i``'s header ahead of time, if one will come for ``key``."""
+        if self._memory("in").get(key if self.remember else None) is None:
+            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+            self._headers[i] = (self._irecv(header, self.stage - 1, _tag(i, _HEADER)), header)
 
-    def recv_activations(self, i: int, ahead: Optional[int] = None) -> Tensors:
-        """Receive micro-batch ``i``'s input from the previous stage; post the header of ``ahead`` meanwhile."""
-        if i not in self._headers:
-            self.expect_activations(i)
-        work, header = self._headers.pop(i)
-        work.wait()
-        xs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in _decode_header(header)]
+    def recv_activations(
+        self, i: int, ahead: Optional[int] = None, key: Optional[Hashable] = None, ahead_key: Optional[Hashable] = None
+    ) -> Tensors:
+        """Receive micro-batch ``i``'s input (of key ``key``) from the previous stage; post the header of ``ahead``
+        (of key ``ahead_key``) meanwhile."""
+        specs = self._specs_in(i, key, self.stage - 1, _HEADER, -1)
+        xs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
         works = [self._irecv(x, self.stage - 1, _tag(i, _ACTIVATION)) for x in xs]
         if ahead is not None:
-            self.expect_activations(ahead)
+            self.expect_activations(ahead, ahead_key)
         for work in works:
             work.wait()
         return tuple(xs)
+
+    def _specs_in(self, i: int, key: Optional[Hashable], stage: int, kind: int, route: int) -> Specs:
+        """The shapes of micro-batch ``i``'s message from ``stage``: remembered for ``key``, or read from its header
+        (the one :meth:`expect_activations` posted, if it did)."""
+        key = key if self.remember else None
+        memory = self._memory("in", route)
+        if route < 0 and i in self._headers:
+            work, header = self._headers.pop(i)
+        elif (known := memory.get(key)) is not None:
+            return known
+        else:
+            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+            work = self._irecv(header, stage, _tag(i, kind))
+        work.wait()
+        specs = _decode_header(header)  # the host read that waits for the device
+        memory.put(key, specs)
+        self.headers_received += 1
+        return specs
 
     # -- backward: stage j sends to j - 1 -------------------------------------------------------
 
@@ -151,16 +243,13 @@ class StageLink:
 
     # -- skips: stage j sends a stashed tensor to the stage that pops it, which sends its gradient back --------
 
-    def send_skip(self, i: int, port: Port, x: Tensor) -> None:
+    def send_skip(self, i: int, port: Port, x: Tensor, key: Optional[Hashable] = None) -> None:
         """Post the sends of micro-batch ``i``'s stashed tensor to the stage that pops it."""
-        self._isend(_encode_header((x,), self.device), port.stage, _tag(i, _skip_kind(port.route, _HEADER)))
-        self._isend(x, port.stage, _tag(i, _skip_kind(port.route, _ACTIVATION)))
+        self._send_tensors(i, (x,), port.stage, key, port.route)
 
-    def recv_skip(self, i: int, port: Port) -> Tensor:
+    def recv_skip(self, i: int, port: Port, key: Optional[Hashable] = None) -> Tensor:
         """Receive micro-batch ``i``'s tensor that ``port.stage`` stashed."""
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-        self._irecv(header, port.stage, _tag(i, _skip_kind(port.route, _HEADER))).wait()
-        ((shape, dtype),) = _decode_header(header)
+        ((shape, dtype),) = self._specs_in(i, key, port.stage, _skip_kind(port.route, _HEADER), port.route)
         x = torch.empty(shape, dtype=dtype, device=self.device)
         self._irecv(x, port.stage, _tag(i, _skip_kind(port.route, _ACTIVATION))).wait()
         return x
@@ -229,11 +318,19 @@ def from_host(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def _decode_header(header: Tensor) -> list[tuple[list[int], torch.dtype]]:
+def _decode_header(header: Tensor) -> Specs:
     fields = header.tolist()
     specs, pos = [], 1
     for _ in range(fields[0]):
         dtype, ndim = _DTYPES[fields[pos]], fields[pos + 1]
-        specs.append((fields[pos + 2 : pos + 2 + ndim], dtype))
+        specs.append((tuple(fields[pos + 2 : pos + 2 + ndim]), dtype))
         pos += 2 + ndim
-    return specs
+    return tuple(specs)
+
+
+def _specs(xs: Tensors) -> Specs:
+    return tuple((tuple(x.shape), x.dtype) for x in xs)
+
+
+def _show(specs: Specs) -> str:
+    return ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, dtype in specs)

@@ -199,7 +199,7 @@ def partition(
         kept.weights = None
     parameters = {aliases.get(n, n): p for n, p in module.named_parameters(remove_duplicate=False)}
     norms = defer(own) if config.deferred_batchnorm else []  # before the executor, which finds them
-    link = StageLink(stage, k, device, topology.pipeline_group) if k > 1 else None
+    link = StageLink(stage, k, device, topology.pipeline_group, config.headers) if k > 1 else None
     if kept.stage_random is None:  # one stream per stage for the strategy's life: runs continue it
         kept.stage_random = StageRandom(stage, device)
     executor = StageExecutor(

@@ -3,13 +3,14 @@ may do that must reach global rank 0 (``self.print``) or cannot (rank-zero-only 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, Callable, Optional
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_gpipe.engine.executor import StageExecutor
-from lightning_gpipe.engine.microbatch import batch_size, merge, split, split_sizes
+from lightning_gpipe.engine.microbatch import batch_size, merge, shape_keys, split, split_sizes
 from lightning_gpipe.engine.rng import rank_random_state
 from lightning_gpipe.patching import patched
 from lightning_gpipe.schedule import Action
@@ -31,11 +32,13 @@ class PipelineCall:
 
     def __init__(
         self, executor: StageExecutor, microbatches: int, train: bool, check: Optional[Callable[[Any], None]] = None,
-        run: Optional[Callable[[Optional[list[Any]], int], None]] = None,
+        run: Optional[Callable[[Optional[list[Any]], int, list[Hashable]], None]] = None,
+        keys: Optional[list[Hashable]] = None,
     ) -> None:  # fmt: skip
         self.executor, self.microbatches, self.train = executor, microbatches, train
         self.check = check  # called with the first input, to verify the module's forward contract
         self.run = run  # trains through the whole schedule (a stage before the last, per-micro-batch loss)
+        self.keys = keys  # the micro-batches' shape keys, when not those of self(x)'s input (per-micro-batch loss)
         self.calls = 0
         self.returned = False  # whether the pipeline ran to the end and handed the step its output
         self.samples = self.n = 0  # batch size and micro-batch count, once called
@@ -71,10 +74,17 @@ class PipelineCall:
         self.samples = batch_size(x)
         micro = split(x, self.microbatches) if executor.is_first else None
         self.n = len(micro) if micro is not None else len(split_sizes(self.samples, self.microbatches))
+        keys = self.keys if self.keys is not None else shape_keys(x, self.microbatches, self.train)
         if self.run is not None and self.train:
-            self.run(micro, self.n)
+            if len(keys) != self.n:  # keys of the batch's slices, which the last stage's steps take
+                raise ValueError(
+                    f"GPipeStrategy(schedule={executor.schedule.name!r}) runs the step once per micro-batch, on its"
+                    f" slice of the batch: the batch splits into {len(keys)} micro-batches, but self(x)'s input of"
+                    f" {self.samples} rows into {self.n}. x must be the batch's samples, in order, one row each."
+                )
+            self.run(micro, self.n, keys)
             raise StageFinished
-        outputs = executor.forward(micro, self.n, self.train)
+        outputs = executor.forward(micro, self.n, self.train, keys)
         if not executor.is_last:
             raise StageFinished
         assert outputs is not None

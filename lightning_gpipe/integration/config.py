@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 
+from lightning_gpipe.engine.p2p import HEADERS
 from lightning_gpipe.errors import BalanceError
 from lightning_gpipe.model.partition import BALANCE_RULES, Balance
 from lightning_gpipe.parallel.topology import check_replicas
@@ -36,6 +37,7 @@ class GPipeConfig:
     gather_model: Optional[bool] = None
     data_parallel_size: int = 1
     weights: Optional[Union[str, Path]] = None
+    headers: str = "auto"
 
     def __post_init__(self) -> None:
         if not _whole(self.microbatches) or self.microbatches < 1:
@@ -65,6 +67,8 @@ class GPipeConfig:
             raise ValueError(
                 f"GPipeStrategy(state_dict_type={self.state_dict_type!r}): choose one of {', '.join(STATE_DICT_TYPES)}"
             )
+        if self.headers not in HEADERS:
+            raise ValueError(f"GPipeStrategy(headers={self.headers!r}): choose one of {', '.join(HEADERS)}")
         check_replicas(self.data_parallel_size)
         if self.gather_model not in (None, True, False):
             raise ValueError(

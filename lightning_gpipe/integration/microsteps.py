@@ -10,22 +10,35 @@ so: train it with ``schedule="gpipe"``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from numbers import Number
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from lightning_gpipe.engine.executor import StageExecutor
-from lightning_gpipe.engine.microbatch import batch_size, split
+from lightning_gpipe.engine.microbatch import batch_size, shape_keys, split
 from lightning_gpipe.integration.backward import loss_problem
 from lightning_gpipe.integration.call import PipelineCall
 from lightning_gpipe.integration.logs import LogRecord
 from lightning_gpipe.schedule import Phase
 
-__all__ = ["run_per_microbatch", "merge_logs", "merge_output"]
+__all__ = ["run_per_microbatch", "batch_keys", "merge_logs", "merge_output"]
+
+
+def _batch(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else kwargs["batch"]
+
+
+def batch_keys(args: tuple, kwargs: dict, microbatches: int) -> Optional[list[Hashable]]:
+    """The shape keys of a training step's batch split as the last stage splits it, for the stages before it
+    (``None`` for a batch that does not split: the last stage refuses it)."""
+    try:
+        return shape_keys(_batch(args, kwargs), microbatches, True)
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
 
 
 def run_per_microbatch(
@@ -37,7 +50,7 @@ def run_per_microbatch(
     stage's backward of it. ``records`` collects the logged calls and ends merged. Returns the merged output."""
     where = f"{type(module).__name__}.{hook}"
     name = executor.schedule.name
-    batch = args[0] if args else kwargs["batch"]
+    batch = _batch(args, kwargs)
     try:
         slices = split(batch, microbatches)
     except (TypeError, ValueError) as error:
@@ -47,7 +60,7 @@ def run_per_microbatch(
         ) from error
     rows = [batch_size(piece) for piece in slices]
     total, accumulate = sum(rows), module.trainer.accumulate_grad_batches
-    executor.begin(len(slices))
+    executor.begin(len(slices), shape_keys(batch, microbatches, True))
     outputs: list[Any] = []
     bounds: list[tuple[int, int]] = []  # each forward's logged calls, as positions in ``records``
     shares: list[float] = []  # each forward's share of the batch's samples

@@ -46,7 +46,7 @@ decision).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable, Optional
@@ -63,7 +63,7 @@ from lightning_gpipe.integration.backward import BackwardPlan, HeldGradients, lo
 from lightning_gpipe.integration.call import PipelineCall, StageFinished, prints_recorded, rank_zero_watched
 from lightning_gpipe.integration.contract import StageError, parameters_refused
 from lightning_gpipe.integration.logs import muted_logs, record_logs, replay_logs, shareable
-from lightning_gpipe.integration.microsteps import run_per_microbatch
+from lightning_gpipe.integration.microsteps import batch_keys, run_per_microbatch
 from lightning_gpipe.model.partition import check_forward
 from lightning_gpipe.parallel.collectives import Failure
 from lightning_gpipe.parallel.replicas import GradientAverager
@@ -136,8 +136,10 @@ class StageStep:
         if module.training not in self._checked_modes:  # forward may branch on self.training: check both
             self._checked_modes.add(module.training)
             check = partial(check_forward, module, self.sequential)
-        run = partial(self._train_through, executor.parameters()) if per_micro and not executor.is_last else None
-        call = self.call = PipelineCall(executor, self.microbatches, train, check, run)
+        run, keys = None, None
+        if per_micro and not executor.is_last:  # the keys of the slices of the batch the last stage's steps take
+            run, keys = partial(self._train_through, executor.parameters()), batch_keys(args, kwargs, self.microbatches)
+        call = self.call = PipelineCall(executor, self.microbatches, train, check, run, keys)
         # The last stage records its calls of self.log; the others drop their own. Every stage makes the recorded
         # calls: the last at the end of its step (step 5), the others once they have them (step 3, or step 5).
         recording = executor.is_last and (executor.k > 1 or per_micro)
@@ -232,10 +234,10 @@ class StageStep:
         self.start_average()  # the replicas' average travels while this stage waits for the results
         return self._take_shared(module)
 
-    def _train_through(self, params: list[Tensor], inputs: Optional[list[Any]], n: int) -> None:
+    def _train_through(self, params: list[Tensor], inputs: Optional[list[Any]], n: int, keys: list[Hashable]) -> None:
         """A stage before the last, per-micro-batch loss: every action of its schedule, in ``self(x)``."""
         with torch.autocast(self.device.type, enabled=False):  # the backwards as Lightning's, outside the step
-            self.held.compute(partial(self.executor.run, inputs, n), params, self.plan)  # type: ignore[arg-type]
+            self.held.compute(partial(self.executor.run, inputs, n, keys), params, self.plan)  # type: ignore[arg-type]
         self.start_average()
 
     def _per_microbatch(

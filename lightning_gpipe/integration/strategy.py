@@ -84,6 +84,8 @@ class GPipeStrategy(PipelineProcesses):
         weights: start the first run from these weights (fine-tuning): a Lightning checkpoint, a sharded
             checkpoint folder or a ``torch.save``'d state dict, a file you trust. Each rank reads only its own
             stage's tensors (memory-mapped); optimizer, loops and schedulers start fresh, unlike ``ckpt_path``.
+        headers: ``"auto"`` sends a stage's output shapes only for input shapes not met before (no wait for the
+            device); ``"always"`` with every micro-batch, for output shapes that depend on the input's values.
     """
 
     strategy_name = "gpipe"
@@ -108,10 +110,11 @@ class GPipeStrategy(PipelineProcesses):
         gather_model: Optional[bool] = None,
         data_parallel_size: int = 1,
         weights: Optional[Union[str, Path]] = None,
+        headers: str = "auto",
     ) -> None:
         config = GPipeConfig(
             microbatches, schedule, balance, checkpoint, sequential, process_group_backend, timeout,
-            observe_every_n_steps, state_dict_type, deferred_batchnorm, gather_model, data_parallel_size, weights,
+            observe_every_n_steps, state_dict_type, deferred_batchnorm, gather_model, data_parallel_size, weights, headers,
         )  # fmt: skip
         super().__init__(
             config, accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
