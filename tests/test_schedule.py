@@ -18,6 +18,8 @@ from lightning_gpipe.schedule import (
     fthenb,
     one_f_one_b,
 )
+from lightning_gpipe.schedule.interleaved import Interleaved1F1B, interleaved_one_f_one_b
+from lightning_gpipe.schedule.simulate import simulate
 
 
 def test_fthenb_literal_order():
@@ -114,3 +116,73 @@ def test_1f1b_literal_order():
                 in_flight = max(sum(a.phase is Phase.FORWARD for a in order[: n + 1]) - sum(
                     a.phase is Phase.BACKWARD for a in order[: n + 1]) for n in range(len(order)))  # fmt: skip
                 assert in_flight == min(k - j, m)  # stage j holds at most K - j micro-batches
+
+
+def test_interleaved_literal_order():
+    """Megatron-LM's order: groups of K micro-batches, chunk by chunk (backwards with the chunks reversed); warm-up
+    2(K-1-r) + (v-1)K forwards on rank r, every forward first when M = K."""
+    order = lambda k, m, r, v: " ".join(map(repr, interleaved_one_f_one_b(k, m, r, v)))  # noqa: E731
+    assert [order(2, 2, r, 2) for r in range(2)] == ["F0 F1 F0c1 F1c1 B0c1 B1c1 B0 B1"] * 2
+    assert [order(2, 4, r, 2) for r in range(2)] == [
+        "F0 F1 F0c1 F1c1 F2 B0c1 F3 B1c1 F2c1 B0 F3c1 B1 B2c1 B3c1 B2 B3",
+        "F0 F1 F0c1 B0c1 F1c1 B1c1 F2 B0 F3 B1 F2c1 B2c1 F3c1 B3c1 B2 B3",
+    ]
+    assert order(3, 6, 2, 3) == (
+        "F0 F1 F2 F0c1 F1c1 F2c1 F0c2 B0c2 F1c2 B1c2 F2c2 B2c2 F3 B0c1 F4 B1c1 F5 B2c1 F3c1 B0 F4c1 B1 F5c1 B2"
+        " F3c2 B3c2 F4c2 B4c2 F5c2 B5c2 B3c1 B4c1 B5c1 B3 B4 B5"
+    )
+    assert [repr(a) for a in Interleaved1F1B("except_last", 2).actions(2, 2, 0)] == [
+        "F0r", "F1", "F0c1r", "F1c1", "B0c1", "B1c1", "B0", "B1",
+    ]  # fmt: skip
+    schedule = Interleaved1F1B(virtual_stages=3)
+    assert isinstance(schedule, Schedule) and schedule.stages_per_rank == 3 and schedule.loss_per_microbatch
+    for k, m, v in [(2, 2, 2), (2, 6, 3), (3, 6, 2), (4, 8, 2), (4, 4, 4)]:
+        for r in range(k):
+            actions = interleaved_one_f_one_b(k, m, r, v)
+            for c in range(v):  # each chunk runs every forward in order, then every backward in order, once each
+                mine = [a for a in actions if a.chunk == c]
+                assert [a.i for a in mine if a.phase is Phase.FORWARD] == list(range(m))
+                assert [a.i for a in mine if a.phase is Phase.BACKWARD] == list(range(m))
+                assert all(mine.index(Action(Phase.FORWARD, i, chunk=c)) < mine.index(Action(Phase.BACKWARD, i, chunk=c)) for i in range(m))
+
+
+def test_interleaved_refuses_what_it_cannot_order():
+    with pytest.raises(ValueError, match="interleaved 1F1B takes micro-batches in groups of K: microbatches=6 is not a multiple of K=4"):
+        interleaved_one_f_one_b(4, 6, 0, 2)
+    with pytest.raises(ValueError, match=r"virtual_stages=0: need an integer of at least 1"):
+        interleaved_one_f_one_b(2, 2, 0, 0)
+
+
+@pytest.mark.parametrize(("k", "m"), [(1, 1), (2, 4), (3, 6), (4, 4), (4, 8), (4, 16)])
+def test_simulated_time_of_every_schedule(k, m):
+    """On an ideal machine (a stage's forward 1, its backward 2, communication free), F-then-B and 1F1B take
+    3(M+K-1) and interleaved 1F1B with v chunks 3(M+(K-1)/v): its bubble is v times smaller at the same M."""
+    for schedule in (GPipe(), OneFOneB()):
+        timing = simulate(schedule, k, m)
+        assert timing.makespan == 3 * (m + k - 1)
+        assert timing.bubble == pytest.approx((k - 1) / (m + k - 1))
+    for v in (1, 2, 4):
+        timing = simulate(Interleaved1F1B(virtual_stages=v), k, m)
+        assert timing.makespan == pytest.approx(3 * (m + (k - 1) / v))
+        assert timing.bubble == pytest.approx((k - 1) / v / (m + (k - 1) / v))
+    if (k, m) == (4, 4):  # the issue's goal for v=2 at K=4, M=4: 1.27 times GPipe's samples per second
+        assert simulate(GPipe(), 4, 4).makespan / simulate(Interleaved1F1B(virtual_stages=2), 4, 4).makespan == pytest.approx(7 / 5.5)
+
+
+def test_simulation_finds_a_schedule_that_cannot_finish():
+    class BackwardFirst:
+        """Stage 0 waits for a backward before it has sent the forward that backward needs."""
+
+        name, loss_per_microbatch, stages_per_rank = "backward_first", False, 1
+
+        def actions(self, k, m, stage):
+            order = fthenb(k, m, stage)
+            return order[m:] + order[:m] if stage == 0 else order
+
+    with pytest.raises(ValueError, match=r"backward_first cannot finish for k=2, m=2: each rank's next action waits: \{0: B1, 1: F0\}"):
+        simulate(BackwardFirst(), 2, 2)
+
+
+def test_the_executor_refuses_several_chunks_per_rank():
+    with pytest.raises(NotImplementedError, match="schedule 'interleaved' gives each rank 2 model chunks; the executor runs one per rank"):
+        StageExecutor([nn.Linear(2, 2)], 0, 1, torch.device("cpu"), None, schedule=Interleaved1F1B())

@@ -71,6 +71,11 @@ class StageExecutor:
         self.stage, self.k, self.device = stage, k, device
         self.link = link
         self.schedule: Schedule = GPipe(checkpoint) if schedule is None else schedule  # ``checkpoint``: GPipe's
+        if self.schedule.stages_per_rank != 1:
+            raise NotImplementedError(
+                f"schedule {self.schedule.name!r} gives each rank {self.schedule.stages_per_rank} model chunks; the"
+                " executor runs one per rank"
+            )
         self.random = random if random is not None else StageRandom(stage, device)  # the stage's dropout stream
         self.timeline = Timeline(stage, device)  # records only while a step is being observed
         self.meter = ActivationMeter()

@@ -24,15 +24,18 @@ class Action:
     """One unit of work of a stage: the forward or backward pass of micro-batch ``i``.
 
     ``recompute`` (forward actions of a training step): keep only the stage's input and run the forward again
-    right before the backward (re-materialization), instead of keeping its activations.
+    right before the backward (re-materialization), instead of keeping its activations. ``chunk``: which of the
+    rank's model chunks runs it, under a schedule that gives a rank several (interleaved); written ``F3c1``.
     """
 
     phase: Phase
     i: int
     recompute: bool = False
+    chunk: int = 0
 
     def __repr__(self) -> str:
-        return f"{self.phase.value[0].upper()}{self.i}" + ("r" if self.recompute else "")
+        chunk = f"c{self.chunk}" if self.chunk else ""
+        return f"{self.phase.value[0].upper()}{self.i}{chunk}" + ("r" if self.recompute else "")
 
 
 @runtime_checkable
@@ -89,4 +92,6 @@ class Rematerialized:
 
     def actions(self, k: int, m: int, stage: int) -> list[Action]:
         stop = checkpoint_stop(self.checkpoint, m)
-        return [Action(a.phase, a.i, a.phase is Phase.FORWARD and a.i < stop) for a in self.order(k, m, stage)]
+        return [
+            Action(a.phase, a.i, a.phase is Phase.FORWARD and a.i < stop, a.chunk) for a in self.order(k, m, stage)
+        ]

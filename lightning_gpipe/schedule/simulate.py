@@ -1,0 +1,70 @@
+"""A schedule's ideal timeline: every rank runs its actions in order, each as soon as its inputs exist, with given
+costs and free communication. It gives a schedule's exact time (the limit a real run is measured against) and
+shows a schedule that cannot finish (an action waiting on one that waits on it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning_gpipe.schedule.actions import Action, Phase, Schedule
+
+__all__ = ["Timing", "simulate"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When each ``(rank, action)`` of a step starts and ends, in units of one stage's forward of one micro-batch."""
+
+    k: int
+    m: int
+    spans: dict[tuple[int, Action], tuple[float, float]]
+
+    @property
+    def makespan(self) -> float:
+        return max(end for _, end in self.spans.values())
+
+    @property
+    def bubble(self) -> float:
+        """The idle fraction of the ranks over the makespan."""
+        busy = sum(end - start for start, end in self.spans.values())
+        return 1 - busy / (self.k * self.makespan)
+
+
+def simulate(schedule: Schedule, k: int, m: int, forward: float = 1.0, backward: float = 2.0) -> Timing:
+    """Run ``schedule`` for ``k`` ranks and ``m`` micro-batches on an ideal machine: a whole stage's forward of a
+    micro-batch costs ``forward`` and its backward ``backward``, a chunk of v per rank 1/v of that. A forward waits
+    for the previous stage's forward of its micro-batch; a backward for its own forward and the next stage's
+    backward. Raises ``ValueError`` naming the stuck actions if the ranks wait on each other forever."""
+    v = schedule.stages_per_rank
+    orders = [[_plain(a) for a in schedule.actions(k, m, rank)] for rank in range(k)]
+    cost = {Phase.FORWARD: forward / v, Phase.BACKWARD: backward / v}
+    last = k * v - 1
+    done: dict[tuple[Phase, int, int], float] = {}  # (phase, virtual stage, micro-batch) -> end
+    spans: dict[tuple[int, Action], tuple[float, float]] = {}
+    free, position = [0.0] * k, [0] * k
+    while any(position[r] < len(orders[r]) for r in range(k)):
+        moved = False
+        for r in range(k):
+            while position[r] < len(orders[r]):
+                action = orders[r][position[r]]
+                stage = action.chunk * k + r
+                if action.phase is Phase.FORWARD:
+                    needs = [(Phase.FORWARD, stage - 1, action.i)] if stage > 0 else []
+                else:
+                    needs = [(Phase.FORWARD, stage, action.i)]
+                    needs += [(Phase.BACKWARD, stage + 1, action.i)] if stage < last else []
+                if any(need not in done for need in needs):
+                    break
+                start = max([free[r]] + [done[need] for need in needs])
+                free[r] = done[(action.phase, stage, action.i)] = start + cost[action.phase]
+                spans[(r, action)] = (start, free[r])
+                position[r] += 1
+                moved = True
+        if not moved:
+            stuck = {r: orders[r][position[r]] for r in range(k) if position[r] < len(orders[r])}
+            raise ValueError(f"{schedule.name} cannot finish for k={k}, m={m}: each rank's next action waits: {stuck}")
+    return Timing(k, m, spans)
+
+
+def _plain(action: Action) -> Action:
+    return Action(action.phase, action.i, chunk=action.chunk)
