@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
 
 import _model  # noqa: E402
+from p2p_order import recorded  # noqa: E402
 import lightning as L  # noqa: E402
 from _model import RecordingLogger, StepRecorder  # noqa: E402
 from lightning.pytorch.callbacks import BatchSizeFinder, EMAWeightAveraging, ModelCheckpoint, ModelSummary  # noqa: E402
@@ -130,8 +131,15 @@ def _held(model: L.LightningModule) -> dict:
 
 
 def run(scenario: dict, out: Path) -> None:
+    """Run ``scenario`` on this rank and save what it did, the order of its point-to-point messages included."""
+    ops: list = []
+    with recorded(ops):
+        _run(scenario, out, ops)
+
+
+def _run(scenario: dict, out: Path, ops: list) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
-    result: dict = {}
+    result: dict = {"p2p": ops}
     try:
         seed = scenario.get("seed", 0)
         if seed is not None:  # "rank": each rank its own seed, as processes whose random streams drifted apart

@@ -16,11 +16,13 @@ sys.path.insert(0, str(TESTS))
 
 # Every message between two ranks on one tag, so that gloo matches them by posting order as NCCL does: a schedule
 # that posts a send and its receive in different orders fails here as it would on GPUs (lightning_gpipe.engine.p2p).
-# Set before the package is imported, and inherited by every process the tests start.
+# Set before the package is imported, and inherited by every process the tests start. Each worker also records the
+# order in which it posts its messages, and run_scenarios checks that they pair up as NCCL needs (p2p_order.py).
 os.environ.setdefault("LIGHTNING_GPIPE_ORDER_STRICT", "1")
 
 from _model import RecordingLogger, StepRecorder, loaders  # noqa: E402
 from launch import fresh_env, launch  # noqa: E402
+from p2p_order import nccl_order_problems  # noqa: E402
 
 WORKER = TESTS / "_worker.py"
 ATOL = 1e-5  # fp32: micro-batching changes only the order of a few floating-point sums
@@ -39,10 +41,14 @@ def run_scenarios(k: int, scenarios: list[dict], workdir: Path, timeout: float =
     ranks = launch(k, [str(WORKER), str(spec), str(workdir)], workdir, timeout=timeout)
     failed = [r for r in ranks if r.returncode != 0]
     assert not failed, "\n".join(f"--- rank {r.rank} exited {r.returncode}\n{r.output[-4000:]}" for r in failed)
-    return {
+    results = {
         s["name"]: [torch.load(workdir / f"{s['name']}.rank{r}.pt", weights_only=False) for r in range(k)]
         for s in scenarios
     }
+    # Every scenario's messages pair up between every two ranks in one order, as NCCL needs (tests/p2p_order.py).
+    problems = {name: nccl_order_problems([rank["p2p"] for rank in ranks]) for name, ranks in results.items()}
+    assert {name: found for name, found in problems.items() if found} == {}
+    return results
 
 
 def run_launched(scenarios: list[dict], workdir: Path, timeout: float = 180) -> tuple[subprocess.CompletedProcess, float]:

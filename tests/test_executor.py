@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from p2p_order import nccl_order_problems, recorded
+
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import merge, shape_keys, split
 from lightning_gpipe.engine.p2p import StageLink
@@ -230,7 +232,9 @@ def _one_f_one_b_worker(rank: int, port: int, out: str) -> None:
         x = torch.randn(35, 8)  # uneven micro-batches: 3 rows, and 2 in the last five
         expected, _ = _reference_grads(copy.deepcopy(layers), x, loss=lambda y: y.pow(2).sum(-1).mean())
         mine = layers[2 * rank : 2 * rank + 2]
-        peaks = {}
+        peaks, ops = {}, []
+        recording = recorded(ops)
+        recording.__enter__()
         for schedule in (OneFOneB("never"), GPipe("never")):
             for p in (p for layer in mine for p in layer.parameters()):
                 p.grad = None
@@ -257,7 +261,8 @@ def _one_f_one_b_worker(rank: int, port: int, out: str) -> None:
             got = [p.grad for layer in mine for p in layer.parameters()]
             for g, e in zip(got, expected[2 * rank : 2 * rank + 2], strict=True):
                 torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
-        torch.save(peaks, f"{out}/peaks{rank}.pt")
+        recording.__exit__(None, None, None)
+        torch.save((peaks, ops), f"{out}/peaks{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -268,6 +273,7 @@ def test_1f1b_over_four_stages_equals_reference_and_holds_fewer_activations(tmp_
     from launch import free_port
 
     mp.spawn(_one_f_one_b_worker, args=(free_port(), str(tmp_path)), nprocs=4, join=True)
-    peaks = [torch.load(tmp_path / f"peaks{rank}.pt") for rank in range(4)]
+    peaks, ops = zip(*(torch.load(tmp_path / f"peaks{rank}.pt") for rank in range(4)))
+    assert nccl_order_problems(list(ops)) == []  # the messages pair up in one order on both ends, as NCCL needs
     assert peaks[0]["1f1b"] <= (4 / 16 + 0.1) * peaks[0]["gpipe"]
     assert [p["1f1b"] < p["gpipe"] for p in peaks] == [True] * 4

@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 from conftest import assert_same_logs, assert_same_params, full_params, reference_run, run_scenarios, scenario
 from torch import nn
 
+import p2p_order
+
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import shape_keys, split
 from lightning_gpipe.engine.p2p import StageLink
@@ -142,6 +144,9 @@ def _skip_worker(rank: int, port: int, k: int, balance: list[int], received: dic
         return irecv(tensor, src, *args, **kwargs)
 
     dist.irecv = recording
+    ops: list = []
+    order = p2p_order.recorded(ops)
+    order.__enter__()
     try:
         link, keyed = StageLink(rank, k, torch.device("cpu")), StageLink(rank, k, torch.device("cpu"))
         for checkpoint, use in [(mode, link) for mode in MODES] + [(mode, keyed) for mode in MODES]:
@@ -170,7 +175,9 @@ def _skip_worker(rank: int, port: int, k: int, balance: list[int], received: dic
                 if any(p is q for layer in mine for q in layer.parameters()):
                     torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-6)
             received[(rank, checkpoint, use is keyed)] = list(sources)
+        received[(rank, "ops")] = ops
     finally:
+        order.__exit__(None, None, None)
         dist.irecv = irecv
         dist.destroy_process_group()
 
@@ -190,6 +197,7 @@ def test_skips_cross_stages_point_to_point(k, balance, between):
         mp.spawn(_skip_worker, args=(free_port(), k, balance, received), nprocs=k, join=True)
         received = dict(received)
     last = k - 1
+    assert p2p_order.nccl_order_problems([received[(rank, "ops")] for rank in range(k)]) == []  # as NCCL needs
     for checkpoint in MODES:
         for rank in between:
             # Three micro-batches of a header and an activation from the stage before, three gradients from after.

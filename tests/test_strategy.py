@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from _model import Classifier, loaders
+from p2p_order import nccl_order_problems
 from conftest import (
     ATOL,
     assert_same_logs,
@@ -173,6 +174,17 @@ def test_shapes_travel_only_when_new(k2):
     microbatches = 2 * sum(len(split_sizes(size, 3)) for _, sizes in phases for size in sizes)  # two epochs
     assert microbatches == 40
     assert [rank["headers"] for rank in k2["headers_always"]] == [(40, 0), (0, 40)]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_messages_pair_up_as_nccl_needs(k, k2, k4):
+    """Every scenario's point-to-point messages, as each rank posted them, pair up one by one between every two
+    ranks (tests/p2p_order.py): NCCL, which matches by order, would neither deadlock nor swap buffers."""
+    runs, scenarios = (k2, K2) if k == 2 else (k4, K4)
+    problems = {name: nccl_order_problems([rank["p2p"] for rank in ranks]) for name, ranks in runs.items()}
+    assert {name: found for name, found in problems.items() if found} == {}
+    refused = [s["name"] for s in scenarios if s.get("expect_error") and "fail_at" not in s]  # before any message
+    assert [name for name, ranks in runs.items() if not ranks[0]["p2p"]] == refused
 
 
 def test_max_steps_and_val_check_interval(k2):

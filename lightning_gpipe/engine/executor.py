@@ -64,13 +64,14 @@ class StageExecutor:
         if k > 1 and link is None:
             raise ValueError(f"a pipeline of {k} stages needs a StageLink")
         self.sends, self.receives = skips  # skips this stage stashes for later stages, and those it pops
-        # The order of messages between two ranks (lightning_gpipe.engine.p2p, rule 1): a skip from the previous
-        # stage follows micro-batch i's activations, so the next header is posted only after it is received.
-        self._ahead = not any(port.stage == stage - 1 for port in self.receives)
         self.layers = list(layers)
         self.stage, self.k, self.device = stage, k, device
         self.link = link
         self.schedule: Schedule = GPipe(checkpoint) if schedule is None else schedule  # ``checkpoint``: GPipe's
+        # The order of messages between two ranks (lightning_gpipe.engine.p2p, rule 1): a skip from the previous
+        # stage follows micro-batch i's activations, and under a loss per micro-batch the stages post gradient
+        # receives and sends between their forwards: then the next header is posted only when it is due.
+        self._ahead = not self.schedule.loss_per_microbatch and not any(port.stage == stage - 1 for port in self.receives)
         if self.schedule.stages_per_rank != 1:
             raise NotImplementedError(
                 f"schedule {self.schedule.name!r} gives each rank {self.schedule.stages_per_rank} model chunks; the"
@@ -88,6 +89,7 @@ class StageExecutor:
         self._last_forward = -1  # this step's last forward micro-batch (begin)
         self._taken: dict[int, tuple[Any, dict[Key, Tensor]]] = {}  # each micro-batch's input, once received
         self._backward_done: set[int] = set()  # the micro-batches whose backward ran (or was drained)
+        self._posted: set[tuple[int, int]] = set()  # gradient receives posted: (micro-batch, skip route or -1)
         self._ahead_of: dict[int, int] = {}  # each forward's next one in this step
 
     @property
@@ -131,6 +133,7 @@ class StageExecutor:
         self._slots = [None] * n
         self._taken = {}
         self._backward_done = set()
+        self._posted = set()
         self._expecting = False
         forwards = self._actions(n, Phase.FORWARD)
         self._last_forward = forwards[-1].i
@@ -149,14 +152,22 @@ class StageExecutor:
 
     def run(self, inputs: Optional[Sequence[Any]], n: int, keys: Optional[Sequence[Hashable]] = None) -> None:
         """Train on ``n`` micro-batches with every action of this stage's schedule in order, on a stage that is not
-        the last (whose loss runs per micro-batch between its actions, driven by the step): each gradient receive is
-        posted as soon as its forward has run, in the order of the forwards, which is the backwards' order."""
+        the last (whose loss runs per micro-batch between its actions, driven by the step). Each gradient receive is
+        posted where the stage that sends it runs that backward among its forwards (lightning_gpipe.engine.p2p,
+        rule 2), so that the messages between the two pair up in one order on both ends."""
         with self.random.active():
             self.begin(n, keys)
+            due = {None: _due(self.schedule.actions(self.k, n, self.stage + 1))}  # gradients from the next stage
+            for port in self.sends:  # and from the stages that pop this one's skips
+                due[port.route] = _due(self.schedule.actions(self.k, n, port.stage))
             for action in self.schedule.actions(self.k, n, self.stage):
                 if action.phase is Phase.FORWARD:
                     self.forward_one(action, inputs[action.i] if self.is_first else None, train=True)  # type: ignore[index]
-                    self.post_receive(action.i)
+                    for i in due[None].get(action.i, ()):
+                        self._expect_gradient(i)
+                    for port in self.sends:
+                        for i in due[port.route].get(action.i, ()):
+                            self._expect_skip_gradient(i, port)
                 else:
                     self.backward_one(action)
             self.flush()
@@ -216,11 +227,22 @@ class StageExecutor:
         """Post the receives of micro-batch ``i``'s output gradients (and its skips'), once its forward has run."""
         if self.is_last:
             return
+        self._expect_gradient(i)
+        for port in self.sends:
+            self._expect_skip_gradient(i, port)
+
+    def _expect_gradient(self, i: int) -> None:
         slot = self._slots[i]
         assert slot is not None, f"micro-batch {i} has no forward on stage {self.stage}"
         self.link.expect_gradients(i, slot.sent)  # type: ignore[union-attr]
-        for port, (shape, dtype) in zip(self.sends, slot.stashed_sent):
-            self.link.expect_skip_gradient(i, port, shape, dtype)  # type: ignore[union-attr]
+        self._posted.add((i, -1))
+
+    def _expect_skip_gradient(self, i: int, port: Port) -> None:
+        slot = self._slots[i]
+        assert slot is not None, f"micro-batch {i} has no forward on stage {self.stage}"
+        shape, dtype = slot.stashed_sent[self.sends.index(port)]
+        self.link.expect_skip_gradient(i, port, shape, dtype)  # type: ignore[union-attr]
+        self._posted.add((i, port.route))
 
     def parameters(self) -> list[Tensor]:
         """This stage's parameters, each once."""
@@ -271,6 +293,12 @@ class StageExecutor:
         i = action.i
         slot = self._slots[i]
         assert slot is not None, f"micro-batch {i} has no forward on stage {self.stage}"
+        if not self.is_last:  # a schedule that runs this backward before the next stage's turn: posted now
+            if (i, -1) not in self._posted:
+                self._expect_gradient(i)
+            for port in self.sends:
+                if (i, port.route) not in self._posted:
+                    self._expect_skip_gradient(i, port)
         if self.is_last:
             grads = [leaf.grad for leaf in slot.leaves]  # type: ignore[union-attr]
         else:
@@ -334,6 +362,20 @@ class StageExecutor:
         with use_tracker(StageTracker(popped, (p.key for p in self.sends))) as tracker:
             y = self.run_layers(_fresh(x))
         return y, tuple(tracker.outgoing_tensors(self.sends))
+
+
+def _due(peer: list[Action]) -> dict[int, list[int]]:
+    """For a stage that sends its forwards' outputs to ``peer`` (whose actions these are) and takes their gradients
+    back: after its forward of micro-batch ``i``, the gradient receives to post, in the order ``peer`` runs those
+    backwards among its forwards (both take the forwards in the same order)."""
+    due: dict[int, list[int]] = {}
+    last = -1
+    for action in peer:
+        if action.phase is Phase.FORWARD:
+            last = action.i
+        else:
+            due.setdefault(last, []).append(action.i)
+    return due
 
 
 def _fresh(x: Any) -> Any:

@@ -19,7 +19,9 @@ posts the matching receives. Both sides derive that order from the same data, th
    tensors, then the skips stage j stashes for later stages, in the ports' order. Stage j+1 receives them in its
    own forward order, which is the same micro-batches in the same order; it posts the next forward's header receive
    one action ahead (:meth:`StageLink.recv_activations`), except when a skip from stage j follows each micro-batch's
-   activations: that skip comes first on the wire, so nothing is posted ahead of it. Whether a header is sent is
+   activations (that skip comes first on the wire) and under a loss per micro-batch (1F1B), where stage j posts a
+   gradient receive after each forward's sends and stage j+1 a gradient send after each backward: NCCL runs both
+   directions between two ranks in one stream, so a receive posted ahead there would face stage j's receive. Whether a header is sent is
    decided alike on both ends: by the key, against memories that change only when a header passes.
 2. *Backward, stage j+1 to j*: for each backward action of stage j+1, in order, micro-batch i's input gradients,
    and the gradients of skips popped there. Stage j posts every gradient receive of the step at once, in its own
