@@ -674,3 +674,21 @@ class Configured(Classifier):
     def configure_model(self):
         if self.body is None:
             self.body = Classifier.layers(self)
+
+
+# Models of other files with a loss that is a mean over samples, for 1F1B (its last stage's step runs once per
+# micro-batch): skips, tied weights, deferred batch norm and deferred construction under 1F1B.
+class MeanSkipClassifier(SkipClassifier):
+    _loss = MeanLossClassifier._loss
+
+
+class MeanTiedClassifier(TiedClassifier):
+    _loss = MeanLossClassifier._loss
+
+
+class MeanBatchNormConvNet(BatchNormConvNet):
+    _loss = MeanLossClassifier._loss
+
+
+class MeanConfigured(Configured):
+    _loss = MeanLossClassifier._loss

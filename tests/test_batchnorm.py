@@ -83,6 +83,8 @@ def _bn(name: str, k: int, mode: str, deferred: bool = True) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, dict]:
     k2 = [_bn(f"deferred_{mode}", 2, mode) for mode in MODES] + [_bn("per_microbatch", 2, "never", deferred=False)]
+    one_f_one_b = _bn("deferred_1f1b", 2, "except_last")
+    k2.append({**one_f_one_b, "model_class": "MeanBatchNormConvNet", "strategy": {**one_f_one_b["strategy"], "schedule": "1f1b"}})
     k4 = [_bn("deferred_always", 4, "always"), _bn("deferred_except_last", 4, "except_last")]
     return {k: run_scenarios(k, scenarios, tmp_path_factory.mktemp(f"bn{k}")) for k, scenarios in ((2, k2), (4, k4))}
 
@@ -104,6 +106,17 @@ def test_training_and_statistics_equal_single_device_training(k, name, runs, ref
         assert torch.equal(got, expected)
     assert ranks[0]["module_types"].count("BatchNorm2d") == 2  # the user's own layers again after the run
     assert not any(t.startswith("Deferred") for t in ranks[0]["module_types"])
+
+
+def test_deferred_statistics_under_1f1b(runs):
+    """Under 1F1B the statistics still update once per step, from the whole batch, after its last forward, while
+    earlier micro-batches' backwards have already run."""
+    reference = reference_run(clip=None, accumulate=1, model_class="MeanBatchNormConvNet", ghost=4)
+    params = full_params(runs[2]["deferred_1f1b"])
+    assert int(params["body.2.num_batches_tracked"]) == 8
+    assert_same_params(params, reference["params"])
+    for got, expected in zip(runs[2]["deferred_1f1b"][0]["predictions"], reference["predictions"]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_without_deferring_statistics_follow_micro_batches(runs, reference):

@@ -80,7 +80,9 @@ def runs(tmp_path_factory) -> dict:
             scenario("gpt2", 2, 2, model={"lr": 0.0}, model_module="_hf_model", model_class="GPT2Blocks",
                      loaders="token_loaders", epochs=1),  # fmt: skip
         ],
-        4: [scenario("configured", 4, 3, **configured), scenario("frozen", 4, 3, model={"lr": 0.0}, **configured)],
+        4: [scenario("configured", 4, 3, **configured), scenario("frozen", 4, 3, model={"lr": 0.0}, **configured),
+            {**scenario("configured_1f1b", 4, 4, model_class="MeanConfigured"),
+             "strategy": {"microbatches": 4, "schedule": "1f1b"}}],
     }
     return {k: run_scenarios(k, runs, folders[k]) for k, runs in scenarios.items()}
 
@@ -96,6 +98,12 @@ def test_configure_model_builds_each_stage_only_on_its_rank(k, runs):
     assert_same_logs(runs[k]["configured"][0]["logged"], reference["logged"])
     if k == 2:
         assert_same_params(full_params(runs[k]["timed"], gathered=False), reference["params"])
+
+
+def test_a_model_built_deferred_trains_under_1f1b(runs):
+    reference = reference_run(model_class="MeanConfigured")
+    assert_same_params(full_params(runs[4]["configured_1f1b"], gathered=False), reference["params"])
+    assert_same_logs(runs[4]["configured_1f1b"][0]["logged"], reference["logged"])
 
 
 def test_a_model_built_deferred_stays_on_its_stages_after_the_run(runs):

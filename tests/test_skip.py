@@ -220,16 +220,22 @@ def test_skips_cross_stages_point_to_point(k, balance, between):
 
 def test_a_lightning_module_with_a_skip_trains_as_on_one_device(tmp_path):
     """K=3 (the skip goes from stage 0 to stage 2) and K=2, with clipping, accumulation, momentum and StepLR, equal
-    single-device Lightning; a stash without a pop stops every rank before training."""
+    single-device Lightning, F-then-B in each checkpoint mode and 1F1B; a stash without a pop stops every rank
+    before training."""
     skip = {"model_class": "SkipClassifier"}
     scenarios = [scenario(f"k3_{mode}", 3, 4, mode, **skip) for mode in MODES]
+    scenarios.append({**scenario("k3_1f1b", 3, 4, model_class="MeanSkipClassifier"),
+                      "strategy": {"microbatches": 4, "schedule": "1f1b"}})  # the skip's gradient comes back in 1F1B's order
     (tmp_path / "k3").mkdir(), (tmp_path / "k2").mkdir()
     ranks = run_scenarios(3, scenarios, tmp_path / "k3")
     k2 = run_scenarios(2, [scenario("k2", 2, 3, **skip), {**scenario("unpopped", 2, 3), "model_class": "UnpoppedSkip",
                        "expect_error": True}], tmp_path / "k2")  # fmt: skip
     reference = reference_run(model_class="SkipClassifier")
-    for run in [*(ranks[s["name"]] for s in scenarios), k2["k2"]]:
+    for run in [*(ranks[s["name"]] for s in scenarios[:-1]), k2["k2"]]:
         assert_same_params(full_params(run), reference["params"])
         assert_same_logs(run[0]["logged"], reference["logged"])
+    mean_reference = reference_run(model_class="MeanSkipClassifier")
+    assert_same_params(full_params(ranks["k3_1f1b"]), mean_reference["params"])
+    assert_same_logs(ranks["k3_1f1b"][0]["logged"], mean_reference["logged"])
     message = "SkipError: stashed but never popped: 'early' (layer 0 (_StashTanh)); every stash needs one pop in a later layer"
     assert [r["error"] for r in k2["unpopped"]] == [message] * 2

@@ -37,9 +37,11 @@ def runs(tmp_path_factory) -> dict:
         scenario("tied", 3, 4, epochs=EPOCHS, **TIED),
         scenario("resumed", 3, 2, epochs=EPOCHS + 1, resume_from=k2["tied"][0]["checkpoint"], **TIED),
         scenario("resumed_sharded", 3, 2, epochs=EPOCHS + 1, resume_from=k2["sharded"][0]["checkpoint"], **TIED),
+        {**scenario("tied_1f1b", 3, 4, epochs=EPOCHS, **{**TIED, "model_class": "MeanTiedClassifier"}),
+         "strategy": {"microbatches": 4, "schedule": "1f1b"}},
     ], tmp_path_factory.mktemp("k3"))  # fmt: skip
     return {2: k2["tied"], 3: k3["tied"], **{name: k2[name] for name in ("validated_first", "sharded", "grad_norm")},
-            **{name: k3[name] for name in ("resumed", "resumed_sharded")}}  # fmt: skip
+            **{name: k3[name] for name in ("resumed", "resumed_sharded", "tied_1f1b")}}  # fmt: skip
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -55,6 +57,13 @@ def test_tied_weights_train_as_on_one_device(k, runs):
     if k == 2:
         assert_same_params(full_params(runs["validated_first"]), reference["params"])
         assert_same_params(full_params(runs["sharded"]), reference["params"])
+
+
+def test_tied_weights_under_1f1b(runs):
+    """1F1B at K=3 (the tie spans stages 0 and 2): the tied gradient is summed once per step, as on one device."""
+    reference = reference_run(model_class="MeanTiedClassifier", data={"classes": 8}, trainer_kwargs={"max_epochs": EPOCHS})
+    assert_same_params(full_params(runs["tied_1f1b"]), reference["params"])
+    assert_same_logs(runs["tied_1f1b"][0]["logged"], reference["logged"])
 
 
 def test_the_checkpoint_holds_the_tied_parameter_once(runs):

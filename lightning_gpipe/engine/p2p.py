@@ -11,22 +11,26 @@ depend on the input's values, not only on its shapes, is refused at its sender, 
 backward shaped like the activations the receiving stage sent, so they need no header.
 
 **Order.** NCCL matches the point-to-point messages between two ranks by the order they are posted, not by tag
-(gloo matches by tag too), so for every ordered pair of ranks the sender posts its sends in the order the receiver
-posts the matching receives. Both sides derive that order from the same data, the schedule's action lists
+(gloo matches by tag too), and torch runs both directions between two ranks on one stream, each operation waiting
+for its match. So the operations two ranks post towards each other must pair up one by one: the n-th of one rank's
+is a send where the n-th of the other's is its receive, or the reverse (two receives facing each other would wait
+for ever). Both sides derive that order from the same data, the schedule's action lists
 (:class:`~lightning_gpipe.schedule.Schedule`), and post in it:
 
 1. *Forward, stage j to j+1*: for each forward action of stage j, in order, micro-batch i's header, then its
    tensors, then the skips stage j stashes for later stages, in the ports' order. Stage j+1 receives them in its
    own forward order, which is the same micro-batches in the same order; it posts the next forward's header receive
    one action ahead (:meth:`StageLink.recv_activations`), except when a skip from stage j follows each micro-batch's
-   activations (that skip comes first on the wire) and under a loss per micro-batch (1F1B), where stage j posts a
-   gradient receive after each forward's sends and stage j+1 a gradient send after each backward: NCCL runs both
-   directions between two ranks in one stream, so a receive posted ahead there would face stage j's receive. Whether a header is sent is
-   decided alike on both ends: by the key, against memories that change only when a header passes.
+   activations (that skip comes first on the wire) and under a loss per micro-batch (1F1B), where the two stages
+   exchange gradients between their forwards, so that a receive posted ahead would face one of stage j's. Whether a
+   header is sent is decided alike on both ends: by the key, against memories that change only when a header
+   passes.
 2. *Backward, stage j+1 to j*: for each backward action of stage j+1, in order, micro-batch i's input gradients,
-   and the gradients of skips popped there. Stage j posts every gradient receive of the step at once, in its own
-   backward order (``StageExecutor.post_receives``); a schedule must give neighbouring stages the same backward
-   order of micro-batches (F-then-B does: every stage runs B(M-1) .. B0).
+   and the gradients of skips popped there. Under F-then-B stage j posts every gradient receive of the step at once,
+   after its forwards, in its own backward order (``StageExecutor.post_receives``), the order of stage j+1's
+   backwards. When backwards run between forwards (1F1B), stage j posts each gradient receive where the stage that
+   sends it (j+1, or the stage that pops a skip) runs that backward among its forwards, read from that stage's own
+   action list (``StageExecutor.run``): after sending the forward that precedes it there.
 3. *Last stage to every other*: the step's logged calls (when its backward runs inside the step) and then its
    results, on ``OBJECT_TAG`` (:class:`~lightning_gpipe.engine.broadcast.ObjectBroadcast`). Stage K-2 also takes
    gradients from it: it receives the logged calls first, then posts every gradient receive, then the results'
@@ -39,7 +43,8 @@ Tags (for gloo) number each message by micro-batch, model chunk (for schedules t
 model on one rank; 0 today) and kind (header, activations, gradients, three per skip route). With
 ``LIGHTNING_GPIPE_ORDER_STRICT=1`` in the environment every message takes tag 0, so gloo too matches them by the
 order they were posted, as NCCL does: a send and receive posted in different orders then swap buffers or fail
-instead of passing. The test suite runs in that mode (``tests/conftest.py``).
+instead of passing. The test suite runs in that mode (``tests/conftest.py``), and its multi-process scenarios also
+record the order each rank posts its operations in and check that every two ranks' pair up (``tests/p2p_order.py``).
 """
 
 from __future__ import annotations
