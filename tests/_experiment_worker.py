@@ -1,10 +1,12 @@
-"""One training step of an experiment config on one rank; started K times by the tests.
+"""One training step of experiment configs on one rank; started K times by the tests.
 
-Usage: python tests/_experiment_worker.py OUT_FILE OVERRIDE...
+Usage: python tests/_experiment_worker.py RUNS_JSON, a list of {"out": file, "overrides": [...]}, run in turn in
+one launch (each composed, seeded and trained afresh).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -46,6 +48,7 @@ def one_step(overrides: list[str]) -> dict[str, torch.Tensor] | None:
 
 
 if __name__ == "__main__":
-    state = one_step(sys.argv[2:])
-    if state is not None:
-        torch.save(state, Path(sys.argv[1]).with_suffix(".pt"))
+    for run in json.loads(Path(sys.argv[1]).read_text()):
+        state = one_step(run["overrides"])
+        if state is not None:
+            torch.save(state, run["out"])

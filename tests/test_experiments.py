@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -87,22 +88,38 @@ def test_dp_replicas_and_trainer_knobs_as_users_type_them():
     assert (trainer.num_devices, trainer.max_steps, trainer.strategy.data_parallel_size) == (4, 100, 2)
 
 
-def _launched_step(tmp_path: Path, name: str, k: int, overrides: list[str]) -> dict[str, torch.Tensor]:
-    """Global rank 0's whole model after one step on ``k`` launched ranks, each one thread, as every run here."""
-    worker = [str(ROOT / "tests" / "_experiment_worker.py"), str(tmp_path / name), *overrides, f"k={k}"]
-    ranks = launch(k, worker, tmp_path, timeout=300)
-    assert all(r.returncode == 0 for r in ranks), "\n".join(r.output[-3000:] for r in ranks)
-    return torch.load(tmp_path / f"{name}.pt")
+STEPPED = [*((name, 2) for name in sorted(SMALL) if name != "unet"), ("unet", 4)]
 
 
-@pytest.mark.parametrize("name, k", [*((name, 2) for name in sorted(SMALL) if name != "unet"), ("unet", 4)])
-def test_one_pipelined_step_equals_single_device(name, k, tmp_path):
+def _overrides(name: str) -> list[str]:
+    return [*SMALL[name], "trainer.max_epochs=1", "m=3"]
+
+
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+    """Global rank 0's whole model after one step of each small experiment, on K launched ranks and on one
+    (``k=1``: the same micro-batches on one device), each rank one thread as every run here: one launch per K."""
+    folder = tmp_path_factory.mktemp("stepped")
+    runs = {k: [(name, k) for name, kk in STEPPED if kk == k] for k in {k for _, k in STEPPED}}
+    runs[1] = [(name, 1) for name, _ in STEPPED]
+    for k, steps in runs.items():
+        spec = folder / f"runs_k{k}.json"
+        spec.write_text(json.dumps([
+            {"out": str(folder / f"{name}_k{k}.pt"), "overrides": [*_overrides(name), f"k={k}"]} for name, _ in steps
+        ]))  # fmt: skip
+        ranks = launch(k, [str(ROOT / "tests" / "_experiment_worker.py"), str(spec)], folder, timeout=600)
+        assert all(r.returncode == 0 for r in ranks), "\n".join(r.output[-3000:] for r in ranks)
+    return {(name, k): torch.load(folder / f"{name}_k{k}.pt") for k, steps in runs.items() for name, _ in steps}
+
+
+@pytest.mark.parametrize("name, k", STEPPED)
+def test_one_pipelined_step_equals_single_device(name, k, stepped):
     """The U-Net at K=4: its outer skip goes from stage 0 to stage 2, its inner one from stage 1 to stage 2."""
-    overrides = [*SMALL[name], "trainer.max_epochs=1", "m=3"]
-    got = _launched_step(tmp_path, "pipeline", k, overrides)
+    overrides = _overrides(name)
+    got = stepped[(name, k)]
     # One device running the same 3 micro-batches (K=1), in a process set up as the ranks are (one thread: the
     # test process's own thread count changes the convolutions' sums): the pipeline adds no error of its own.
-    same_microbatches = _launched_step(tmp_path, "one_device", 1, overrides)
+    same_microbatches = stepped[(name, 1)]
     assert sorted(got) == sorted(same_microbatches)
     # A tied weight's gradient is summed in another order: each stage's micro-batches, then the two stages (one
     # device interleaves them); after one AdamW step that measured 3.7e-9.

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_gpipe.engine.executor import StageExecutor
+from lightning_gpipe.schedule import one_f_one_b
 from lightning_gpipe.engine.microbatch import merge, split
 from lightning_gpipe.instrument.timeline import Event, bubble, chrome_trace, draw_schedule, theoretical_bubble
 from lightning_gpipe.schedule.gpipe import clock_cycles
@@ -92,8 +93,21 @@ def observed3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("observe3")
     scenario = {"name": "observed", "k": 3, "strategy": {"microbatches": 4, "observe_every_n_steps": 1},
                 "tensorboard": True, "trainer": {"max_steps": 3}}  # fmt: skip
-    run_scenarios(3, [scenario], folder)
+    one_f_one_b = {**scenario, "name": "observed_1f1b", "model_class": "MeanLossClassifier",
+                   "strategy": {**scenario["strategy"], "schedule": "1f1b"}}  # fmt: skip
+    run_scenarios(3, [scenario, one_f_one_b], folder)
     return folder / "observed"
+
+
+def test_an_observed_1f1b_step_shows_its_order(observed3):
+    """Observed under 1F1B, each stage's forwards and backwards run in 1F1B's order, as the schedule lists them."""
+    trace = json.loads((observed3.parent / "observed_1f1b" / "pipeline_trace.json").read_text())["traceEvents"]
+    for step in (1, 2):
+        for stage in range(3):
+            work = [e["name"] for e in sorted(trace, key=lambda e: e.get("ts", 0)) if e["ph"] == "X"
+                    and e["tid"] == stage and e["args"]["step"] == step and e["cat"] in ("forward", "backward")]  # fmt: skip
+            expected = [f"{a.phase.value} {a.i}" for a in one_f_one_b(3, 4, stage)]
+            assert work == expected, (step, stage)
 
 
 def test_backward_starts_before_the_last_stages_results_arrive(observed3):
