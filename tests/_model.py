@@ -692,3 +692,32 @@ class MeanBatchNormConvNet(BatchNormConvNet):
 
 class MeanConfigured(Configured):
     _loss = MeanLossClassifier._loss
+
+
+class _AlternateWidth(nn.Module):
+    """Keeps 5 features, then 4, then 5, ...: an output whose shape follows something other than its input's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x[:, : 4 + self.calls % 2]
+
+
+class _PadTo(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, self.width - x.shape[1]))
+
+
+class ValueShaped(Classifier):
+    """Its first stage's output (with balance [2, 2]) changes width from one micro-batch to the next."""
+
+    def __init__(self, width: int = 8, classes: int = 3, **kwargs):
+        super().__init__(width=width, classes=classes, **kwargs)
+        self.body = nn.Sequential(nn.Linear(width, width), _AlternateWidth(), _PadTo(width), nn.Linear(width, classes))

@@ -166,15 +166,20 @@ def test_host_tensors_reach_the_gpu_through_pinned_memory(report):
 @pytest.mark.skipif(GPUS < 2, reason=f"K=2 over NCCL needs two GPUs; {GPUS} visible")
 def test_k2_over_nccl_equals_single_device(reference, report, tmp_path):
     """Two stages on two GPUs over NCCL (which matches messages by order): parameters and logs equal single-GPU
-    Lightning's (1e-5) for each re-materialization mode."""
+    Lightning's (1e-5) for each re-materialization mode and under 1F1B."""
     from conftest import run_scenarios
 
     scenarios = [scenario(f"k2_{mode}", 2, 4, mode, trainer=GPU) for mode in MODES]
+    scenarios.append({**scenario("k2_1f1b", 2, 4, model_class="MeanLossClassifier", trainer=GPU),
+                      "strategy": {"microbatches": 4, "schedule": "1f1b"}})  # fmt: skip
     ranks = run_scenarios(2, scenarios, tmp_path)
     for mode in MODES:
         assert_same_params(_on_cpu(full_params(ranks[f"k2_{mode}"])), _on_cpu(reference["params"]))
         assert_same_logs(ranks[f"k2_{mode}"][0]["logged"], reference["logged"])
-    report.append(f"- K=2 over NCCL, M=4, checkpoint in {MODES}: equal to single-GPU Lightning (1e-5)")
+    mean = reference_run(model_class="MeanLossClassifier", trainer_kwargs=GPU)
+    assert_same_params(_on_cpu(full_params(ranks["k2_1f1b"])), _on_cpu(mean["params"]))
+    assert_same_logs(ranks["k2_1f1b"][0]["logged"], mean["logged"])
+    report.append(f"- K=2 over NCCL, M=4, checkpoint in {MODES} and 1F1B: equal to single-GPU Lightning (1e-5)")
 
 
 def test_benchmark_on_cuda(report, tmp_path):

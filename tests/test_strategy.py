@@ -42,6 +42,9 @@ K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES]
     {**scenario("balance_params", 2, 2), "strategy": {"microbatches": 2, "balance": "params"}},
     {**scenario("balance_list", 2, 2), "strategy": {"microbatches": 2, "balance": [3, 6]}},
     {**scenario("headers_always", 2, 3), "strategy": {"microbatches": 3, "headers": "always"}},
+    {**scenario("value_shaped_always", 2, 2, "never", model_class="ValueShaped", accumulate=1,
+                trainer={"max_steps": 2, "limit_val_batches": 0}),
+     "strategy": {"microbatches": 2, "checkpoint": "never", "balance": [2, 2], "headers": "always"}},
     {**scenario("balance_time_shuffled", 2, 2, data=SHUFFLED), "strategy": {"microbatches": 2, "balance": "time"}},
     scenario("dropout_always", 2, 3, "always", model={"dropout": 0.3}),
     scenario("dropout_never", 2, 3, "never", model={"dropout": 0.3}),
@@ -185,6 +188,23 @@ def test_messages_pair_up_as_nccl_needs(k, k2, k4):
     assert {name: found for name, found in problems.items() if found} == {}
     refused = [s["name"] for s in scenarios if s.get("expect_error") and "fail_at" not in s]  # before any message
     assert [name for name, ranks in runs.items() if not ranks[0]["p2p"]] == refused
+
+
+def test_output_shapes_that_follow_values_need_headers_always(k2, tmp_path):
+    """A stage whose output width changes between two micro-batches of the same shapes trains with
+    ``headers="always"``; by default its sender refuses it, naming the shapes, and every rank ends within seconds."""
+    assert [rank["headers"] for rank in k2["value_shaped_always"]] == [(4, 0), (0, 4)]  # two steps of two
+    refused = {**scenario("value_shaped", 2, 2, "never", model_class="ValueShaped"),
+               "strategy": {"microbatches": 2, "checkpoint": "never", "balance": [2, 2]}}  # fmt: skip
+    proc, seconds = run_launched([refused], tmp_path)
+    assert proc.returncode != 0
+    assert (
+        "ValueError: GPipeStrategy: stage 0's output for micro-batch 1 has shapes [5, 4] float32, where an input of the"
+        " same shapes gave [5, 5] float32 before: its shapes depend on the input's values, not only on its shapes."
+        " Send them with every micro-batch: GPipeStrategy(headers='always')"
+    ) in proc.stderr
+    assert "GPipeStrategy: stage 1 lost the connection to another stage" in proc.stderr
+    assert seconds < 120
 
 
 def test_max_steps_and_val_check_interval(k2):
