@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from lightning_gpipe.engine import p2p
 from lightning_gpipe.engine.broadcast import ObjectBroadcast, pack, unpack
-from lightning_gpipe.engine.p2p import StageLink
+from lightning_gpipe.engine.p2p import ShapeMemory, StageLink
 
 
 def _logged() -> list:
@@ -122,3 +122,16 @@ def test_objects_reach_every_rank_in_order():
     from launch import free_port
 
     mp.spawn(_broadcast_worker, args=(free_port(),), nprocs=3, join=True)
+
+
+def test_shape_memory_forgets_its_oldest_key_alike_on_both_ends():
+    """Sender and receiver each keep one memory per stream; both forget the oldest key past the limit, so they
+    agree on which keys need a header however many shapes a run meets."""
+    ends = [ShapeMemory(), ShapeMemory()]
+    for key in range(ShapeMemory.LIMIT + 1):
+        for memory in ends:
+            memory.put(key, (((key, 4), torch.float32),))
+    for memory in ends:
+        assert len(memory) == ShapeMemory.LIMIT
+        assert memory.get(0) is None and memory.get(1) == (((1, 4), torch.float32),)
+        assert memory.get(None) is None  # no key: a header every time

@@ -71,6 +71,20 @@ def test_k1_microbatches_on_cuda_equal_single_device(checkpoint, reference, repo
     report.append(f"- K=1, M=4, checkpoint={checkpoint}: parameters and logs equal single-GPU Lightning's (1e-5)")
 
 
+def test_observed_steps_report_cuda_memory(report, tmp_path):
+    """Observed steps on the GPU log ``memory/cuda_max_allocated_stage0`` (the allocator's peak in the step) beside
+    the activation meter's peak, which it must exceed (it counts parameters and gradients too)."""
+    from _worker import run
+
+    observed = scenario("observed", 1, 4, "never", trainer={**GPU, "max_steps": 3})
+    run({**observed, "strategy": {**observed["strategy"], "observe_every_n_steps": 1}}, tmp_path)
+    logged = [metrics for _, metrics in torch.load(tmp_path / "observed.rank0.pt", weights_only=False)["logged"]]
+    peaks = [m["memory/cuda_max_allocated_stage0"] for m in logged if "memory/cuda_max_allocated_stage0" in m]
+    activations = [m["memory/activation_bytes_peak_stage0"] for m in logged if "memory/cuda_max_allocated_stage0" in m]
+    assert peaks and all(peak > meter > 0 for peak, meter in zip(peaks, activations)), (peaks, activations)
+    report.append(f"- observed steps: CUDA peak {peaks[-1] / 2**10:.0f} KiB, activation meter {activations[-1] / 2**10:.0f} KiB")
+
+
 def test_bf16_mixed_on_cuda(report, tmp_path):
     """``bf16-mixed`` on the GPU: the recompute replays autocast (always and never agree exactly), and training
     follows single-GPU bf16 Lightning to bf16's rounding per micro-batch."""

@@ -69,9 +69,9 @@ class StageExecutor:
         self.link = link
         self.schedule: Schedule = GPipe(checkpoint) if schedule is None else schedule  # ``checkpoint``: GPipe's
         # The order of messages between two ranks (lightning_gpipe.engine.p2p, rule 1): a skip from the previous
-        # stage follows micro-batch i's activations, and under a loss per micro-batch the stages post gradient
-        # receives and sends between their forwards: then the next header is posted only when it is due.
-        self._ahead = not self.schedule.loss_per_microbatch and not any(port.stage == stage - 1 for port in self.receives)
+        # stage follows micro-batch i's activations, and in training under a loss per micro-batch the stages post
+        # gradient receives and sends between their forwards: then the next header is posted only when it is due.
+        self._ahead = not any(port.stage == stage - 1 for port in self.receives)
         if self.schedule.stages_per_rank != 1:
             raise NotImplementedError(
                 f"schedule {self.schedule.name!r} gives each rank {self.schedule.stages_per_rank} model chunks; the"
@@ -180,7 +180,8 @@ class StageExecutor:
         i = action.i
         if not self.is_first:
             with self.timeline.span("recv", i):
-                x = self._receive(i, self._ahead_of.get(i) if self._ahead else None, train)
+                ahead = self._ahead and not (train and self.schedule.loss_per_microbatch)
+                x = self._receive(i, self._ahead_of.get(i) if ahead else None, train)
         popped = self._receive_skips(i, train)
         if train:
             self._taken[i] = (x, popped)
@@ -293,7 +294,7 @@ class StageExecutor:
         i = action.i
         slot = self._slots[i]
         assert slot is not None, f"micro-batch {i} has no forward on stage {self.stage}"
-        if not self.is_last:  # a schedule that runs this backward before the next stage's turn: posted now
+        if not self.is_last:  # receives that no peer's order placed before this backward: posted now
             if (i, -1) not in self._posted:
                 self._expect_gradient(i)
             for port in self.sends:
