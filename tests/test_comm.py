@@ -135,3 +135,23 @@ def test_shape_memory_forgets_its_oldest_key_alike_on_both_ends():
         assert len(memory) == ShapeMemory.LIMIT
         assert memory.get(0) is None and memory.get(1) == (((1, 4), torch.float32),)
         assert memory.get(None) is None  # no key: a header every time
+
+
+def test_the_pair_check_finds_what_nccl_would_not_match():
+    """tests/p2p_order.py: two ranks' operations towards each other must pair up one by one."""
+    from p2p_order import nccl_order_problems
+
+    good = [[("send", 1, 8), ("recv", 1, 4)], [("recv", 0, 8), ("send", 0, 4)]]
+    assert nccl_order_problems(good) == []
+    facing = [[("send", 1, 8), ("recv", 1, 4), ("send", 1, 8)], [("recv", 0, 8), ("recv", 0, 8), ("send", 0, 4)]]
+    assert nccl_order_problems(facing) == [
+        "ranks 0 and 1, operation 1: rank 0 posts ('recv', 4), rank 1 posts ('recv', 8) (rank 0 from there:"
+        " [('recv', 4), ('send', 8)]; rank 1: [('recv', 8), ('send', 4)])"
+    ]
+    resized = [[("send", 1, 8)], [("recv", 0, 4)]]
+    assert nccl_order_problems(resized)[0].startswith("ranks 0 and 1, operation 0: rank 0 posts ('send', 8)")
+    unmatched = [[("send", 2, 8)], [], [("recv", 0, 8), ("recv", 0, 8)]]  # rank 1 takes no part
+    assert nccl_order_problems(unmatched) == [
+        "ranks 0 and 2, operation 1: rank 0 posts None, rank 2 posts ('recv', 8) (rank 0 from there: []; rank 2:"
+        " [('recv', 8)])"
+    ]
