@@ -41,6 +41,7 @@ from lightning_gpipe.engine.microbatch import merge, split
 from lightning_gpipe.engine.p2p import StageLink
 from lightning_gpipe.instrument.memory import ActivationMeter
 from lightning_gpipe.instrument.timeline import bubble
+from lightning_gpipe.schedule import GPipe, OneFOneB, simulate
 
 LR = 1e-3  # small enough that a few dozen SGD steps on random targets stay finite
 
@@ -478,7 +479,9 @@ def measure_row(ctx: Context, row: dict) -> dict | None:
 
 def limit_step_s(row: dict, forward_s: float) -> float:
     """The exact step time of ``row`` on the emulated device, whose model's forward over the whole batch takes
-    ``forward_s`` (backward twice that, recompute once more) and whose messages are free."""
+    ``forward_s`` (backward twice that, recompute once more) and whose messages are free: for a pipeline, its
+    schedule's ideal timeline (:func:`lightning_gpipe.schedule.simulate`; M+K-1 slots of one micro-batch for
+    F-then-B and 1F1B)."""
     k, m = row["k"], row["m"]
     per_pass = 4 if row["checkpoint"] == "always" else 3  # forward, backward (2), and the recompute
     if row["impl"] in ("single", "single_raw"):
@@ -487,7 +490,9 @@ def limit_step_s(row: dict, forward_s: float) -> float:
         return per_pass * forward_s / k
     d = row.get("dp", 1)  # replicas, each a pipeline of k / d stages on batch / d
     k //= d
-    return (m + k - 1) * per_pass * forward_s / (d * k * m)  # F-then-B and 1F1B: M+K-1 slots of one micro-batch
+    schedule = (OneFOneB if row["impl"] in ("gpipe_1f1b", "torch_1f1b") else GPipe)(row["checkpoint"])
+    unit = forward_s / (d * k * m)  # one stage's forward of one micro-batch
+    return simulate(schedule, k, m, forward=1.0, backward=2.0).makespan * unit
 
 
 def combine(row: dict, runs: list[dict], batch: int, forward_s: float = 0.0) -> dict:

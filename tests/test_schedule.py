@@ -155,18 +155,19 @@ def test_interleaved_refuses_what_it_cannot_order():
 
 @pytest.mark.parametrize(("k", "m"), [(1, 1), (2, 4), (3, 6), (4, 4), (4, 8), (4, 16)])
 def test_simulated_time_of_every_schedule(k, m):
-    """On an ideal machine (a stage's forward 1, its backward 2, communication free), F-then-B and 1F1B take
-    3(M+K-1) and interleaved 1F1B with v chunks 3(M+(K-1)/v): its bubble is v times smaller at the same M."""
-    for schedule in (GPipe(), OneFOneB()):
+    """On an ideal machine (a stage's forward 1, its backward 2, communication free, nothing re-materialized),
+    F-then-B and 1F1B take 3(M+K-1) and interleaved 1F1B with v chunks 3(M+(K-1)/v): its bubble is v times smaller
+    at the same M."""
+    for schedule in (GPipe("never"), OneFOneB("never")):
         timing = simulate(schedule, k, m)
         assert timing.makespan == 3 * (m + k - 1)
         assert timing.bubble == pytest.approx((k - 1) / (m + k - 1))
     for v in (1, 2, 4):
-        timing = simulate(Interleaved1F1B(virtual_stages=v), k, m)
+        timing = simulate(Interleaved1F1B("never", v), k, m)
         assert timing.makespan == pytest.approx(3 * (m + (k - 1) / v))
         assert timing.bubble == pytest.approx((k - 1) / v / (m + (k - 1) / v))
     if (k, m) == (4, 4):  # the issue's goal for v=2 at K=4, M=4: 1.27 times GPipe's samples per second
-        assert simulate(GPipe(), 4, 4).makespan / simulate(Interleaved1F1B(virtual_stages=2), 4, 4).makespan == pytest.approx(7 / 5.5)
+        assert simulate(GPipe("never"), 4, 4).makespan / simulate(Interleaved1F1B("never", 2), 4, 4).makespan == pytest.approx(7 / 5.5)
 
 
 def test_simulation_finds_a_schedule_that_cannot_finish():
@@ -186,3 +187,21 @@ def test_simulation_finds_a_schedule_that_cannot_finish():
 def test_the_executor_refuses_several_chunks_per_rank():
     with pytest.raises(NotImplementedError, match="schedule 'interleaved' gives each rank 2 model chunks; the executor runs one per rank"):
         StageExecutor([nn.Linear(2, 2)], 0, 1, torch.device("cpu"), None, schedule=Interleaved1F1B())
+
+
+def test_simulation_with_costs_per_stage_messages_and_recompute():
+    """Hand-worked timelines: K=2, M=2 under F-then-B with stage 1 twice as slow as stage 0, then with 0.5 per
+    message between ranks; and K=1 re-materializing, whose backwards run their forward again first."""
+    spans = lambda timing, r: [timing.spans[(r, a)] for a in fthenb(2, 2, r)]  # noqa: E731
+    timing = simulate(GPipe("never"), 2, 2, forward=[1, 2], backward=[2, 4])
+    # stage 0: F0 F1, then B1 once stage 1's B1 is done (9), B0 after stage 1's B0 (13)
+    assert spans(timing, 0) == [(0, 1), (1, 2), (9, 11), (13, 15)]
+    assert spans(timing, 1) == [(1, 3), (3, 5), (5, 9), (9, 13)]
+    assert timing.makespan == 15 and timing.bubble == pytest.approx(1 - (6 + 12) / 30)
+    sent = simulate(GPipe("never"), 2, 2, forward=[1, 2], backward=[2, 4], send=0.5)
+    assert spans(sent, 0) == [(0, 1), (1, 2), (10, 12), (14, 16)]
+    assert spans(sent, 1) == [(1.5, 3.5), (3.5, 5.5), (5.5, 9.5), (9.5, 13.5)]
+    assert simulate(GPipe("always"), 1, 2).makespan == 2 + 3 + 3  # B1 and B0 each recompute
+    assert simulate(GPipe("except_last"), 1, 2).makespan == 2 + 2 + 3  # the last micro-batch kept its activations
+    with pytest.raises(ValueError, match="forward costs for 3 stages, but the schedule runs 2"):
+        simulate(GPipe(), 2, 2, forward=[1, 1, 1])

@@ -1,14 +1,19 @@
 """A schedule's ideal timeline: every rank runs its actions in order, each as soon as its inputs exist, with given
-costs and free communication. It gives a schedule's exact time (the limit a real run is measured against) and
-shows a schedule that cannot finish (an action waiting on one that waits on it)."""
+costs per stage and per message. It gives a schedule's exact time (the limit a real run is measured against, a
+prediction from measured costs) and shows a schedule that cannot finish (an action waiting on one that waits on
+it)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Union
 
 from lightning_gpipe.schedule.actions import Action, Phase, Schedule
 
 __all__ = ["Timing", "simulate"]
+
+Costs = Union[float, Sequence[float]]  # one cost for every stage, or one per stage of the model
 
 
 @dataclass(frozen=True)
@@ -30,16 +35,22 @@ class Timing:
         return 1 - busy / (self.k * self.makespan)
 
 
-def simulate(schedule: Schedule, k: int, m: int, forward: float = 1.0, backward: float = 2.0) -> Timing:
-    """Run ``schedule`` for ``k`` ranks and ``m`` micro-batches on an ideal machine: a whole stage's forward of a
-    micro-batch costs ``forward`` and its backward ``backward``, a chunk of v per rank 1/v of that. A forward waits
-    for the previous stage's forward of its micro-batch; a backward for its own forward and the next stage's
-    backward. Raises ``ValueError`` naming the stuck actions if the ranks wait on each other forever."""
+def simulate(
+    schedule: Schedule, k: int, m: int, forward: Costs = 1.0, backward: Costs = 2.0, send: float = 0.0
+) -> Timing:
+    """Run ``schedule`` for ``k`` ranks and ``m`` micro-batches on an ideal machine. A rank's forward of a
+    micro-batch costs ``forward`` and its backward ``backward`` (a chunk of v per rank 1/v of that), or, given as
+    sequences, stage s's (one entry per stage of the model: k*v); a re-materialized forward's backward runs its
+    forward again first. A forward waits for the previous stage's forward of its micro-batch, a backward for its
+    own forward and the next stage's backward, and each waits ``send`` more for what comes from another rank.
+    Raises ``ValueError`` naming the stuck actions if the ranks wait on each other forever."""
     v = schedule.stages_per_rank
-    orders = [[_plain(a) for a in schedule.actions(k, m, rank)] for rank in range(k)]
-    cost = {Phase.FORWARD: forward / v, Phase.BACKWARD: backward / v}
-    last = k * v - 1
+    stages = k * v
+    forwards, backwards = _per_stage(forward, stages, v, "forward"), _per_stage(backward, stages, v, "backward")
+    orders = [schedule.actions(k, m, rank) for rank in range(k)]
+    last = stages - 1
     done: dict[tuple[Phase, int, int], float] = {}  # (phase, virtual stage, micro-batch) -> end
+    recomputed: set[tuple[Phase, int, int]] = set()  # forwards that keep only their input
     spans: dict[tuple[int, Action], tuple[float, float]] = {}
     free, position = [0.0] * k, [0] * k
     while any(position[r] < len(orders[r]) for r in range(k)):
@@ -50,14 +61,18 @@ def simulate(schedule: Schedule, k: int, m: int, forward: float = 1.0, backward:
                 stage = action.chunk * k + r
                 if action.phase is Phase.FORWARD:
                     needs = [(Phase.FORWARD, stage - 1, action.i)] if stage > 0 else []
+                    cost = forwards[stage]
                 else:
                     needs = [(Phase.FORWARD, stage, action.i)]
                     needs += [(Phase.BACKWARD, stage + 1, action.i)] if stage < last else []
+                    cost = backwards[stage] + (forwards[stage] if (Phase.FORWARD, stage, action.i) in recomputed else 0.0)
                 if any(need not in done for need in needs):
                     break
-                start = max([free[r]] + [done[need] for need in needs])
-                free[r] = done[(action.phase, stage, action.i)] = start + cost[action.phase]
-                spans[(r, action)] = (start, free[r])
+                start = max([free[r]] + [done[need] + (send if need[1] % k != r else 0.0) for need in needs])
+                free[r] = done[(action.phase, stage, action.i)] = start + cost
+                if action.recompute:
+                    recomputed.add((Phase.FORWARD, stage, action.i))
+                spans[(r, _plain(action))] = (start, free[r])
                 position[r] += 1
                 moved = True
         if not moved:
@@ -68,3 +83,12 @@ def simulate(schedule: Schedule, k: int, m: int, forward: float = 1.0, backward:
 
 def _plain(action: Action) -> Action:
     return Action(action.phase, action.i, chunk=action.chunk)
+
+
+def _per_stage(costs: Costs, stages: int, v: int, what: str) -> list[float]:
+    if isinstance(costs, (int, float)):
+        return [costs / v] * stages
+    costs = list(costs)
+    if len(costs) != stages:
+        raise ValueError(f"{what} costs for {len(costs)} stages, but the schedule runs {stages}")
+    return costs
