@@ -84,7 +84,6 @@ class StageExecutor:
         self.buffers = BufferReplay(self.layers)  # what a recompute must read of the buffers its forward changed
         self._slots: list[Optional[_Slot]] = []
         self._keys: list[Optional[Hashable]] = []  # each micro-batch's input shapes, this step (see StageLink)
-        self._expecting = False  # whether this step's gradient receives are posted
         self._orders: dict[tuple[int, Phase], list[Action]] = {}
         self._last_forward = -1  # this step's last forward micro-batch (begin)
         self._taken: dict[int, tuple[Any, dict[Key, Tensor]]] = {}  # each micro-batch's input, once received
@@ -134,7 +133,6 @@ class StageExecutor:
         self._taken = {}
         self._backward_done = set()
         self._posted = set()
-        self._expecting = False
         forwards = self._actions(n, Phase.FORWARD)
         self._last_forward = forwards[-1].i
         self._ahead_of = {a.i: b.i for a, b in zip(forwards, forwards[1:])}  # each forward's next, for its header
@@ -218,19 +216,19 @@ class StageExecutor:
         Called as soon as the step is known to go on to its backward, so that the next stage's sends never wait
         for them; the backward phase posts them itself otherwise.
         """
-        if self.is_last or self._expecting:
-            return
-        self._expecting = True
         for action in self._actions(len(self._slots), Phase.BACKWARD):
             self.post_receive(action.i)
 
     def post_receive(self, i: int) -> None:
-        """Post the receives of micro-batch ``i``'s output gradients (and its skips'), once its forward has run."""
+        """Post the receives of micro-batch ``i``'s output gradients (and its skips') that are not posted yet, once
+        its forward has run."""
         if self.is_last:
             return
-        self._expect_gradient(i)
+        if (i, -1) not in self._posted:
+            self._expect_gradient(i)
         for port in self.sends:
-            self._expect_skip_gradient(i, port)
+            if (i, port.route) not in self._posted:
+                self._expect_skip_gradient(i, port)
 
     def _expect_gradient(self, i: int) -> None:
         slot = self._slots[i]
@@ -294,12 +292,7 @@ class StageExecutor:
         i = action.i
         slot = self._slots[i]
         assert slot is not None, f"micro-batch {i} has no forward on stage {self.stage}"
-        if not self.is_last:  # receives that no peer's order placed before this backward: posted now
-            if (i, -1) not in self._posted:
-                self._expect_gradient(i)
-            for port in self.sends:
-                if (i, port.route) not in self._posted:
-                    self._expect_skip_gradient(i, port)
+        self.post_receive(i)  # receives that no peer's order placed before this backward: posted now
         if self.is_last:
             grads = [leaf.grad for leaf in slot.leaves]  # type: ignore[union-attr]
         else:

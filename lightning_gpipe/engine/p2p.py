@@ -98,11 +98,13 @@ def _carries_grad(dtype: torch.dtype) -> bool:
 class ShapeMemory:
     """The shapes sent with each key on one stream of messages (a stage's activations to the next, or one skip
     route), kept alike by its sender and its receiver: both remember a key when its header passes, and forget the
-    oldest past :attr:`LIMIT` keys, so both always agree on which keys need a header."""
+    oldest past ``limit`` keys (:attr:`LIMIT` by default; 0 remembers none: a header every time), so both always
+    agree on which keys need a header."""
 
     LIMIT = 256
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = LIMIT) -> None:
+        self.limit = limit
         self._specs: dict[Hashable, Specs] = {}
 
     def get(self, key: Optional[Hashable]) -> Optional[Specs]:
@@ -110,9 +112,9 @@ class ShapeMemory:
         return None if key is None else self._specs.get(key)
 
     def put(self, key: Optional[Hashable], specs: Specs) -> None:
-        if key is None:
+        if key is None or not self.limit:
             return
-        if len(self._specs) >= self.LIMIT:
+        if len(self._specs) >= self.limit:
             del self._specs[next(iter(self._specs))]
         self._specs[key] = specs
 
@@ -134,7 +136,7 @@ class StageLink:
         if headers not in HEADERS:
             raise ValueError(f"headers={headers!r}: choose one of {', '.join(HEADERS)}")
         self.stage, self.k, self.device, self.group = stage, k, device, group
-        self.remember = headers == "auto"
+        self._limit = ShapeMemory.LIMIT if headers == "auto" else 0
         self._memories: dict[tuple[str, int], ShapeMemory] = {}  # per stream: ("out" | "in", skip route or -1)
         self.headers_sent = self.headers_received = 0  # counted, for tests and reports
         self._sends: list[tuple[dist.Work, Tensor]] = []
@@ -157,14 +159,13 @@ class StageLink:
         return work
 
     def _memory(self, direction: str, route: int = -1) -> ShapeMemory:
-        return self._memories.setdefault((direction, route), ShapeMemory())
+        if (direction, route) not in self._memories:
+            self._memories[(direction, route)] = ShapeMemory(self._limit)
+        return self._memories[(direction, route)]
 
     def _send_tensors(self, i: int, xs: Tensors, stage: int, key: Optional[Hashable], route: int = -1) -> None:
         """Post ``xs`` to ``stage``, after their header unless the key's shapes are remembered on both ends."""
-        header_kind, data_kind = (
-            (_HEADER, _ACTIVATION) if route < 0 else (_skip_kind(route, _HEADER), _skip_kind(route, _ACTIVATION))
-        )
-        key = key if self.remember else None
+        header_kind, data_kind = _kinds(route)
         memory, specs = self._memory("out", route), _specs(xs)
         known = memory.get(key)
         if known is None:
@@ -189,7 +190,7 @@ class StageLink:
 
     def expect_activations(self, i: int, key: Optional[Hashable] = None) -> None:
         """Post the receive of micro-batch ``i``'s header ahead of time, if one will come for ``key``."""
-        if self._memory("in").get(key if self.remember else None) is None:
+        if self._memory("in").get(key) is None:
             header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
             self._headers[i] = (self._irecv(header, self.stage - 1, _tag(i, _HEADER)), header)
 
@@ -198,7 +199,7 @@ class StageLink:
     ) -> Tensors:
         """Receive micro-batch ``i``'s input (of key ``key``) from the previous stage; post the header of ``ahead``
         (of key ``ahead_key``) meanwhile."""
-        specs = self._specs_in(i, key, self.stage - 1, _HEADER, -1)
+        specs = self._specs_in(i, key, self.stage - 1, -1)
         xs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
         works = [self._irecv(x, self.stage - 1, _tag(i, _ACTIVATION)) for x in xs]
         if ahead is not None:
@@ -207,10 +208,9 @@ class StageLink:
             work.wait()
         return tuple(xs)
 
-    def _specs_in(self, i: int, key: Optional[Hashable], stage: int, kind: int, route: int) -> Specs:
-        """The shapes of micro-batch ``i``'s message from ``stage``: remembered for ``key``, or read from its header
-        (the one :meth:`expect_activations` posted, if it did)."""
-        key = key if self.remember else None
+    def _specs_in(self, i: int, key: Optional[Hashable], stage: int, route: int) -> Specs:
+        """The shapes of micro-batch ``i``'s message from ``stage`` (activations, or skip ``route``): remembered for
+        ``key``, or read from its header (the one :meth:`expect_activations` posted, if it did)."""
         memory = self._memory("in", route)
         if route < 0 and i in self._headers:
             work, header = self._headers.pop(i)
@@ -218,7 +218,7 @@ class StageLink:
             return known
         else:
             header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-            work = self._irecv(header, stage, _tag(i, kind))
+            work = self._irecv(header, stage, _tag(i, _kinds(route)[0]))
         work.wait()
         specs = _decode_header(header)  # the host read that waits for the device
         memory.put(key, specs)
@@ -256,7 +256,7 @@ class StageLink:
 
     def recv_skip(self, i: int, port: Port, key: Optional[Hashable] = None) -> Tensor:
         """Receive micro-batch ``i``'s tensor that ``port.stage`` stashed."""
-        ((shape, dtype),) = self._specs_in(i, key, port.stage, _skip_kind(port.route, _HEADER), port.route)
+        ((shape, dtype),) = self._specs_in(i, key, port.stage, port.route)
         x = torch.empty(shape, dtype=dtype, device=self.device)
         self._irecv(x, port.stage, _tag(i, _skip_kind(port.route, _ACTIVATION))).wait()
         return x
@@ -293,6 +293,11 @@ def _tag(i: int, kind: int, chunk: int = 0) -> int:
     if ORDER_STRICT:
         return 0
     return (((i << _CHUNK_BITS) | chunk) << _KIND_BITS) | kind
+
+
+def _kinds(route: int) -> tuple[int, int]:
+    """The kinds of a header and of its tensors: between neighbours (``route`` -1), or on skip ``route``."""
+    return (_HEADER, _ACTIVATION) if route < 0 else (_skip_kind(route, _HEADER), _skip_kind(route, _ACTIVATION))
 
 
 def _skip_kind(route: int, kind: int) -> int:
