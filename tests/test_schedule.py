@@ -19,6 +19,7 @@ from lightning_gpipe.schedule import (
     one_f_one_b,
 )
 from lightning_gpipe.schedule.interleaved import Interleaved1F1B, interleaved_one_f_one_b
+from lightning_gpipe.schedule.messages import Kind, Message, pair_orders
 from lightning_gpipe.schedule.simulate import simulate
 
 
@@ -205,3 +206,38 @@ def test_simulation_with_costs_per_stage_messages_and_recompute():
     assert simulate(GPipe("except_last"), 1, 2).makespan == 2 + 2 + 3  # the last micro-batch kept its activations
     with pytest.raises(ValueError, match="forward costs for 3 stages, but the schedule runs 2"):
         simulate(GPipe(), 2, 2, forward=[1, 1, 1])
+
+
+def test_pair_orders_literal():
+    """K=2, M=2, v=2: both ranks exchange activations in both directions (rank 1's chunk 0 feeds rank 0's chunk 1),
+    so one sequence per pair fixes who sends and who receives at each point; evaluation keeps the forwards'."""
+    show = lambda orders: {pair: " ".join(map(repr, order)) for pair, order in orders.items()}  # noqa: E731
+    assert show(pair_orders(Interleaved1F1B("never", 2), 2, 2)) == {
+        (0, 1): "a0@0->1 a1@0->1 a0@1->2 a0@2->3 a1@1->2 a1@2->3 g0@2<-3 g0@1<-2 g1@2<-3 g1@1<-2 g0@0<-1 g1@0<-1"
+    }
+    assert show(pair_orders(Interleaved1F1B("never", 2), 2, 2, train=False)) == {
+        (0, 1): "a0@0->1 a1@0->1 a0@1->2 a0@2->3 a1@1->2 a1@2->3"
+    }
+    assert show(pair_orders(OneFOneB("never"), 3, 2)) == {(0, 1): "a0@0->1 a1@0->1 g0@0<-1 g1@0<-1", (1, 2): "a0@1->2 a1@1->2 g0@1<-2 g1@1<-2"}
+    assert Message(Kind.GRADIENT, 3, 1).sender(2) == 0 and Message(Kind.GRADIENT, 3, 1).receiver(2) == 1
+
+
+@pytest.mark.parametrize(("k", "m", "v"), [(2, 4, 2), (3, 6, 2), (4, 8, 2), (4, 4, 3), (2, 2, 4)])
+def test_pair_orders_keep_every_ranks_own_order(k, m, v):
+    """Each rank sends, towards every peer, in the order its actions produce the messages, and every message of the
+    step is in exactly one pair's sequence, once."""
+    schedule = Interleaved1F1B("always", v)
+    orders = pair_orders(schedule, k, m)
+    for rank in range(k):
+        produced = []
+        for a in schedule.actions(k, m, rank):
+            stage = a.chunk * k + rank
+            if a.phase is Phase.FORWARD and stage < k * v - 1:
+                produced.append(Message(Kind.ACTIVATION, stage, a.i))
+            elif a.phase is Phase.BACKWARD and stage > 0:
+                produced.append(Message(Kind.GRADIENT, stage - 1, a.i))
+        for (a, b), order in orders.items():
+            if rank in (a, b):
+                assert [msg for msg in order if msg.sender(k) == rank] == [msg for msg in produced if msg in order]
+    every = [msg for order in orders.values() for msg in order]
+    assert len(every) == len(set(every)) == 2 * (k * v - 1) * m

@@ -259,15 +259,20 @@ class StageExecutor:
         they finish it and then learn of the failure; every message they posted is matched.
         """
         for action in self.schedule.actions(self.k, len(self._slots), self.stage):
-            i = action.i
-            if action.phase is Phase.FORWARD:
-                if self._slots[i] is None and i not in self._backward_done:  # taken, for the zeros of its backward
-                    x, popped = self._taken.get(i) or (self._receive(i, None, False), self._receive_skips(i, False))
-                    self._slots[i] = _Slot(inputs=x, outputs=None, state=None, popped=popped)
-                continue
-            slot = self._slots[i]
-            if slot is None:  # its backward ran
-                continue
+            self.drain_one(action)
+        self.flush()
+
+    def drain_one(self, action: Action) -> None:
+        """:meth:`drain`'s part for one action: a forward takes its input if it has not, a backward whose forward
+        ran sends zeros back."""
+        i = action.i
+        if action.phase is Phase.FORWARD:
+            if self._slots[i] is None and i not in self._backward_done:  # taken, for the zeros of its backward
+                x, popped = self._taken.get(i) or (self._receive(i, None, False), self._receive_skips(i, False))
+                self._slots[i] = _Slot(inputs=x, outputs=None, state=None, popped=popped)
+            return
+        slot = self._slots[i]
+        if slot is not None:  # its backward has not run
             if not self.is_first:
                 zeros = [torch.zeros_like(x) for x in as_tuple(slot.inputs) if carries_grad(x)]
                 self.link.send_gradients(i, zeros)  # type: ignore[union-attr]
@@ -278,7 +283,6 @@ class StageExecutor:
             self.meter.release(slot.held)
             self._slots[i] = None
             self._backward_done.add(i)
-        self.flush()
 
     def _backward(self) -> None:
         self.post_receives()

@@ -61,7 +61,8 @@ from lightning_gpipe.engine.microbatch import Tensors
 from lightning_gpipe.engine.skip import Port
 
 __all__ = [
-    "StageLink", "ShapeMemory", "carries_grad", "MAX_SKIPS", "OBJECT_TAG", "ORDER_STRICT", "HEADERS", "from_host",
+    "StageLink", "ShapeMemory", "carries_grad", "needs_header", "MAX_SKIPS", "MAX_CHUNKS", "OBJECT_TAG", "ORDER_STRICT",
+    "HEADERS", "from_host",
 ]
 
 #: When activations carry a header: ``"auto"`` for a key not met before, ``"always"`` with every micro-batch.
@@ -79,7 +80,9 @@ _HEADER, _ACTIVATION, _GRADIENT = range(3)
 ORDER_STRICT = os.environ.get("LIGHTNING_GPIPE_ORDER_STRICT", "0") == "1"
 _KIND_BITS = 12  # a message's tag: its micro-batch, its model chunk, then its kind (gloo matches on tags; NCCL on order)
 _CHUNK_BITS = 5  # up to 32 model chunks per rank (interleaved schedules)
-_MAX_MICROBATCHES = 1 << (31 - _KIND_BITS - _CHUNK_BITS)  # tags are 32-bit signed integers
+_MAX_MICROBATCHES = 1 << (31 - _KIND_BITS - _CHUNK_BITS)
+#: Model chunks a rank may hold (interleaved schedules): each has its own tags.
+MAX_CHUNKS = 1 << _CHUNK_BITS  # tags are 32-bit signed integers
 # The tag of ObjectBroadcast's messages: a kind no micro-batch's message takes.
 OBJECT_TAG = 0 if ORDER_STRICT else (1 << _KIND_BITS) - 1
 #: Skip connections that may cross stages in one model (each takes three kinds of message).
@@ -166,19 +169,10 @@ class StageLink:
     def _send_tensors(self, i: int, xs: Tensors, stage: int, key: Optional[Hashable], route: int = -1) -> None:
         """Post ``xs`` to ``stage``, after their header unless the key's shapes are remembered on both ends."""
         header_kind, data_kind = _kinds(route)
-        memory, specs = self._memory("out", route), _specs(xs)
-        known = memory.get(key)
-        if known is None:
+        what = f"stage {self.stage}'s " + ("output" if route < 0 else f"skip (route {route})")
+        if needs_header(self._memory("out", route), key, xs, f"{what} for micro-batch {i}"):
             self._isend(_encode_header(xs, self.device), stage, _tag(i, header_kind))
-            memory.put(key, specs)
             self.headers_sent += 1
-        elif known != specs:
-            what = "output" if route < 0 else f"skip (route {route})"
-            raise ValueError(
-                f"GPipeStrategy: stage {self.stage}'s {what} for micro-batch {i} has shapes {_show(specs)}, where an"
-                f" input of the same shapes gave {_show(known)} before: its shapes depend on the input's values, not"
-                " only on its shapes. Send them with every micro-batch: GPipeStrategy(headers='always')"
-            )
         for x in xs:
             self._isend(x, stage, _tag(i, data_kind))
 
@@ -285,6 +279,23 @@ class StageLink:
         for work, _ in self._sends:
             work.wait()
         self._sends.clear()
+
+
+def needs_header(memory: ShapeMemory, key: Optional[Hashable], xs: Tensors, what: str) -> bool:
+    """Whether ``xs``, sent with ``key`` on the stream that ``memory`` remembers, go after a header (then remembered);
+    raises if the key's remembered shapes differ from theirs, naming ``what`` they are."""
+    specs = _specs(xs)
+    known = memory.get(key)
+    if known is None:
+        memory.put(key, specs)
+        return True
+    if known != specs:
+        raise ValueError(
+            f"GPipeStrategy: {what} has shapes {_show(specs)}, where an input of the same shapes gave {_show(known)}"
+            " before: its shapes depend on the input's values, not only on its shapes. Send them with every"
+            " micro-batch: GPipeStrategy(headers='always')"
+        )
+    return False
 
 
 def _tag(i: int, kind: int, chunk: int = 0) -> int:
