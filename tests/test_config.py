@@ -40,8 +40,11 @@ def test_the_options_are_frozen_and_reach_the_strategy():
         ({"state_dict_type": "zip"}, r"GPipeStrategy\(state_dict_type='zip'\): choose one of full, sharded"),
         ({"gather_model": "yes"}, r"GPipeStrategy\(gather_model='yes'\): True, False, or None"),
         ({"data_parallel_size": 0}, r"GPipeStrategy\(data_parallel_size=0\): need a whole number of replicas"),
-        ({"schedule": "zb"}, r"GPipeStrategy\(schedule='zb'\): choose one of gpipe, 1f1b$"),
-        ({"schedule": "interleaved"}, r"choose one of gpipe, 1f1b \(interleaved 1F1B is planned, not available yet\)"),
+        ({"schedule": "zb"}, r"GPipeStrategy\(schedule='zb'\): choose one of gpipe, 1f1b, interleaved$"),
+        ({"virtual_stages": 2}, r"GPipeStrategy\(virtual_stages=2\) gives each rank several model chunks, which only"
+                                r" schedule='interleaved' runs; this one is schedule='gpipe'"),
+        ({"schedule": "interleaved", "virtual_stages": 0}, r"GPipeStrategy\(virtual_stages=0\): need an integer from 1 to 32"),
+        ({"schedule": "interleaved", "virtual_stages": 2.0}, r"GPipeStrategy\(virtual_stages=2.0\): need an integer"),
     ],
 )  # fmt: skip
 def test_bad_options_name_the_value(kwargs, message):

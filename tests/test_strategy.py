@@ -36,6 +36,13 @@ def _one_f_one_b(k: int, m: int, checkpoint: str) -> dict:
     return {**s, "strategy": {**s["strategy"], "schedule": "1f1b"}}
 
 
+def _interleaved(k: int, m: int, checkpoint: str, v: int = 2, **extra) -> dict:
+    """Interleaved 1F1B, v chunks per rank, on a loss that is a mean over samples."""
+    s = _one_f_one_b(k, m, checkpoint)
+    return {**s, "name": f"interleaved_m{m}_{checkpoint}", **extra,
+            "strategy": {**s["strategy"], "schedule": "interleaved", "virtual_stages": v}}  # fmt: skip
+
+
 K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES] + [
     scenario("predict_and_save", 2, 3, predict=True, save=True),
     scenario("steps_and_val_interval", 2, 3, trainer={"max_steps": 3, "val_check_interval": 2}),
@@ -65,10 +72,17 @@ K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES]
     {**_one_f_one_b(2, 3, "except_last"), "name": "1f1b_fails", "fail_at": {"rank": 1, "batch": 1},
      "expect_error": True},
     scenario("after_1f1b_fails", 2, 3),
+    *(_interleaved(2, m, mode) for m, mode in ((2, "never"), (4, "always"))),
+    # The last rank fails in its first loss: its first chunk still runs its actions, its last drains, then the error.
+    {**_interleaved(2, 4, "except_last"), "name": "interleaved_fails", "fail_at": {"rank": 1, "batch": 1},
+     "expect_error": True},
+    scenario("after_interleaved_fails", 2, 3),
+    {**_interleaved(2, 3, "never"), "name": "interleaved_m3", "expect_error": True},
 ]
 K4 = [scenario(f"m{m}_{mode}", 4, m, mode) for m, mode in ((1, "never"), (3, "always"), (4, "except_last"))] + [
     scenario("predict_and_save", 4, 4, predict=True, save=True),
     *(_one_f_one_b(4, m, mode) for m, mode in ((4, "never"), (8, "except_last"))),
+    _interleaved(4, 8, "except_last", model={"depth": 8}),  # 17 layers: each of the 8 chunks gets a Linear
     _error("too_few_layers", 4, "uniform", model={"depth": 1}),
     _error("time_too_few_layers", 4, "time", model={"depth": 1}),  # rank 0 measures, every rank raises
     _error("stage_without_parameters", 4, [1, 1, 1, 6]),
@@ -156,6 +170,31 @@ def test_1f1b_pipelines_equal_one_process(k, name, k2, k4, one_f_one_b_k1, mean_
     assert_same_logs(ranks[0]["logged"], alone["logged"], atol=1e-6)
 
 
+@pytest.mark.parametrize("name", [s["name"] for s in K2 if s["name"].startswith("interleaved_m") and "expect_error" not in s])
+def test_interleaved_pipelines_equal_one_process(name, k2, one_f_one_b_k1, mean_reference):
+    """Interleaved 1F1B over two ranks of two chunks adds no error of its own to the same micro-batches' losses on one
+    process (1e-6), and so equals single-device training (1e-5)."""
+    ranks = k2[name]
+    _check_against_reference(ranks, mean_reference, 2)
+    alone = one_f_one_b_k1[int(name.split("_")[1][1:])][0]
+    assert_same_params(full_params(ranks), alone["params"], atol=1e-6)
+    assert_same_logs(ranks[0]["logged"], alone["logged"], atol=1e-6)
+
+
+def test_interleaved_over_four_ranks_equals_single_device(k4):
+    _check_against_reference(k4["interleaved_m8_except_last"], reference_run(model_class="MeanLossClassifier", depth=8), 4)
+
+
+def test_interleaved_refusals(k2):
+    """M not a multiple of K, refused on every rank with the values; a failing last rank ends every rank with its
+    error, and the next run trains as usual."""
+    assert [r["error"] for r in k2["interleaved_m3"]] == [
+        "ValueError: GPipeStrategy(schedule='interleaved'): interleaved 1F1B takes micro-batches in groups of K:"
+        " microbatches=3 is not a multiple of K=2"
+    ] * 2
+    assert [r["error"] for r in k2["interleaved_fails"]] == ["RuntimeError: deliberate failure on rank 1 at batch 1"] * 2
+
+
 def test_1f1b_refuses_code_between_the_step_and_its_backward(k2):
     for rank in k2["1f1b_late"]:
         assert "GPipeStrategy(schedule='1f1b') runs each micro-batch's backward inside the step" in rank["error"]
@@ -164,6 +203,7 @@ def test_1f1b_refuses_code_between_the_step_and_its_backward(k2):
 def test_a_failing_1f1b_step_ends_every_stage_with_its_error(k2, reference):
     assert [r["error"] for r in k2["1f1b_fails"]] == ["RuntimeError: deliberate failure on rank 1 at batch 1"] * 2
     _check_against_reference(k2["after_1f1b_fails"], reference, 2)  # every message of the failed step was matched
+    _check_against_reference(k2["after_interleaved_fails"], reference, 2)
 
 
 def test_shapes_travel_only_when_new(k2):

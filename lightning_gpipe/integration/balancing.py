@@ -30,8 +30,8 @@ def profiled_balance(
     strategy: Any, module: LightningModule, seq: nn.Sequential, fitting: bool, optimizers: list[Optimizer]
 ) -> tuple[list[int], Optional[BalanceReport]]:
     """Global rank 0 measures every layer on a sample micro-batch and splits; every rank takes its answer."""
-    k = strategy.topology.k
-    resolve_balance("uniform", seq, k)  # enough layers for K stages, checked on every rank
+    k, chunks = strategy.topology.k, strategy.config.chunks
+    resolve_balance("uniform", seq, k, chunks)  # enough layers for K*v stages, checked on every rank
     if k == 1:
         return [len(seq)], None
     # Every rank draws the sample, so whatever drawing it does to the data loader, it does everywhere.
@@ -58,7 +58,8 @@ def _measure(strategy: Any, seq: nn.Sequential, sample: Any, optimizers: list[Op
     else:
         held = config.microbatches if config.checkpoint == "never" else 1
         per_layer = costs.memory(optimizer_slots(optimizers), held)
-    return BalanceReport.of(config.balance, per_layer, strategy.topology.k, config.microbatches, costs)
+    stages = strategy.topology.k * config.chunks
+    return BalanceReport.of(config.balance, per_layer, stages, config.microbatches, costs)
 
 
 def sample_microbatch(strategy: Any, module: LightningModule, fitting: bool) -> Any:

@@ -6,7 +6,7 @@ import logging
 import warnings
 from contextlib import ExitStack
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import LightningModule, Trainer
@@ -22,8 +22,10 @@ from lightning_gpipe.checkpointing.sharded import stage_weights
 from lightning_gpipe.checkpointing.state import optimizer_layouts
 from lightning_gpipe.engine.batchnorm import defer, undefer
 from lightning_gpipe.engine.broadcast import ObjectBroadcast
+from lightning_gpipe.engine.chunks import RankChunks
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.p2p import MAX_SKIPS, StageLink
+from lightning_gpipe.engine.pairs import PairedLink
 from lightning_gpipe.engine.rng import StageRandom, rank_random_state, set_rank_random_state
 from lightning_gpipe.engine.skip import skip_routes, stage_ports
 from lightning_gpipe.errors import DeferredInitError, SkipError
@@ -48,6 +50,7 @@ from lightning_gpipe.model.partition import (
     check_stages_optimized,
     find_sequential,
     keep_stage,
+    rank_layers,
     release_absent,
     resolve_balance,
     stage_layers,
@@ -57,6 +60,7 @@ from lightning_gpipe.model.tied import TiedGradients, find_ties, tied_names
 from lightning_gpipe.parallel.collectives import all_gather_object, together
 from lightning_gpipe.parallel.replicas import GradientAverager
 from lightning_gpipe.patching import patched
+from lightning_gpipe.schedule.interleaved import check_interleaved
 
 __all__ = ["open_run", "SUPPORTED_PRECISION"]
 
@@ -161,7 +165,10 @@ def partition(
     """Cut the Sequential ``name`` of the whole ``module`` into stages, keep only this rank's layers, and build the
     run's objects for them (a :class:`~lightning_gpipe.integration.runtime.PipelineRun`)."""
     config, topology, device = strategy.config, strategy.topology, strategy.root_device
-    k, stage = topology.k, topology.stage
+    k, stage, chunks = topology.k, topology.stage, config.chunks
+    schedule = make_schedule(config)
+    if chunks > 1:
+        _check_interleaved(k, config)
     optimizers: list[Optimizer] = []
     if fitting:  # a throwaway build on the whole module, before it is cut (each fit: requires_grad may change)
         optimizers = _whole_module_optimizers(module)
@@ -171,15 +178,17 @@ def partition(
     if kept.balance is None and config.balance in PROFILED_RULES:
         kept.balance, kept.balance_report = profiled_balance(strategy, module, seq, fitting, optimizers)
     elif kept.balance is None:
-        kept.balance = resolve_balance(config.balance, seq, k)
+        kept.balance = resolve_balance(config.balance, seq, k, chunks)
     else:
-        resolve_balance(kept.balance, seq, k)  # the same checks against the module given now
+        resolve_balance(kept.balance, seq, k, chunks)  # the same checks against the module given now
     balance = kept.balance
     layers = list(seq._modules.values())
     routes = skip_routes(seq)  # checked on every rank alike, before anything is cut
     if len(routes) > MAX_SKIPS:
         raise SkipError(f"{name} has {len(routes)} skip connections; a pipeline carries at most {MAX_SKIPS}")
-    kept.ties = find_ties(module, seq, balance)
+    if chunks > 1:
+        _refuse_skips_between_chunks(routes, balance, name)
+    kept.ties = find_ties(module, seq, balance, k)
     aliases = tied_names(kept.ties)
     if fitting:
         check_stages_have_parameters(balance, layers)
@@ -188,7 +197,7 @@ def partition(
     _warn_batchnorm(config, layers)
     if strategy.world_size > 1:
         start_from_first_ranks_weights(module, layers, balance, topology, kept.deferred, all_gather_object)
-    own = keep_stage(seq, balance, stage)
+    own = keep_stage(seq, balance, stage, k)
     # The other stages' layers stay, their storage freed, but for what the module still uses elsewhere.
     release_absent(seq, {storage_id(t) for t in (*stage_parameters(module), *module.buffers()) if not t.is_meta})
     _materialize(kept, module)
@@ -199,13 +208,19 @@ def partition(
         kept.weights = None
     parameters = {aliases.get(n, n): p for n, p in module.named_parameters(remove_duplicate=False)}
     norms = defer(own) if config.deferred_batchnorm else []  # before the executor, which finds them
-    link = StageLink(stage, k, device, topology.pipeline_group, config.headers) if k > 1 else None
     if kept.stage_random is None:  # one stream per stage for the strategy's life: runs continue it
         kept.stage_random = StageRandom(stage, device)
-    executor = StageExecutor(
-        own, stage, k, device, link, config.checkpoint, kept.stage_random, make_schedule(config),
-        skips=stage_ports(routes, balance, stage),
-    )  # fmt: skip
+    executor: Union[StageExecutor, RankChunks]
+    if chunks > 1:  # interleaved: chunk c runs stage c*K + stage of the model
+        paired = PairedLink(stage, k, device, schedule, topology.pipeline_group, config.headers)
+        parts = [[layers[i] for i in stage_layers(balance, c * k + stage)] for c in range(chunks)]
+        executor = RankChunks(parts, stage, k, device, paired, schedule, kept.stage_random)
+    else:
+        link = StageLink(stage, k, device, topology.pipeline_group, config.headers) if k > 1 else None
+        executor = StageExecutor(
+            own, stage, k, device, link, config.checkpoint, kept.stage_random, schedule,
+            skips=stage_ports(routes, balance, stage),
+        )  # fmt: skip
     sharing = ObjectBroadcast(device, topology.pipeline_group) if k > 1 else None
     flow = StageStep(
         executor, config.microbatches, name, device, sharing, partial(loss_backward, strategy), topology.rank_of(k - 1),
@@ -215,15 +230,39 @@ def partition(
     if topology.d > 1:
         run.averager = GradientAverager(topology.replica_group, topology.d, executor.timeline)
     run.tied = TiedGradients(kept.ties, topology, parameters, kept.tie_groups) if kept.ties else None
-    log.debug("stage %d of %d runs %s.%s", stage, k, name, stage_layers(balance, stage))
+    log.debug("stage %d of %d runs %s.%s", stage, k, name, rank_layers(balance, stage, k))
     replicas = f"{topology.d} replicas of " if topology.d > 1 else ""
+    virtual = f", virtual_stages={chunks}" if chunks > 1 else ""
     rank_zero_info(
         f"GPipeStrategy: {replicas}{k} stages of {name!r} with balance {balance},"
-        f" microbatches={config.microbatches}, checkpoint={config.checkpoint!r}, schedule={config.schedule!r}"
+        f" microbatches={config.microbatches}, checkpoint={config.checkpoint!r}, schedule={config.schedule!r}{virtual}"
     )
     if kept.balance_report is not None and strategy.is_global_zero:
         kept.balance_report.publish(module.trainer)
     return run
+
+
+def _check_interleaved(k: int, config: Any) -> None:
+    if k == 1:
+        raise ValueError(
+            "GPipeStrategy(schedule='interleaved') spreads the model's chunks over at least 2 stages; this run has 1"
+            " (devices x nodes / data_parallel_size): on one stage, train with schedule='1f1b'"
+        )
+    try:
+        check_interleaved(k, config.microbatches, config.chunks)
+    except ValueError as error:
+        raise ValueError(f"GPipeStrategy(schedule='interleaved'): {error}") from None
+
+
+def _refuse_skips_between_chunks(routes: list, balance: list[int], name: str) -> None:
+    """Skips that cross stages travel by their own messages, which an interleaved rank does not carry."""
+    crossing = [s for s in range(len(balance)) if any(stage_ports(routes, balance, s))]
+    if crossing:
+        raise SkipError(
+            f"GPipeStrategy(schedule='interleaved') does not carry skip connections between stages, and {name} with"
+            f" balance {balance} has some that leave or reach stages {crossing}: use schedule='1f1b' (or 'gpipe'),"
+            " or a balance that keeps each skip within one stage"
+        )
 
 
 def _warn_batchnorm(config: Any, layers: list[nn.Module]) -> None:

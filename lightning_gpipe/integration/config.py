@@ -9,11 +9,11 @@ from typing import Any, Optional, Union
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 
-from lightning_gpipe.engine.p2p import HEADERS
+from lightning_gpipe.engine.p2p import HEADERS, MAX_CHUNKS
 from lightning_gpipe.errors import BalanceError
 from lightning_gpipe.model.partition import BALANCE_RULES, Balance
 from lightning_gpipe.parallel.topology import check_replicas
-from lightning_gpipe.schedule import CHECKPOINT_MODES, SCHEDULES, Schedule
+from lightning_gpipe.schedule import CHECKPOINT_MODES, SCHEDULES, Interleaved1F1B, Schedule
 
 __all__ = ["GPipeConfig", "STATE_DICT_TYPES", "make_schedule"]
 
@@ -38,14 +38,21 @@ class GPipeConfig:
     data_parallel_size: int = 1
     weights: Optional[Union[str, Path]] = None
     headers: str = "auto"
+    virtual_stages: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not _whole(self.microbatches) or self.microbatches < 1:
             raise ValueError(f"GPipeStrategy(microbatches={self.microbatches!r}): need an integer of at least 1")
         if self.schedule not in SCHEDULES:
-            planned = " (interleaved 1F1B is planned, not available yet)" if self.schedule == "interleaved" else ""
+            raise ValueError(f"GPipeStrategy(schedule={self.schedule!r}): choose one of {', '.join(SCHEDULES)}")
+        if self.virtual_stages is not None and self.schedule != "interleaved":
             raise ValueError(
-                f"GPipeStrategy(schedule={self.schedule!r}): choose one of {', '.join(SCHEDULES)}{planned}"
+                f"GPipeStrategy(virtual_stages={self.virtual_stages!r}) gives each rank several model chunks, which"
+                f" only schedule='interleaved' runs; this one is schedule={self.schedule!r}"
+            )
+        if self.schedule == "interleaved" and not (_whole(self.chunks) and 1 <= self.chunks <= MAX_CHUNKS):
+            raise ValueError(
+                f"GPipeStrategy(virtual_stages={self.virtual_stages!r}): need an integer from 1 to {MAX_CHUNKS}"
             )
         if self.checkpoint not in CHECKPOINT_MODES:
             raise ValueError(
@@ -76,8 +83,18 @@ class GPipeConfig:
             )
 
 
+    @property
+    def chunks(self) -> int:
+        """Model chunks per rank: ``virtual_stages`` under ``schedule="interleaved"`` (2 by default), else 1."""
+        if self.schedule != "interleaved":
+            return 1
+        return 2 if self.virtual_stages is None else self.virtual_stages
+
+
 def make_schedule(config: GPipeConfig) -> Schedule:
-    """The schedule ``config`` names, with its re-materialization mode."""
+    """The schedule ``config`` names, with its re-materialization mode (and chunks per rank)."""
+    if config.schedule == "interleaved":
+        return Interleaved1F1B(config.checkpoint, config.chunks)
     return SCHEDULES[config.schedule](config.checkpoint)
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_gpipe.errors import DataMismatchError
 from lightning_gpipe.model.deferred import DeferredInit, has_meta_tensors
-from lightning_gpipe.model.partition import stage_layers
+from lightning_gpipe.model.partition import rank_layers
 from lightning_gpipe.parallel.topology import Topology
 
 __all__ = [
@@ -115,7 +115,7 @@ def start_from_first_ranks_weights(
             torch.equal(a, b) for a, b in zip(starts, seen[0]))]  # fmt: skip
         deferred.restart(seen[0])
     else:
-        stages = [[layers[i] for i in stage_layers(balance, j)] for j in range(k)]
+        stages = [[layers[i] for i in rank_layers(balance, j, k)] for j in range(k)]
         first = topology.rank == 0
         digests = [state_digest(part) for part in stages] if first else None  # global rank 0 digests every stage
         seen = gather((digests[stage] if digests else state_digest(stages[stage]), digests))
@@ -123,7 +123,7 @@ def start_from_first_ranks_weights(
         differ = [r for r, (mine, _) in enumerate(seen) if mine != reference[r % k]]  # rank r runs stage r % k
         for rank in differ:
             if first:
-                dist.send_object_list([{i: layers[i].state_dict() for i in stage_layers(balance, rank % k)}], dst=rank)
+                dist.send_object_list([{i: layers[i].state_dict() for i in rank_layers(balance, rank % k, k)}], dst=rank)
             elif rank == topology.rank:
                 box: list[Any] = [None]
                 dist.recv_object_list(box, src=0)

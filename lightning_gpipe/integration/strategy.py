@@ -40,12 +40,11 @@ __all__ = ["GPipeStrategy"]
 
 
 class GPipeStrategy(PipelineProcesses):
-    """GPipe pipeline parallelism: K stages on K processes, M micro-batches, F-then-B, re-materialization.
+    """GPipe pipeline parallelism: K stages on K processes, M micro-batches, re-materialization.
 
-    The LightningModule's ``nn.Sequential`` is cut into one stage per process (``devices x num_nodes``).
-    Every batch is split into ``microbatches`` along dim 0; each stage runs the forward of all of them,
-    the last stage computes the user's loss on the whole batch, then each stage runs their backward in
-    reverse. Gradients, parameters and logged metrics equal those of single-device training.
+    The LightningModule's ``nn.Sequential`` is cut into one stage per process (``devices x num_nodes``), every
+    batch into ``microbatches`` along dim 0, which the stages run in the order of ``schedule`` (F-then-B by
+    default). Gradients, parameters and logged metrics equal those of single-device training.
 
     Example:
         ```python
@@ -59,9 +58,10 @@ class GPipeStrategy(PipelineProcesses):
             measured weights, gradients, optimizer state and saved activations). Measured rules profile on a
             sample micro-batch (``example_input_array`` or the first training batch) and report their choice.
         checkpoint: re-materialization: ``"always"``, ``"except_last"`` (all but the last micro-batch) or ``"never"``.
-        schedule: ``"gpipe"`` (F-then-B: the loss sees the whole batch) or ``"1f1b"`` (each micro-batch's backward as
+        schedule: ``"gpipe"`` (F-then-B: the loss sees the whole batch), ``"1f1b"`` (each micro-batch's backward as
             soon as its forward leaves the last stage, which runs the step once per micro-batch: a loss that is a mean
-            over samples, scaled by each micro-batch's share; logs and loss are sample-weighted means).
+            over samples, scaled by each micro-batch's share; logs and loss are sample-weighted means) or
+            ``"interleaved"`` (1F1B over ``virtual_stages`` chunks per rank: a smaller bubble, M a multiple of K).
         sequential: attribute name of the ``nn.Sequential`` to pipeline; found automatically when the module
             has exactly one Sequential child holding all its parameters.
         process_group_backend: ``torch.distributed`` backend; gloo on CPU and NCCL on GPU by default.
@@ -86,6 +86,7 @@ class GPipeStrategy(PipelineProcesses):
             stage's tensors (memory-mapped); optimizer, loops and schedulers start fresh, unlike ``ckpt_path``.
         headers: ``"auto"`` sends a stage's output shapes only for input shapes not met before (no wait for the
             device); ``"always"`` with every micro-batch, for output shapes that depend on the input's values.
+        virtual_stages: v, chunks per rank under ``"interleaved"`` (2 by default): rank r runs stages r, r+K, ...
     """
 
     strategy_name = "gpipe"
@@ -111,10 +112,12 @@ class GPipeStrategy(PipelineProcesses):
         data_parallel_size: int = 1,
         weights: Optional[Union[str, Path]] = None,
         headers: str = "auto",
+        virtual_stages: Optional[int] = None,
     ) -> None:
         config = GPipeConfig(
             microbatches, schedule, balance, checkpoint, sequential, process_group_backend, timeout,
-            observe_every_n_steps, state_dict_type, deferred_batchnorm, gather_model, data_parallel_size, weights, headers,
+            observe_every_n_steps, state_dict_type, deferred_batchnorm, gather_model, data_parallel_size, weights,
+            headers, virtual_stages,
         )  # fmt: skip
         super().__init__(
             config, accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
@@ -140,13 +143,12 @@ class GPipeStrategy(PipelineProcesses):
 
     @property
     def balance(self) -> Optional[list[int]]:
-        """Layers per stage, once the model has been partitioned."""
+        """Layers per stage (K*v of them under an interleaved schedule), once the model has been partitioned."""
         return None if self._kept.balance is None else list(self._kept.balance)
 
     @property
     def tied_names(self) -> dict[str, str]:
-        """The other names of each parameter tied across stages, mapped to the name single-device training gives
-        it (its first in ``named_parameters()``)."""
+        """Each other name of a parameter tied across stages, mapped to its first in ``named_parameters()``."""
         return tied_names(self._kept.ties)
 
     def _check_collective(self, name: str) -> None:
@@ -265,8 +267,7 @@ class GPipeStrategy(PipelineProcesses):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The unpartitioned module's state dict on global rank 0 (empty elsewhere): every stage sends its own.
-        With ``state_dict_type="sharded"``, this stage's own entries: each stage writes them itself."""
+        """The whole module's state dict on global rank 0, from every stage (sharded: this stage's own entries)."""
         return saving.module_state(self, self._kept)
 
     @override

@@ -25,6 +25,7 @@ __all__ = [
     "find_sequential",
     "keep_stage",
     "live_layers",
+    "rank_layers",
     "release_absent",
     "resolve_balance",
     "stage_layers",
@@ -164,9 +165,11 @@ def check_forward(module: nn.Module, name: str, x: Any) -> None:
         )
 
 
-def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:
-    """Layer counts per stage for ``k`` stages of ``seq``, each stage at least one layer."""
-    n = len(seq._modules)
+def resolve_balance(balance: Balance, seq: nn.Sequential, k: int, chunks: int = 1) -> list[int]:
+    """Layer counts per stage for ``k`` ranks of ``chunks`` stages each (K*v stages) of ``seq``, each stage at least
+    one layer."""
+    n, ranks = len(seq._modules), k
+    k *= chunks
     if k > n:
         raise BalanceError(f"cannot cut {n} layers into {k} stages: a pipeline needs at least one layer per stage")
     if isinstance(balance, str):
@@ -186,7 +189,8 @@ def resolve_balance(balance: Balance, seq: nn.Sequential, k: int) -> list[int]:
         )
     counts = list(balance)
     if len(counts) != k:
-        raise BalanceError(f"balance {counts} has {len(counts)} stages, but the pipeline has {k} (devices x nodes)")
+        cut = "devices x nodes" + (f" x virtual_stages: {ranks} x {chunks}" if chunks > 1 else "")
+        raise BalanceError(f"balance {counts} has {len(counts)} stages, but the pipeline has {k} ({cut})")
     if any(not isinstance(c, int) or c < 1 for c in counts):
         raise BalanceError(f"balance {counts} must hold positive integers: every stage needs at least one layer")
     if sum(counts) != n:
@@ -200,13 +204,21 @@ def stage_layers(balance: Sequence[int], stage: int) -> range:
     return range(start, start + balance[stage])
 
 
-def keep_stage(seq: nn.Sequential, balance: Sequence[int], stage: int) -> list[nn.Module]:
-    """Free every layer of ``seq`` that ``stage`` does not run, in place, and return the kept ones in order.
+def rank_layers(balance: Sequence[int], rank: int, k: int) -> list[int]:
+    """Indices of the layers that ``rank`` of ``k`` runs: its stages ``rank``, ``rank + k``, ... of ``balance``'s
+    (one stage per rank when ``balance`` has ``k`` entries; v each under an interleaved schedule)."""
+    return [i for stage in range(rank, len(balance), k) for i in stage_layers(balance, stage)]
 
-    Each freed layer is replaced by an :class:`AbsentLayer` that names the stage holding it.
+
+def keep_stage(seq: nn.Sequential, balance: Sequence[int], stage: int, k: Optional[int] = None) -> list[nn.Module]:
+    """Free every layer of ``seq`` that rank ``stage`` of ``k`` (by default one per entry of ``balance``) does not
+    run, in place, and return the kept ones in order.
+
+    Each freed layer is replaced by an :class:`AbsentLayer` that names the rank holding it.
     """
-    layers = stage_layers(balance, stage)
-    owners = stage_owners(balance)
+    k = len(balance) if k is None else k
+    layers = rank_layers(balance, stage, k)
+    owners = [owner % k for owner in stage_owners(balance)]
     kept = []
     for index, (name, layer) in enumerate(list(seq._modules.items())):
         if index in layers:

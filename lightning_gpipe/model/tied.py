@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,18 +33,20 @@ class Tie:
     stages: tuple[int, ...]  # the stages whose layers use it, in order
 
 
-def find_ties(module: nn.Module, seq: nn.Sequential, balance: Sequence[int]) -> list[Tie]:
-    """The parameters of ``seq`` that layers of different stages share, in ``named_parameters()`` order.
+def find_ties(module: nn.Module, seq: nn.Sequential, balance: Sequence[int], k: Optional[int] = None) -> list[Tie]:
+    """The parameters of ``seq`` that layers on different ranks share, in ``named_parameters()`` order; a tie's
+    ``stages`` are those ranks (stage s of ``balance`` runs on rank s % ``k``, by default one stage per rank).
 
     ``module`` is whole (every layer present), as before the pipeline cuts it.
     """
+    k = len(balance) if k is None else k
     names = names_by_parameter(module)
     stages: dict[int, set[int]] = {}
     layers = list(seq._modules.values())
     for stage in range(len(balance)):
         for index in stage_layers(balance, stage):
             for p in layers[index].parameters():
-                stages.setdefault(id(p), set()).add(stage)
+                stages.setdefault(id(p), set()).add(stage % k)
     ties, seen = [], set()
     for name, p in module.named_parameters():
         if len(stages.get(id(p), ())) > 1 and id(p) not in seen:

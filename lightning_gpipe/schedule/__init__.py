@@ -8,9 +8,8 @@ from lightning_gpipe.schedule.one_f_one_b import OneFOneB, one_f_one_b
 from lightning_gpipe.schedule.simulate import Timing, simulate
 from lightning_gpipe.schedule.split import optimal_split, stage_owners, uniform_split
 
-#: The schedules ``GPipeStrategy(schedule=...)`` takes, by name (not yet `Interleaved1F1B`: its order and timing are
-#: here, the executor runs one model chunk per rank).
-SCHEDULES = {"gpipe": GPipe, "1f1b": OneFOneB}
+#: The schedules ``GPipeStrategy(schedule=...)`` takes, by name.
+SCHEDULES = {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved": Interleaved1F1B}
 
 __all__ = [
     "Action", "Phase", "Schedule", "SCHEDULES", "GPipe", "OneFOneB", "Interleaved1F1B", "fthenb", "one_f_one_b",
