@@ -241,3 +241,14 @@ def test_pair_orders_keep_every_ranks_own_order(k, m, v):
                 assert [msg for msg in order if msg.sender(k) == rank] == [msg for msg in produced if msg in order]
     every = [msg for order in orders.values() for msg in order]
     assert len(every) == len(set(every)) == 2 * (k * v - 1) * m
+    for rank in range(k):  # each chunk runs its forwards in micro-batch order, and its backwards (RankChunks needs it)
+        for chunk in range(v):
+            for phase in Phase:
+                assert [a.i for a in schedule.actions(k, m, rank) if (a.chunk, a.phase) == (chunk, phase)] == list(range(m))
+
+
+def test_interleaved_evaluation_order():
+    """Evaluation runs the forwards alone, in groups of K micro-batches through each chunk in turn, for any M."""
+    assert " ".join(map(repr, Interleaved1F1B("always", 2).forwards(2, 5, 1))) == "F0 F1 F0c1 F1c1 F2 F3 F2c1 F3c1 F4 F4c1"
+    with pytest.raises(ValueError, match="need at least one stage and one micro-batch, got k=2, m=0"):
+        Interleaved1F1B().forwards(2, 0, 0)

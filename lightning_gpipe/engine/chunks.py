@@ -17,32 +17,23 @@ from lightning_gpipe.engine.rng import StageRandom
 from lightning_gpipe.instrument.memory import ActivationMeter
 from lightning_gpipe.instrument.timeline import Timeline
 from lightning_gpipe.schedule import Action, Phase, Schedule
+from lightning_gpipe.schedule.messages import Forwards
 
 __all__ = ["RankChunks", "ChunkOrder"]
 
 
 @dataclass(frozen=True)
 class ChunkOrder:
-    """The actions of one chunk of ``rank``'s, as a one-chunk schedule over the model's K*v stages: what its
-    executor reads (its last forward, for deferred batch norms)."""
+    """What a chunk's executor reads of its schedule (its last forward, for deferred batch norms): an interleaved
+    schedule runs a chunk's forwards in micro-batch order, and its backwards too. The rank's order, which interleaves
+    them, comes from :class:`RankChunks`."""
 
-    schedule: Schedule
-    k: int
-    rank: int
-    chunk: int
+    name: str
+    loss_per_microbatch = True
     stages_per_rank = 1
 
-    @property
-    def name(self) -> str:
-        return self.schedule.name
-
-    @property
-    def loss_per_microbatch(self) -> bool:
-        return self.schedule.loss_per_microbatch
-
     def actions(self, k: int, m: int, stage: int) -> list[Action]:
-        own = self.schedule.actions(self.k, m, self.rank)
-        return [Action(a.phase, a.i, a.recompute) for a in own if a.chunk == self.chunk]
+        return [Action(phase, i) for phase in (Phase.FORWARD, Phase.BACKWARD) for i in range(m)]
 
 
 class RankChunks:
@@ -69,13 +60,13 @@ class RankChunks:
             stage = c * k + rank
             executor = StageExecutor(
                 chunk_layers, stage, k * self.v, device, link.chunk(stage), random=self.random,  # type: ignore[arg-type]
-                schedule=ChunkOrder(schedule, k, rank, c),  # type: ignore[arg-type]
+                schedule=ChunkOrder(schedule.name),  # type: ignore[arg-type]
             )  # fmt: skip
             executor.timeline, executor.meter = self.timeline, self.meter  # one record for the rank
             self.chunks.append(executor)
         self.layers = [layer for chunk in self.chunks for layer in chunk.layers]
         self.deferred_norms = [norm for chunk in self.chunks for norm in chunk.deferred_norms]
-        self._orders: dict[int, list[Action]] = {}
+        self._orders: dict[tuple[int, bool], list[Action]] = {}
         self._done: set[Action] = set()
 
     @property
@@ -90,17 +81,18 @@ class RankChunks:
         """Whether ``action`` runs the model's last stage, whose output the loss takes."""
         return self.is_last and action.chunk == self.v - 1
 
-    def actions(self, n: int) -> list[Action]:
-        """This rank's actions for ``n`` micro-batches, in order."""
-        if n not in self._orders:
+    def actions(self, n: int, train: bool = True) -> list[Action]:
+        """This rank's actions for ``n`` micro-batches, in order: a training step's, or evaluation's forwards."""
+        if (n, train) not in self._orders:
+            schedule = self.schedule if train else Forwards(self.schedule)
             try:
-                self._orders[n] = self.schedule.actions(self.k, n, self.stage)
+                self._orders[(n, train)] = schedule.actions(self.k, n, self.stage)
             except ValueError as error:  # a batch of fewer rows than M splits into fewer micro-batches
                 raise ValueError(
                     f"GPipeStrategy(schedule={self.schedule.name!r}): this batch splits into {n} micro-batches: {error}."
                     " Every batch needs at least M rows (DataLoader(drop_last=True) drops a short last one)"
                 ) from None
-        return self._orders[n]
+        return self._orders[(n, train)]
 
     def begin(self, n: int, keys: Optional[Sequence[Hashable]] = None, train: bool = True) -> None:
         self.link.begin(n, keys, train)
@@ -116,7 +108,7 @@ class RankChunks:
         with self.random.active():
             self.begin(n, keys, train)
             outputs: dict[int, TensorOrTensors] = {}
-            for action in self.actions(n):
+            for action in self.actions(n, train):
                 if action.phase is Phase.FORWARD:
                     y = self.forward_one(action, self._input(inputs, action), train)
                     if self.holds_loss(action):

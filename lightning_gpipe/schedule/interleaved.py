@@ -27,6 +27,13 @@ class Interleaved1F1B(Rematerialized):
     def order(self, k: int, m: int, stage: int) -> list[Action]:
         return interleaved_one_f_one_b(k, m, stage, self.virtual_stages)
 
+    def forwards(self, k: int, m: int, stage: int) -> list[Action]:
+        """The forwards alone, as evaluation runs them, for any ``m``: in groups of K micro-batches (the last may
+        hold fewer), each group through chunk 0, then chunk 1, ..., as in training."""
+        check_km(k, m, stage)
+        groups = [range(start, min(start + k, m)) for start in range(0, m, k)]
+        return [Action(Phase.FORWARD, i, chunk=c) for group in groups for c in range(self.virtual_stages) for i in group]
+
 
 def check_interleaved(k: int, m: int, v: int) -> None:
     """Raise unless ``v`` chunks per rank and ``m`` micro-batches suit the interleaved order over ``k`` ranks."""

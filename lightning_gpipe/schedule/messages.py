@@ -52,7 +52,8 @@ class Message:
 
 @dataclass(frozen=True)
 class Forwards:
-    """``schedule``'s forward actions alone, as an evaluation step runs them (no gradient, nothing recomputed)."""
+    """``schedule``'s forward actions alone, as an evaluation step runs them (no gradient, nothing recomputed): its
+    ``forwards(k, m, stage)`` where it has one (an order for any M), else its training order's forwards."""
 
     schedule: Schedule
 
@@ -67,6 +68,9 @@ class Forwards:
     loss_per_microbatch = False
 
     def actions(self, k: int, m: int, stage: int) -> list[Action]:
+        own = getattr(self.schedule, "forwards", None)
+        if own is not None:
+            return own(k, m, stage)
         return [Action(a.phase, a.i, chunk=a.chunk) for a in self.schedule.actions(k, m, stage) if a.phase is Phase.FORWARD]
 
 
