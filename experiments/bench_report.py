@@ -19,8 +19,12 @@ TORCH_GOAL, TORCH_AIM, EFFICIENCY_GOAL, OVERHEAD_GOAL = 1.0, 1.1, 0.9, 0.95
 MEMORY_GOAL, TIME_GOAL, MIN_LAYERS = 1 / 3, 1.35, 8
 #: On the emulated device: gpipe against the exact limit and against torch's ScheduleGPipe.
 LIMIT_GOAL, EMULATED_TORCH_GOAL = 0.9, 0.97
+#: Interleaved 1F1B over F-then-B at K=4, M=4 (v=2; theory 7 / 5.5 = 1.27), on the emulated device.
+INTERLEAVED_GOAL, INTERLEAVED_POINT = 1.15, (4, 4)
 #: Rows of one process with every core, measured in each K group's window (``row["window"]``: that K).
 ALONE = ("single", "single_raw")
+#: Interleaved 1F1B, this strategy's and PyTorch's, with this many model chunks per rank.
+INTERLEAVED, VIRTUAL_STAGES = ("gpipe_interleaved", "torch_interleaved"), 2
 
 
 def theoretical_efficiency(k: int, m: int) -> float:
@@ -94,6 +98,8 @@ def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
         "gpipe_vs_torch_1f1b": versus("torch_1f1b"),
         "gpipe_1f1b_vs_torch_1f1b": versus("torch_1f1b", "gpipe_1f1b"),
         "gpipe_1f1b_vs_gpipe": versus("gpipe", "gpipe_1f1b"),
+        "gpipe_interleaved_vs_torch_interleaved": versus("torch_interleaved", "gpipe_interleaved"),
+        "gpipe_interleaved_vs_gpipe": versus("gpipe", "gpipe_interleaved"),
         "gpipe_vs_executor": versus("executor"),
         "efficiency_vs_theory": efficiency,
         "checkpoint_always_vs_never": memory,
@@ -131,6 +137,22 @@ def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
                 summary["gpipe_1f1b_vs_torch_1f1b"],
                 lambda e: e["ratio"] >= EMULATED_TORCH_GOAL,
                 f"gpipe_1f1b / torch_1f1b samples per second >= {EMULATED_TORCH_GOAL}",
+            ),
+            "emulated_interleaved_limit": _goal(
+                [e for e in summary["vs_limit"] if e["impl"] == "gpipe_interleaved"],
+                lambda e: e["ratio"] >= LIMIT_GOAL,
+                f"gpipe_interleaved samples per second / limit_samples_per_s >= {LIMIT_GOAL}",
+            ),
+            "emulated_interleaved_vs_torch_interleaved": _goal(
+                summary["gpipe_interleaved_vs_torch_interleaved"],
+                lambda e: e["ratio"] >= EMULATED_TORCH_GOAL,
+                f"gpipe_interleaved / torch_interleaved samples per second >= {EMULATED_TORCH_GOAL}",
+            ),
+            "emulated_interleaved_vs_gpipe": _goal(
+                [e for e in summary["gpipe_interleaved_vs_gpipe"] if (e["k"], e["m"]) == INTERLEAVED_POINT],
+                lambda e: e["ratio"] >= INTERLEAVED_GOAL,
+                f"gpipe_interleaved (v={VIRTUAL_STAGES}) / gpipe samples per second >= {INTERLEAVED_GOAL} at K, M ="
+                f" {INTERLEAVED_POINT}",
             ),
         }
         return summary
@@ -325,7 +347,7 @@ def _overview_table(rows: list[dict]) -> list[str]:
             f" {_fmt(get('gpipe', 'bubble_theory'), '.3f')} | {_mib(get('gpipe', 'activation_bytes_max'))} |"
             f" {_mib(get('gpipe', 'activation_bytes_max', 'always'))} |"
         )
-    return lines + _one_f_one_b_table(by)
+    return lines + _one_f_one_b_table(by) + _interleaved_table(by)
 
 
 def _one_f_one_b_table(by: dict) -> list[str]:
@@ -348,6 +370,33 @@ def _one_f_one_b_table(by: dict) -> list[str]:
             f"| {k} | {m} | {_fmt(fthenb and fthenb['samples_per_s'], '.0f')} | {mine['samples_per_s']:.0f} |"
             f" {_fmt(torch_row and torch_row['samples_per_s'], '.0f')} | {_fmt(limit, '.3f')} | {stages[0]} |"
             f" {stages[1]} |"
+        )
+    return lines
+
+
+def _interleaved_table(by: dict) -> list[str]:
+    """Interleaved 1F1B (v chunks per rank), this strategy's beside PyTorch's and F-then-B, checkpoint=never: speed,
+    against its exact limit where known, and each stage's peak of saved activations."""
+    points = sorted((k, m) for impl, k, m, mode in by if impl == "gpipe_interleaved" and mode == "never")
+    if not points:
+        return []
+    lines = [
+        "",
+        f"Interleaved 1F1B, v={VIRTUAL_STAGES} chunks per rank:",
+        "",
+        "| K | M | samples/s: gpipe | gpipe_interleaved | torch_interleaved | gpipe_interleaved / limit |"
+        " / gpipe | / torch_interleaved | activation KiB per stage: gpipe | gpipe_interleaved |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, m in points:
+        mine, fthenb, peer = (by.get((impl, k, m, "never")) for impl in ("gpipe_interleaved", "gpipe", "torch_interleaved"))
+        limit = mine["samples_per_s"] / mine["limit_samples_per_s"] if "limit_samples_per_s" in mine else None
+        over = [mine["samples_per_s"] / row["samples_per_s"] if row else None for row in (fthenb, peer)]
+        stages = [" ".join(f"{b / 1024:.0f}" for b in row["activation_bytes_stages"]) if row else "-" for row in (fthenb, mine)]
+        lines.append(
+            f"| {k} | {m} | {_fmt(fthenb and fthenb['samples_per_s'], '.0f')} | {mine['samples_per_s']:.0f} |"
+            f" {_fmt(peer and peer['samples_per_s'], '.0f')} | {_fmt(limit, '.3f')} | {_fmt(over[0], '.3f')} |"
+            f" {_fmt(over[1], '.3f')} | {stages[0]} | {stages[1]} |"
         )
     return lines
 
@@ -527,8 +576,9 @@ def _save(fig: Any, path: Path) -> Path:
 def write_report(rows: list[dict], cfg: dict[str, Any], wall_s: float, out: Path) -> list[Path]:
     """Write benchmark.json, benchmark.md and the plots into ``out``; returns their paths."""
     for r in rows:  # data parallelism has no pipeline and no bubble
-        k = r["k"] // r.get("dp", 1)  # a replica's stages
-        r["bubble_theory"] = 0.0 if r["impl"] == "ddp" else (k - 1) / (r["m"] + k - 1)
+        k = r["k"] // r.get("dp", 1)  # a replica's stages; interleaved, each with v chunks: (K-1)/v to fill
+        fill = 0.0 if r["impl"] == "ddp" else (k - 1) / (VIRTUAL_STAGES if r["impl"] in INTERLEAVED else 1)
+        r["bubble_theory"] = fill / (r["m"] + fill)
     summary = summarize(rows, cfg["depth"])
     report = {"config": cfg, "machine": machine(), "wall_s": wall_s, "rows": rows, "summary": summary}
     (out / "benchmark.json").write_text(json.dumps(report, indent=1))

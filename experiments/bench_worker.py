@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L
 from lightning.pytorch.loggers import Logger
 
-from experiments.bench_report import ALONE
+from experiments.bench_report import ALONE, VIRTUAL_STAGES
 from lightning_gpipe import GPipeStrategy
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import merge, split
 from lightning_gpipe.engine.p2p import StageLink
 from lightning_gpipe.instrument.memory import ActivationMeter
 from lightning_gpipe.instrument.timeline import bubble
-from lightning_gpipe.schedule import GPipe, OneFOneB, simulate
+from lightning_gpipe.schedule import GPipe, Interleaved1F1B, OneFOneB, Schedule, simulate
 
 LR = 1e-3  # small enough that a few dozen SGD steps on random targets stay finite
 
@@ -157,9 +157,10 @@ class Context:
         the end of the step. An observed step publishes before it ends, so the next step's time excludes it."""
         return [ends[s] - ends[s - 1] for s in range(max(self.warmup, 1), self.steps) if not self.observed(s)]
 
-    def stage_layers(self, net: nn.Module) -> list[nn.Module]:
-        per = self.depth // self.k
-        return list(net)[self.rank * per : (self.rank + 1) * per]
+    def stage_layers(self, net: nn.Module, chunk: int = 0, chunks: int = 1) -> list[nn.Module]:
+        """This rank's layers: of its ``chunk`` when it holds ``chunks`` (stage chunk * K + rank of K * chunks)."""
+        per, stage = self.depth // (self.k * chunks), chunk * self.k + self.rank
+        return list(net)[stage * per : (stage + 1) * per]
 
 
 @dataclass
@@ -300,14 +301,17 @@ def run_gpipe(ctx: Context, row: dict) -> Measured:
     the batch (the first replica's K/D processes report the pipeline's measurements)."""
     d = row.get("dp", 1)
     k = ctx.k // d
+    schedule = {"gpipe_1f1b": "1f1b", "gpipe_interleaved": "interleaved"}.get(row["impl"], "gpipe")
+    v = VIRTUAL_STAGES if schedule == "interleaved" else 1
     strategy = GPipeStrategy(
         microbatches=row["m"],
-        schedule="1f1b" if row["impl"] == "gpipe_1f1b" else "gpipe",
-        balance=[ctx.depth // k] * k,
+        schedule=schedule,
+        balance=[ctx.depth // (k * v)] * (k * v),
         checkpoint=row["checkpoint"],
         sequential="net",
         observe_every_n_steps=ctx.observe_every,
         data_parallel_size=d,
+        virtual_stages=v if v > 1 else None,
     )
     per = ctx.batch // d
     shard = slice(ctx.rank // k * per, (ctx.rank // k + 1) * per)  # this replica's share
@@ -370,13 +374,19 @@ def run_executor(ctx: Context, row: dict) -> Measured:
 
 
 def run_torch(ctx: Context, row: dict) -> Measured:
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-    stage_module = nn.Sequential(*ctx.stage_layers(ctx.net())).to(ctx.device)
-    stage = PipelineStage(stage_module, ctx.rank, ctx.k, ctx.device)
-    kind = {"torch_gpipe": ScheduleGPipe, "torch_1f1b": Schedule1F1B}[row["impl"]]
+    v = VIRTUAL_STAGES if row["impl"] == "torch_interleaved" else 1
+    net = ctx.net()
+    modules = [nn.Sequential(*ctx.stage_layers(net, c, v)).to(ctx.device) for c in range(v)]
+    stages = [PipelineStage(mod, c * ctx.k + ctx.rank, ctx.k * v, ctx.device) for c, mod in enumerate(modules)]
     # scale_grads (the default) divides by M: with a per-micro-batch mean loss, the full batch's mean.
-    schedule = kind(stage, n_microbatches=row["m"], loss_fn=F.mse_loss)
+    if v > 1:
+        schedule = ScheduleInterleaved1F1B(stages, n_microbatches=row["m"], loss_fn=F.mse_loss)
+    else:
+        kind = {"torch_gpipe": ScheduleGPipe, "torch_1f1b": Schedule1F1B}[row["impl"]]
+        schedule = kind(stages[0], n_microbatches=row["m"], loss_fn=F.mse_loss)
+    stage_module = nn.ModuleList(modules)
     optimizer = torch.optim.SGD(stage_module.parameters(), lr=LR)
     meter = ActivationMeter()
     x, y = (t.to(ctx.device) for t in make_batch(ctx.batch, ctx.width))
@@ -406,6 +416,8 @@ RUNNERS: dict[str, Callable[[Context, dict], Measured]] = {
     "ddp": run_ddp,
     "torch_gpipe": run_torch,
     "torch_1f1b": run_torch,
+    "gpipe_interleaved": run_gpipe,
+    "torch_interleaved": run_torch,
 }
 
 
@@ -490,7 +502,10 @@ def limit_step_s(row: dict, forward_s: float) -> float:
         return per_pass * forward_s / k
     d = row.get("dp", 1)  # replicas, each a pipeline of k / d stages on batch / d
     k //= d
-    schedule = (OneFOneB if row["impl"] in ("gpipe_1f1b", "torch_1f1b") else GPipe)(row["checkpoint"])
+    if row["impl"] in ("gpipe_interleaved", "torch_interleaved"):
+        schedule: Schedule = Interleaved1F1B(row["checkpoint"], VIRTUAL_STAGES)
+    else:
+        schedule = (OneFOneB if row["impl"] in ("gpipe_1f1b", "torch_1f1b") else GPipe)(row["checkpoint"])
     unit = forward_s / (d * k * m)  # one stage's forward of one micro-batch
     return simulate(schedule, k, m, forward=1.0, backward=2.0).makespan * unit
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.bench_report import ALONE, write_report
+from experiments.bench_report import ALONE, INTERLEAVED, VIRTUAL_STAGES, write_report
 from experiments.processes import free_port, without_rendezvous
 
 WORKER = Path(__file__).resolve().parent / "bench_worker.py"
@@ -173,6 +173,8 @@ def plan(cfg: Config) -> dict[int, list[dict]]:
             rows.append({"impl": "gpipe_1f1b", "k": k, "m": m, "checkpoint": "never"})
             if m >= k:
                 rows.append({"impl": "torch_1f1b", "k": k, "m": m, "checkpoint": "never"})
+            if m % k == 0 and cfg.depth % (k * VIRTUAL_STAGES) == 0:  # interleaved: M in groups of K, whole chunks
+                rows += [{"impl": impl, "k": k, "m": m, "checkpoint": "never"} for impl in INTERLEAVED]
             if k >= 4 and k % DP == 0 and (cfg.batch // DP) % m == 0:  # D x K/D on the same processes
                 rows.append({"impl": "gpipe_dp", "k": k, "m": m, "checkpoint": "never", "dp": DP})
     return dict(sorted(groups.items()))

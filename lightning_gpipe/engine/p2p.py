@@ -38,9 +38,12 @@ for ever). Both sides derive that order from the same data, the schedule's actio
 4. *Failures*: a last stage whose step failed after the others began their backward sends zeros in place of every
    gradient, in backward order (``StageExecutor.drain``), then the error as its results: every posted receive is
    matched, and the others raise it.
+5. *Several chunks per rank* (interleaved 1F1B): two ranks exchange activations and gradients in both directions,
+   and these rules do not order them; `lightning_gpipe.engine.pairs` posts them in one sequence per pair of ranks
+   (:func:`~lightning_gpipe.schedule.messages.pair_orders`), with this module's headers and tags.
 
 Tags (for gloo) number each message by micro-batch, model chunk (for schedules that put several stages of the
-model on one rank; 0 today) and kind (header, activations, gradients, three per skip route). With
+model on one rank) and kind (header, activations, gradients, three per skip route). With
 ``LIGHTNING_GPIPE_ORDER_STRICT=1`` in the environment every message takes tag 0, so gloo too matches them by the
 order they were posted, as NCCL does: a send and receive posted in different orders then swap buffers or fail
 instead of passing. The test suite runs in that mode (``tests/conftest.py``), and its multi-process scenarios also

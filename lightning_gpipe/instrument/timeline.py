@@ -78,9 +78,11 @@ class Timeline:
             torch.cuda.synchronize(self._cuda)
 
 
-def theoretical_bubble(k: int, m: int) -> float:
-    """GPipe's idle fraction with equal stages and free communication: (K-1) / (M+K-1)."""
-    return (k - 1) / (m + k - 1)
+def theoretical_bubble(k: int, m: int, chunks: int = 1) -> float:
+    """The idle fraction with equal stages and free communication: GPipe's and 1F1B's (K-1) / (M+K-1); with
+    ``chunks`` v per rank (interleaved 1F1B) the fill and drain shrink to (K-1)/v: ((K-1)/v) / (M + (K-1)/v)."""
+    fill = (k - 1) / chunks
+    return fill / (m + fill)
 
 
 def makespan(events: Sequence[Event]) -> float:

@@ -43,15 +43,16 @@ class StageReport:
     host_peak_bytes: Optional[int] = None  # the process's peak resident memory so far (None where unknown)
 
 
-def summarize(reports: Sequence[StageReport], m: int, samples: int) -> dict[str, float]:
-    """Scalars for the logger: measured and theoretical bubble, per-stage compute, waits and memory."""
+def summarize(reports: Sequence[StageReport], m: int, samples: int, chunks: int = 1) -> dict[str, float]:
+    """Scalars for the logger: measured and theoretical bubble (``chunks`` of the model per rank), per-stage compute,
+    waits and memory."""
     k = len(reports)
     events = [e for r in reports for e in r.events]
     overall, per_stage = bubble(events, k)
     span = makespan(events)
     scalars = {
         "pipeline/bubble_measured": overall,
-        "pipeline/bubble_theory": theoretical_bubble(k, m),
+        "pipeline/bubble_theory": theoretical_bubble(k, m, chunks),
         "pipeline/step_s": span,
         "pipeline/samples_per_s": samples / span,
     }
@@ -80,9 +81,11 @@ class Reporter:
     def __init__(self) -> None:
         self.steps: dict[int, list[Event]] = {}
 
-    def publish(self, trainer: Any, reports: Sequence[StageReport], m: int, samples: int) -> dict[str, float]:
+    def publish(
+        self, trainer: Any, reports: Sequence[StageReport], m: int, samples: int, chunks: int = 1
+    ) -> dict[str, float]:
         step = trainer.global_step
-        scalars = summarize(reports, m, samples)
+        scalars = summarize(reports, m, samples, chunks)
         events = [e for r in reports for e in r.events]
         self.steps[step] = events
         for logger in trainer.loggers:
@@ -180,4 +183,4 @@ def publish_observed(strategy: Any, run: Any, kept: Any) -> None:
     reports = gather_pipeline(report, topology)
     if strategy.is_global_zero:
         call = run.flow.call
-        kept.reporter.publish(run.module.trainer, reports, call.n, call.samples)
+        kept.reporter.publish(run.module.trainer, reports, call.n, call.samples, strategy.config.chunks)
