@@ -85,6 +85,9 @@ def runs(tmp_path_factory) -> dict[int, dict]:
     k2 = [_bn(f"deferred_{mode}", 2, mode) for mode in MODES] + [_bn("per_microbatch", 2, "never", deferred=False)]
     one_f_one_b = _bn("deferred_1f1b", 2, "except_last")
     k2.append({**one_f_one_b, "model_class": "MeanBatchNormConvNet", "strategy": {**one_f_one_b["strategy"], "schedule": "1f1b"}})
+    interleaved = _bn("deferred_interleaved", 2, "always")  # stages: Unflatten Conv | BN ReLU | Conv BN ReLU | Flatten Linear
+    k2.append({**interleaved, "model_class": "MeanBatchNormConvNet",
+               "strategy": {**interleaved["strategy"], "schedule": "interleaved", "balance": [2, 2, 3, 2]}})
     k4 = [_bn("deferred_always", 4, "always"), _bn("deferred_except_last", 4, "except_last")]
     return {k: run_scenarios(k, scenarios, tmp_path_factory.mktemp(f"bn{k}")) for k, scenarios in ((2, k2), (4, k4))}
 
@@ -108,14 +111,16 @@ def test_training_and_statistics_equal_single_device_training(k, name, runs, ref
     assert not any(t.startswith("Deferred") for t in ranks[0]["module_types"])
 
 
-def test_deferred_statistics_under_1f1b(runs):
+@pytest.mark.parametrize("name", ["deferred_1f1b", "deferred_interleaved"])
+def test_deferred_statistics_under_per_microbatch_schedules(name, runs):
     """Under 1F1B the statistics still update once per step, from the whole batch, after its last forward, while
-    earlier micro-batches' backwards have already run."""
+    earlier micro-batches' backwards have already run. Interleaved (balance [2, 2, 3, 2]: the batch norms in stages 1
+    and 2, on ranks 1 and 0), each chunk's after that chunk's last forward."""
     reference = reference_run(clip=None, accumulate=1, model_class="MeanBatchNormConvNet", ghost=4)
-    params = full_params(runs[2]["deferred_1f1b"])
+    params = full_params(runs[2][name])
     assert int(params["body.2.num_batches_tracked"]) == 8
     assert_same_params(params, reference["params"])
-    for got, expected in zip(runs[2]["deferred_1f1b"][0]["predictions"], reference["predictions"]):
+    for got, expected in zip(runs[2][name][0]["predictions"], reference["predictions"]):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 

@@ -94,3 +94,17 @@ def test_interleaved_ranks_equal_one_device_and_pair_up(k, tmp_path):
     # per link: one header per boundary it sends across for each new key (train, then evaluation shapes)
     sent = [r[-1][0] for r in results]
     assert sum(sent) == sum(r[-1][1] for r in results) > 0
+
+
+def test_a_batch_the_schedule_cannot_order_is_refused_before_any_message():
+    """Interleaved 1F1B takes micro-batches in groups of K: a short batch splitting into 3 at K=2 is refused, with
+    the values, when its step begins (every rank alike, before it sends anything)."""
+    schedule, cpu = Interleaved1F1B("never", 2), torch.device("cpu")
+    executor = RankChunks([[nn.Linear(2, 2)], [nn.Linear(2, 2)]], 0, 2, cpu, PairedLink(0, 2, cpu, schedule), schedule)
+    with pytest.raises(ValueError, match=(
+        r"GPipeStrategy\(schedule='interleaved'\): this batch splits into 3 micro-batches: interleaved 1F1B takes"
+        r" micro-batches in groups of K: microbatches=3 is not a multiple of K=2. Every batch needs at least M rows"
+    )):  # fmt: skip
+        executor.begin(3)
+    with pytest.raises(ValueError, match="schedule 'interleaved' runs 2 chunks per rank, given 1"):
+        RankChunks([[nn.Linear(2, 2)]], 0, 2, cpu, PairedLink(0, 2, cpu, schedule), schedule)

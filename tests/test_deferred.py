@@ -79,6 +79,8 @@ def runs(tmp_path_factory) -> dict:
             # transformers skips its own initialisation on the meta device; the strategy has it run, recorded.
             scenario("gpt2", 2, 2, model={"lr": 0.0}, model_module="_hf_model", model_class="GPT2Blocks",
                      loaders="token_loaders", epochs=1),  # fmt: skip
+            {**scenario("configured_interleaved", 2, 2, model_class="MeanConfigured"),
+             "strategy": {"microbatches": 2, "schedule": "interleaved"}},
         ],
         4: [scenario("configured", 4, 3, **configured), scenario("frozen", 4, 3, model={"lr": 0.0}, **configured),
             {**scenario("configured_1f1b", 4, 4, model_class="MeanConfigured"),
@@ -100,10 +102,12 @@ def test_configure_model_builds_each_stage_only_on_its_rank(k, runs):
         assert_same_params(full_params(runs[k]["timed"], gathered=False), reference["params"])
 
 
-def test_a_model_built_deferred_trains_under_1f1b(runs):
+@pytest.mark.parametrize(("k", "name"), [(4, "configured_1f1b"), (2, "configured_interleaved")])
+def test_a_model_built_deferred_trains_under_per_microbatch_schedules(k, name, runs):
+    """1F1B at K=4; interleaved at K=2, where each rank materializes its two chunks only."""
     reference = reference_run(model_class="MeanConfigured")
-    assert_same_params(full_params(runs[4]["configured_1f1b"], gathered=False), reference["params"])
-    assert_same_logs(runs[4]["configured_1f1b"][0]["logged"], reference["logged"])
+    assert_same_params(full_params(runs[k][name], gathered=False), reference["params"])
+    assert_same_logs(runs[k][name][0]["logged"], reference["logged"])
 
 
 def test_a_model_built_deferred_stays_on_its_stages_after_the_run(runs):

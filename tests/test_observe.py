@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_gpipe.engine.executor import StageExecutor
-from lightning_gpipe.schedule import one_f_one_b
+from lightning_gpipe.schedule import interleaved_one_f_one_b, one_f_one_b
 from lightning_gpipe.engine.microbatch import merge, split
 from lightning_gpipe.instrument.timeline import Event, bubble, chrome_trace, draw_schedule, theoretical_bubble
 from lightning_gpipe.schedule.gpipe import clock_cycles
@@ -24,6 +24,7 @@ def test_bubble_of_an_equal_cost_timeline_is_gpipes(k, m):
     ]
     overall, per_stage = bubble(events, k)
     assert overall == pytest.approx(theoretical_bubble(k, m)) == pytest.approx((k - 1) / (m + k - 1))
+    assert theoretical_bubble(k, m, chunks=2) == pytest.approx((k - 1) / 2 / (m + (k - 1) / 2))
     assert per_stage == pytest.approx([overall] * k)
 
 
@@ -70,7 +71,9 @@ def observed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("observe")
     scenario = {"name": "observed", "k": 2, "strategy": {"microbatches": 4, "checkpoint": "always",
                 "observe_every_n_steps": 1}, "tensorboard": True, "trainer": {"max_steps": 3}}  # fmt: skip
-    run_scenarios(2, [scenario], folder)
+    interleaved = {**scenario, "name": "observed_interleaved", "model_class": "MeanLossClassifier",
+                   "strategy": {**scenario["strategy"], "schedule": "interleaved"}}  # fmt: skip
+    run_scenarios(2, [scenario, interleaved], folder)
     return folder / "observed"
 
 
@@ -108,6 +111,22 @@ def test_an_observed_1f1b_step_shows_its_order(observed3):
                     and e["tid"] == stage and e["args"]["step"] == step and e["cat"] in ("forward", "backward")]  # fmt: skip
             expected = [f"{a.phase.value} {a.i}" for a in one_f_one_b(3, 4, stage)]
             assert work == expected, (step, stage)
+
+
+def test_an_observed_interleaved_step_shows_its_order(observed):
+    """Observed under interleaved 1F1B (v=2), each rank runs its two chunks' forwards and backwards in the schedule's
+    order, and the theoretical bubble counts the chunks: ((K-1)/v) / (M + (K-1)/v) = 1/9."""
+    folder = observed.parent / "observed_interleaved"
+    trace = json.loads((folder / "pipeline_trace.json").read_text())["traceEvents"]
+    for step in (1, 2):
+        for rank in range(2):
+            work = [e["name"] for e in sorted(trace, key=lambda e: e.get("ts", 0)) if e["ph"] == "X"
+                    and e["tid"] == rank and e["args"]["step"] == step and e["cat"] in ("forward", "backward")]  # fmt: skip
+            assert work == [f"{a.phase.value} {a.i}" for a in interleaved_one_f_one_b(2, 4, rank, 2)], (step, rank)
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert [e.value for e in events.Scalars("pipeline/bubble_theory")] == pytest.approx([1 / 9, 1 / 9])
+    assert all(e.value > 0 for e in events.Scalars("memory/activation_bytes_peak_stage1"))
 
 
 def test_backward_starts_before_the_last_stages_results_arrive(observed3):

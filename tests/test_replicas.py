@@ -53,6 +53,8 @@ def d2k2(tmp_path_factory) -> tuple[Path, dict]:
             accumulate=1),
         {**_dp("tied", 2, 2, data={"classes": 8}), "model_class": "TiedClassifier"},  # stages 0 and 1 share a weight
         {**_dp("1f1b", 2, 2, strategy={"schedule": "1f1b"}), "model_class": "MeanStepScheduled"},
+        {**_dp("interleaved", 2, 2, strategy={"schedule": "interleaved", "microbatches": 2}),
+         "model_class": "MeanStepScheduled"},
     ]
     return out, run_scenarios(4, scenarios, out)
 
@@ -73,11 +75,12 @@ def two(d2k2, tmp_path_factory) -> dict:
     return run_scenarios(2, scenarios, tmp_path_factory.mktemp("two"))
 
 
-@pytest.mark.parametrize("name", ["whole", "tied", "1f1b"])
+@pytest.mark.parametrize("name", ["whole", "tied", "1f1b", "interleaved"])
 def test_two_replicas_of_two_stages_train_as_ddp(name, d2k2, two):
     """``tied``: a weight shared by the first and the last stage, summed over them, averaged over the replicas;
-    ``1f1b``: the 1F1B schedule, each replica's micro-batch losses scaled by their share of its samples."""
-    ranks, ddp = d2k2[1][name], two["ddp" if name == "whole" else name]
+    ``1f1b``: the 1F1B schedule, each replica's micro-batch losses scaled by their share of its samples;
+    ``interleaved``: the same with two chunks per rank (M=2: the batches of 10 and 7 in two micro-batches each)."""
+    ranks, ddp = d2k2[1][name], two[{"whole": "ddp", "interleaved": "1f1b"}.get(name, name)]
     assert_same_params(full_params(ranks), ddp[0]["params"])
     for rank, values in enumerate(ranks):  # every stage of replica r logs what DDP's rank r logs
         assert_same_logs(values["logged"], ddp[rank // 2]["logged"])

@@ -50,13 +50,17 @@ def k2(tmp_path_factory) -> tuple[Path, dict]:
         _schedule("gpipe_e1", "gpipe", epochs=1, save=True),
         _schedule("gpipe_from_1f1b", "gpipe", epochs=EPOCHS, resume_from="1f1b_e1"),
         _schedule("1f1b_from_gpipe", "1f1b", epochs=EPOCHS, resume_from="gpipe_e1"),
+        # ... nor on the chunks per rank: interleaved (M=2, four stages of two chunks per rank) from 1F1B, and back.
+        _schedule("interleaved_e1", "interleaved", m=2, epochs=1, save=True),
+        _schedule("interleaved_from_1f1b", "interleaved", m=2, epochs=EPOCHS, resume_from="1f1b_e1"),
+        _schedule("gpipe_from_interleaved", "gpipe", epochs=EPOCHS, resume_from="interleaved_e1"),
     ]
     return out, run_scenarios(2, scenarios, out)
 
 
-def _schedule(name: str, schedule: str, **extra) -> dict:
+def _schedule(name: str, schedule: str, m: int = 3, **extra) -> dict:
     """A run of ``schedule`` on a loss that is a mean over samples (as 1F1B's per-micro-batch loss needs)."""
-    return scenario(name, 2, 3, model_class="MeanLossClassifier", strategy={"microbatches": 3, "schedule": schedule},
+    return scenario(name, 2, m, model_class="MeanLossClassifier", strategy={"microbatches": m, "schedule": schedule},
                     **extra)  # fmt: skip
 
 
@@ -158,9 +162,10 @@ def mean_reference() -> dict:
     return reference_run(trainer_kwargs={"max_epochs": EPOCHS}, model_class="MeanLossClassifier")
 
 
-@pytest.mark.parametrize("name", ["gpipe_from_1f1b", "1f1b_from_gpipe"])
+@pytest.mark.parametrize("name", ["gpipe_from_1f1b", "1f1b_from_gpipe", "interleaved_from_1f1b", "gpipe_from_interleaved"])
 def test_resume_with_another_schedule(name, k2, mean_reference):
-    """A 1F1B checkpoint continues under F-then-B and the reverse, as single-device training does."""
+    """A 1F1B checkpoint continues under F-then-B and the reverse, and interleaved 1F1B's (two chunks per rank)
+    likewise, as single-device training does."""
     ranks = k2[1][name]
     assert_same_params(full_params(ranks), mean_reference["params"])
     assert_same_logs(ranks[0]["logged"], _later(mean_reference["logged"]))

@@ -32,6 +32,9 @@ def runs(tmp_path_factory) -> dict:
         scenario("validated_first", 2, 3, epochs=EPOCHS, validate_first=True, **TIED),
         scenario("sharded", 2, 3, epochs=EPOCHS, save=True, strategy=sharded, **TIED),
         scenario("grad_norm", 2, 3, epochs=1, **{**TIED, "model_class": "TiedGradNorm"}),
+        # Interleaved: rank 0 runs stages 0 and 2, rank 1 stages 1 and 3; the tie spans stages 0 and 3, so both ranks.
+        {**scenario("tied_interleaved", 2, 4, epochs=EPOCHS, **{**TIED, "model_class": "MeanTiedClassifier"}),
+         "strategy": {"microbatches": 4, "schedule": "interleaved"}},
     ], folder)  # fmt: skip
     k3 = run_scenarios(3, [
         scenario("tied", 3, 4, epochs=EPOCHS, **TIED),
@@ -40,7 +43,8 @@ def runs(tmp_path_factory) -> dict:
         {**scenario("tied_1f1b", 3, 4, epochs=EPOCHS, **{**TIED, "model_class": "MeanTiedClassifier"}),
          "strategy": {"microbatches": 4, "schedule": "1f1b"}},
     ], tmp_path_factory.mktemp("k3"))  # fmt: skip
-    return {2: k2["tied"], 3: k3["tied"], **{name: k2[name] for name in ("validated_first", "sharded", "grad_norm")},
+    return {2: k2["tied"], 3: k3["tied"],
+            **{name: k2[name] for name in ("validated_first", "sharded", "grad_norm", "tied_interleaved")},
             **{name: k3[name] for name in ("resumed", "resumed_sharded", "tied_1f1b")}}  # fmt: skip
 
 
@@ -59,11 +63,13 @@ def test_tied_weights_train_as_on_one_device(k, runs):
         assert_same_params(full_params(runs["sharded"]), reference["params"])
 
 
-def test_tied_weights_under_1f1b(runs):
-    """1F1B at K=3 (the tie spans stages 0 and 2): the tied gradient is summed once per step, as on one device."""
+@pytest.mark.parametrize("name", ["tied_1f1b", "tied_interleaved"])
+def test_tied_weights_under_per_microbatch_schedules(name, runs):
+    """1F1B at K=3 (the tie spans stages 0 and 2), interleaved 1F1B at K=2 with two chunks per rank (stages 0 and 3,
+    on ranks 0 and 1): the tied gradient is summed once per step, as on one device."""
     reference = reference_run(model_class="MeanTiedClassifier", data={"classes": 8}, trainer_kwargs={"max_epochs": EPOCHS})
-    assert_same_params(full_params(runs["tied_1f1b"]), reference["params"])
-    assert_same_logs(runs["tied_1f1b"][0]["logged"], reference["logged"])
+    assert_same_params(full_params(runs[name]), reference["params"])
+    assert_same_logs(runs[name][0]["logged"], reference["logged"])
 
 
 def test_the_checkpoint_holds_the_tied_parameter_once(runs):

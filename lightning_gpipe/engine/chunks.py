@@ -67,7 +67,7 @@ class RankChunks:
         self.layers = [layer for chunk in self.chunks for layer in chunk.layers]
         self.deferred_norms = [norm for chunk in self.chunks for norm in chunk.deferred_norms]
         self._orders: dict[tuple[int, bool], list[Action]] = {}
-        self._done: set[Action] = set()
+        self._n, self._done = 0, set[Action]()  # this step's micro-batches, and the actions that ran
 
     @property
     def is_first(self) -> bool:
@@ -95,10 +95,13 @@ class RankChunks:
         return self._orders[(n, train)]
 
     def begin(self, n: int, keys: Optional[Sequence[Hashable]] = None, train: bool = True) -> None:
+        """Start a step of ``n`` micro-batches (of input shapes ``keys``); raises, before any message, for an ``n``
+        the schedule cannot order."""
+        self.actions(n, train)
         self.link.begin(n, keys, train)
         for chunk in self.chunks:
             chunk.begin(n, keys)
-        self._done = set()
+        self._n, self._done = n, set()
 
     def forward(
         self, inputs: Optional[Sequence[Any]], n: int, train: bool, keys: Optional[Sequence[Hashable]] = None
@@ -141,7 +144,7 @@ class RankChunks:
         (:meth:`StageExecutor.drain`); the other chunks run their actions, since later stages wait for their
         outputs and send their gradients."""
         with self.random.active():
-            for action in self.actions(len(self.chunks[0]._slots)):
+            for action in self.actions(self._n):
                 if action in self._done:
                     continue
                 if self.holds_loss(action):

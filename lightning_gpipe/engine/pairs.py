@@ -4,8 +4,9 @@ order per pair of ranks (:func:`~lightning_gpipe.schedule.messages.pair_orders`)
 Each chunk's :class:`~lightning_gpipe.engine.executor.StageExecutor` talks through a :class:`ChunkLink`, which has
 :class:`~lightning_gpipe.engine.p2p.StageLink`'s methods for the chunk's stage of the model; all of a rank's chunks
 share one :class:`PairedLink`. A send is posted when its action runs, after every receive that comes before it in
-its pair's order; a receive is posted at the latest when it is taken or when an operation after it is posted (a
-receive that needs a header waits for it then: the header left before anything this rank posts next, in every run).
+its pair's order. A receive is posted as soon as everything before it in that order is, so that its data arrives
+while the rank computes; one whose shapes come in a header waits until it is taken or until an operation after it
+is posted, and reads the header then (it left before anything this rank posts next, in every run).
 Headers follow `lightning_gpipe.engine.p2p`'s rules, one :class:`~lightning_gpipe.engine.p2p.ShapeMemory` per stage
 boundary on each end; gradients are shaped like the activations this rank sent.
 """
@@ -84,6 +85,8 @@ class PairedLink:
         self._pairs = {peer: _Pair(peer, order) for peer, order in self._orders[(n, train)].items()}
         self._keys = list(keys) if keys is not None else [None] * n
         self._sent = {}
+        for pair in self._pairs.values():  # what the step starts with taking
+            self._post_ahead(pair)
 
     def chunk(self, stage: int) -> ChunkLink:
         """The link of the chunk that runs model stage ``stage``."""
@@ -105,12 +108,14 @@ class PairedLink:
         for x in xs:
             self._isend(x, peer, tag)
         pair.next += 1
+        self._post_ahead(pair)
 
     def take(self, message: Message) -> list[Optional[Tensor]]:
         """Receive ``message``: its tensors (``None`` for an output that takes no gradient)."""
         pair = self._pair(message)
         if message not in pair.received:
             self._post_until(pair, message, including=True)
+        self._post_ahead(pair)
         works, xs = pair.received.pop(message)
         for work in works:
             work.wait()
@@ -139,6 +144,18 @@ class PairedLink:
             if due == message:
                 return
         raise RuntimeError(f"rank {self.rank}: {message} is not among this step's messages with rank {pair.peer}")
+
+    def _post_ahead(self, pair: _Pair) -> None:
+        """Post the receives that come next in ``pair``'s order, up to its next send or a receive whose header has to
+        be read first, so that their data lands while this rank works."""
+        while pair.next < len(pair.order):
+            due = pair.order[pair.next]
+            if due.sender(self.k) == self.rank or (
+                due.kind is Kind.ACTIVATION and self._memory("in", due.boundary).get(self._keys[due.i]) is None
+            ):
+                return
+            pair.received[due] = self._post_receive(pair.peer, due)
+            pair.next += 1
 
     def _post_receive(self, peer: int, message: Message) -> Posted:
         source = self._global(peer)
