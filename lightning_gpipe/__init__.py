@@ -14,7 +14,18 @@ from lightning_gpipe.errors import (
 from lightning_gpipe.integration.contract import grad_norm
 from lightning_gpipe.integration.strategy import GPipeStrategy
 from lightning_gpipe.model.porting import from_torchgpipe
-from lightning_gpipe.schedule import Action, GPipe, OneFOneB, Phase, Schedule, fthenb, one_f_one_b, optimal_split
+from lightning_gpipe.schedule import (
+    Action,
+    GPipe,
+    Interleaved1F1B,
+    OneFOneB,
+    Phase,
+    Schedule,
+    fthenb,
+    interleaved_one_f_one_b,
+    one_f_one_b,
+    optimal_split,
+)
 
 __all__ = [
     "GPipeStrategy",
@@ -32,6 +43,8 @@ __all__ = [
     "GPipe",
     "OneFOneB",
     "one_f_one_b",
+    "Interleaved1F1B",
+    "interleaved_one_f_one_b",
     "fthenb",
     "optimal_split",
     "from_torchgpipe",
