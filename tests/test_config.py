@@ -50,3 +50,21 @@ def test_the_options_are_frozen_and_reach_the_strategy():
 def test_bad_options_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GPipeConfig(**kwargs)
+
+
+def test_interleaved_needs_several_stages_and_m_in_groups_of_k():
+    from lightning_gpipe.integration.build import _check_interleaved
+
+    with pytest.raises(ValueError, match=(
+        r"GPipeStrategy\(schedule='interleaved'\) spreads the model's chunks over at least 2 stages; this run has 1"
+        r" \(devices x nodes / data_parallel_size\): on one stage, train with schedule='1f1b'"
+    )):  # fmt: skip
+        _check_interleaved(1, GPipeConfig(schedule="interleaved"))
+    with pytest.raises(ValueError, match=(
+        r"GPipeStrategy\(schedule='interleaved'\): interleaved 1F1B takes micro-batches in groups of K: microbatches=6"
+        " is not a multiple of K=4"
+    )):  # fmt: skip
+        _check_interleaved(4, GPipeConfig(schedule="interleaved", microbatches=6))
+    _check_interleaved(2, GPipeConfig(schedule="interleaved", microbatches=6, virtual_stages=3))
+    assert (GPipeConfig(schedule="interleaved").chunks, GPipeConfig(schedule="interleaved", virtual_stages=3).chunks,
+            GPipeConfig(schedule="1f1b").chunks) == (2, 3, 1)  # fmt: skip

@@ -84,6 +84,21 @@ def test_routes_and_ports():
     assert stage_ports(routes, [5, 1], 0) == ([], [])
 
 
+def test_interleaved_refuses_skips_between_stages():
+    """Under interleaved 1F1B a skip must stay within one of the K*v stages (its messages are not ordered with the
+    chunks'); skips inside a stage are allowed."""
+    from lightning_gpipe.integration.build import _refuse_skips_between_chunks
+
+    routes = skip_routes(_model())
+    _refuse_skips_between_chunks(routes, [5, 1], "body")  # both skips inside stage 0
+    with pytest.raises(SkipError, match=(
+        r"GPipeStrategy\(schedule='interleaved'\) does not carry skip connections between stages, and body with"
+        r" balance \[2, 2, 2\] has some that leave or reach stages \[0, 2\]: use schedule='1f1b' \(or 'gpipe'\),"
+        " or a balance that keeps each skip within one stage"
+    )):  # fmt: skip
+        _refuse_skips_between_chunks(routes, [2, 2, 2], "body")
+
+
 @pytest.mark.parametrize(
     "layers, message",
     [
