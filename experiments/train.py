@@ -99,9 +99,11 @@ def _check_model(cfg: DictConfig, model: L.LightningModule, datamodule: L.Lightn
             " lower k or make the model deeper"
         )
     balance = cfg.strategy.get("balance")
-    if isinstance(balance, ListConfig):
+    if isinstance(balance, ListConfig):  # interleaved: K x virtual_stages stages (2 chunks per rank by default)
+        virtual = cfg.strategy.get("virtual_stages")
+        chunks = (2 if virtual is None else virtual) if cfg.strategy.get("schedule") == "interleaved" else 1
         try:
-            resolve_balance(list(balance), seq, cfg.k)
+            resolve_balance(list(balance), seq, cfg.k, chunks)
         except BalanceError as error:
             raise ConfigError(f"balance={list(balance)}: {error}") from None
 

@@ -52,6 +52,7 @@ def _compose(overrides: list[str]):
         ["strategy=single"],
         ["checkpoint=always", "balance=params", "m=3"],
         ["balance=[10,9]", "k=2"],
+        ["balance=[5,5,5,4]", "k=2", "schedule=interleaved"],
     ],
 )
 def test_every_config_instantiates(overrides, tmp_path):
@@ -203,6 +204,8 @@ def test_multirun_gives_one_run_per_value(tmp_path):
         (["balance=[1,2]"], "train.py: balance=[1, 2]: balance [1, 2] has 2 stages, but the pipeline has 4 (devices x nodes)"),
         (["k=2", "balance=[1,2]"], "train.py: balance=[1, 2]: balance [1, 2] sums to 3, but the Sequential has 19 layers"),
         (["balance=fastest"], "train.py: balance=fastest: choose one of uniform, params, time, memory or a list of layer counts"),
+        (["k=2", "schedule=interleaved", "balance=[10,9]"], "train.py: balance=[10, 9]: balance [10, 9] has 2 stages,"
+         " but the pipeline has 4 (devices x nodes x virtual_stages: 2 x 2)"),
     ],
 )  # fmt: skip
 def test_bad_input_gives_a_clear_message(args, message, tmp_path, monkeypatch):

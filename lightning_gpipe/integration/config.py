@@ -82,7 +82,6 @@ class GPipeConfig:
                 f"GPipeStrategy(gather_model={self.gather_model!r}): True, False, or None (gather a model built whole)"
             )
 
-
     @property
     def chunks(self) -> int:
         """Model chunks per rank: ``virtual_stages`` under ``schedule="interleaved"`` (2 by default), else 1."""
