@@ -64,7 +64,7 @@ from lightning_gpipe.engine.microbatch import Tensors
 from lightning_gpipe.engine.skip import Port
 
 __all__ = [
-    "StageLink", "ShapeMemory", "carries_grad", "needs_header", "MAX_SKIPS", "MAX_CHUNKS", "OBJECT_TAG", "ORDER_STRICT",
+    "Endpoint", "StageLink", "ShapeMemory", "carries_grad", "needs_header", "MAX_SKIPS", "MAX_CHUNKS", "OBJECT_TAG", "ORDER_STRICT",
     "HEADERS", "from_host",
 ]
 
@@ -128,46 +128,64 @@ class ShapeMemory:
         return len(self._specs)
 
 
-class StageLink:
-    """The sends and receives of one stage to the stage before it and the stage after it.
+class Endpoint:
+    """One rank's end of the pipeline's point-to-point messages: its sends kept until they complete, its memories of
+    the shapes sent on each stream (:class:`ShapeMemory`), and how many headers passed. Ranks are those of ``group``
+    (the pipeline's), or global ranks without one.
 
     ``headers="auto"`` sends an activation header only for a key not met before (see the module's docstring);
     ``"always"`` sends one with every micro-batch.
     """
 
+    def __init__(self, device: torch.device, group: Optional[dist.ProcessGroup] = None, headers: str = "auto") -> None:
+        if headers not in HEADERS:
+            raise ValueError(f"headers={headers!r}: choose one of {', '.join(HEADERS)}")
+        self.device, self.group = device, group
+        self._limit = ShapeMemory.LIMIT if headers == "auto" else 0
+        self._memories: dict[tuple[str, int], ShapeMemory] = {}  # per stream: ("out" | "in", its number)
+        self.headers_sent = self.headers_received = 0  # counted, for tests and reports
+        self._sends: list[tuple[dist.Work, Tensor]] = []
+
+    def _rank(self, rank: int) -> int:
+        """The global rank of ``rank`` in the group."""
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
+    def _isend(self, t: Tensor, rank: int, tag: int) -> None:
+        t = t.detach().to(self.device).contiguous()
+        # Keep each buffer until its send completes; drop those that already have.
+        self._sends = [(work, buf) for work, buf in self._sends if not work.is_completed()]
+        self._sends.append((dist.isend(t, self._rank(rank), group=self.group, tag=tag), t))
+
+    def _irecv(self, t: Tensor, rank: int, tag: int) -> dist.Work:
+        work = dist.irecv(t, self._rank(rank), group=self.group, tag=tag)
+        assert work is not None
+        return work
+
+    def _memory(self, direction: str, stream: int = -1) -> ShapeMemory:
+        if (direction, stream) not in self._memories:
+            self._memories[(direction, stream)] = ShapeMemory(self._limit)
+        return self._memories[(direction, stream)]
+
+    def flush(self) -> None:
+        """Wait until every posted send has completed, so their buffers may be freed."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+
+
+class StageLink(Endpoint):
+    """The sends and receives of one stage to the stage before it and the stage after it (and to the ends of its
+    skips); its streams are the activations (-1) and each skip route. ``headers``: see :class:`Endpoint`."""
+
     def __init__(
         self, stage: int, k: int, device: torch.device, group: Optional[dist.ProcessGroup] = None,
         headers: str = "auto",
     ) -> None:  # fmt: skip
-        if headers not in HEADERS:
-            raise ValueError(f"headers={headers!r}: choose one of {', '.join(HEADERS)}")
-        self.stage, self.k, self.device, self.group = stage, k, device, group
-        self._limit = ShapeMemory.LIMIT if headers == "auto" else 0
-        self._memories: dict[tuple[str, int], ShapeMemory] = {}  # per stream: ("out" | "in", skip route or -1)
-        self.headers_sent = self.headers_received = 0  # counted, for tests and reports
-        self._sends: list[tuple[dist.Work, Tensor]] = []
+        super().__init__(device, group, headers)
+        self.stage, self.k = stage, k
         self._headers: dict[int, tuple[dist.Work, Tensor]] = {}
         self._gradients: dict[int, tuple[list[dist.Work], list[Optional[Tensor]]]] = {}
         self._skip_gradients: dict[tuple[int, int], tuple[dist.Work, Tensor]] = {}
-
-    def _rank(self, stage: int) -> int:
-        return dist.get_global_rank(self.group, stage) if self.group is not None else stage
-
-    def _isend(self, t: Tensor, stage: int, tag: int) -> None:
-        t = t.detach().to(self.device).contiguous()
-        # Keep each buffer until its send completes; drop those that already have.
-        self._sends = [(work, buf) for work, buf in self._sends if not work.is_completed()]
-        self._sends.append((dist.isend(t, self._rank(stage), group=self.group, tag=tag), t))
-
-    def _irecv(self, t: Tensor, stage: int, tag: int) -> dist.Work:
-        work = dist.irecv(t, self._rank(stage), group=self.group, tag=tag)
-        assert work is not None
-        return work
-
-    def _memory(self, direction: str, route: int = -1) -> ShapeMemory:
-        if (direction, route) not in self._memories:
-            self._memories[(direction, route)] = ShapeMemory(self._limit)
-        return self._memories[(direction, route)]
 
     def _send_tensors(self, i: int, xs: Tensors, stage: int, key: Optional[Hashable], route: int = -1) -> None:
         """Post ``xs`` to ``stage``, after their header unless the key's shapes are remembered on both ends."""
@@ -276,12 +294,6 @@ class StageLink:
     def send_skip_gradient(self, i: int, port: Port, g: Tensor) -> None:
         """Post the send of the gradient for micro-batch ``i``'s tensor that ``port.stage`` stashed."""
         self._isend(g, port.stage, _tag(i, _skip_kind(port.route, _GRADIENT)))
-
-    def flush(self) -> None:
-        """Wait until every posted send has completed, so their buffers may be freed."""
-        for work, _ in self._sends:
-            work.wait()
-        self._sends.clear()
 
 
 def needs_header(memory: ShapeMemory, key: Optional[Hashable], xs: Tensors, what: str) -> bool:

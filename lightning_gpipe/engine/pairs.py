@@ -27,8 +27,8 @@ from lightning_gpipe.engine.p2p import (
     _GRADIENT,
     _HEADER,
     _HEADER_LEN,
-    ShapeMemory,
     Specs,
+    Endpoint,
     _carries_grad,
     _decode_header,
     _encode_header,
@@ -54,8 +54,9 @@ class _Pair:
     received: dict[Message, Posted] = field(default_factory=dict)  # posted receives, not yet taken
 
 
-class PairedLink:
-    """The messages of one rank's chunks to and from the other ranks, posted in each pair's order.
+class PairedLink(Endpoint):
+    """The messages of one rank's chunks to and from the other ranks, posted in each pair's order; its streams are
+    the stage boundaries.
 
     ``schedule`` gives every rank's actions (``stages_per_rank`` chunks each); :meth:`begin` starts a step.
     """
@@ -64,15 +65,12 @@ class PairedLink:
         self, rank: int, k: int, device: torch.device, schedule: Schedule, group: Optional[dist.ProcessGroup] = None,
         headers: str = "auto",
     ) -> None:  # fmt: skip
-        self.rank, self.k, self.device, self.group, self.schedule = rank, k, device, group, schedule
-        self._limit = ShapeMemory.LIMIT if headers == "auto" else 0
-        self._memories: dict[tuple[str, int], ShapeMemory] = {}  # per direction and stage boundary
-        self.headers_sent = self.headers_received = 0
+        super().__init__(device, group, headers)
+        self.rank, self.k, self.schedule = rank, k, schedule
         self._orders: dict[tuple[int, bool], dict[int, list[Message]]] = {}  # per (n, train): per peer
         self._pairs: dict[int, _Pair] = {}
         self._keys: list[Optional[Hashable]] = []
         self._sent: dict[tuple[int, int], Specs] = {}  # (boundary, micro-batch): activations sent, their gradients'
-        self._sends: list[tuple[dist.Work, Tensor]] = []
 
     def begin(self, n: int, keys: Optional[Sequence[Hashable]], train: bool) -> None:
         """Start a step of ``n`` micro-batches of input shapes ``keys``: training (forwards and backwards) or not."""
@@ -98,7 +96,7 @@ class PairedLink:
         self._post_until(pair, message)
         if pair.order[pair.next] != message:
             raise RuntimeError(f"rank {self.rank} sends {message}, but {pair.order[pair.next]} comes first")
-        peer, tag = self._global(pair.peer), self._tag(message)
+        peer, tag = pair.peer, self._tag(message)
         if message.kind is Kind.ACTIVATION:
             what = f"stage {message.boundary}'s output for micro-batch {message.i}"
             if needs_header(self._memory("out", message.boundary), self._keys[message.i], xs, what):
@@ -120,12 +118,6 @@ class PairedLink:
         for work in works:
             work.wait()
         return xs
-
-    def flush(self) -> None:
-        """Wait until every posted send has completed."""
-        for work, _ in self._sends:
-            work.wait()
-        self._sends.clear()
 
     def _pair(self, message: Message) -> _Pair:
         peer = message.receiver(self.k) if message.sender(self.k) == self.rank else message.sender(self.k)
@@ -158,13 +150,12 @@ class PairedLink:
             pair.next += 1
 
     def _post_receive(self, peer: int, message: Message) -> Posted:
-        source = self._global(peer)
         if message.kind is Kind.ACTIVATION:
             memory = self._memory("in", message.boundary)
             specs = memory.get(self._keys[message.i])
             if specs is None:  # its header comes first: read it now
                 header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-                dist.irecv(header, source, group=self.group, tag=self._tag(message, _HEADER)).wait()
+                self._irecv(header, peer, self._tag(message, _HEADER)).wait()
                 specs = _decode_header(header)
                 memory.put(self._keys[message.i], specs)
                 self.headers_received += 1
@@ -176,26 +167,13 @@ class PairedLink:
             for shape, dtype in specs
         ]  # fmt: skip
         tag = self._tag(message)
-        works = [dist.irecv(x, source, group=self.group, tag=tag) for x in xs if x is not None]
+        works = [self._irecv(x, peer, tag) for x in xs if x is not None]
         return works, xs  # type: ignore[return-value]
-
-    def _memory(self, direction: str, boundary: int) -> ShapeMemory:
-        if (direction, boundary) not in self._memories:
-            self._memories[(direction, boundary)] = ShapeMemory(self._limit)
-        return self._memories[(direction, boundary)]
-
-    def _global(self, rank: int) -> int:
-        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
     def _tag(self, message: Message, kind: Optional[int] = None) -> int:
         if kind is None:
             kind = _ACTIVATION if message.kind is Kind.ACTIVATION else _GRADIENT
         return _tag(message.i, kind, message.boundary // self.k)  # one boundary per chunk in each direction
-
-    def _isend(self, t: Tensor, peer: int, tag: int) -> None:
-        t = t.detach().to(self.device).contiguous()
-        self._sends = [(work, buf) for work, buf in self._sends if not work.is_completed()]
-        self._sends.append((dist.isend(t, peer, group=self.group, tag=tag), t))
 
 
 class ChunkLink:
