@@ -99,6 +99,10 @@ class StageExecutor:
     def is_last(self) -> bool:
         return self.stage == self.k - 1
 
+    def holds_loss(self, action: Action) -> bool:
+        """Whether ``action`` runs the model's last stage, whose output the loss takes."""
+        return self.is_last
+
     def run_layers(self, x: Any) -> TensorOrTensors:
         """This stage's layers applied in order, as ``nn.Sequential`` would."""
         for layer in self.layers:

@@ -64,9 +64,8 @@ def run_per_microbatch(
     outputs: list[Any] = []
     bounds: list[tuple[int, int]] = []  # each forward's logged calls, as positions in ``records``
     shares: list[float] = []  # each forward's share of the batch's samples
-    loss_chunk = executor.schedule.stages_per_rank - 1  # the rank's chunk that runs the model's last stage
     for action in executor.schedule.actions(executor.k, len(slices), executor.stage):
-        if action.phase is Phase.BACKWARD or action.chunk != loss_chunk:  # no step of the user's to run
+        if action.phase is Phase.BACKWARD or not executor.holds_loss(action):  # no step of the user's to run
             with executor.random.active():
                 if action.phase is Phase.BACKWARD:
                     executor.backward_one(action)
