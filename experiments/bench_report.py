@@ -21,6 +21,9 @@ MEMORY_GOAL, TIME_GOAL, MIN_LAYERS = 1 / 3, 1.35, 8
 LIMIT_GOAL, EMULATED_TORCH_GOAL = 0.9, 0.97
 #: Interleaved 1F1B over F-then-B at K=4, M=4 (v=2; theory 7 / 5.5 = 1.27), on the emulated device.
 INTERLEAVED_GOAL, INTERLEAVED_POINT = 1.15, (4, 4)
+#: Each schedule judged on the emulated device: this strategy's row, its goals' infix, PyTorch's matching row.
+EMULATED_SCHEDULES = (("gpipe", "", "torch_gpipe"), ("gpipe_1f1b", "_1f1b", "torch_1f1b"),
+                      ("gpipe_interleaved", "_interleaved", "torch_interleaved"))  # fmt: skip
 #: Rows of one process with every core, measured in each K group's window (``row["window"]``: that K).
 ALONE = ("single", "single_raw")
 #: Interleaved 1F1B, this strategy's and PyTorch's, with this many model chunks per rank.
@@ -116,38 +119,20 @@ def summarize(rows: list[dict], depth: int) -> dict[str, Any]:
         ],
     }
     judged = [e for e in memory if e["layers_per_stage"] >= MIN_LAYERS]
-    if summary["vs_limit"]:  # the emulated device: the schedule against its exact limit
-        summary["goals"] = {
-            "emulated_limit": _goal(
-                [e for e in summary["vs_limit"] if e["impl"] == "gpipe"],
+    if summary["vs_limit"]:  # the emulated device: each schedule against its exact limit and PyTorch's
+        summary["goals"] = {}
+        for impl, name, peer in EMULATED_SCHEDULES:
+            summary["goals"][f"emulated{name}_limit"] = _goal(
+                [e for e in summary["vs_limit"] if e["impl"] == impl],
                 lambda e: e["ratio"] >= LIMIT_GOAL,
-                f"gpipe samples per second / limit_samples_per_s >= {LIMIT_GOAL}",
-            ),
-            "emulated_vs_torch_gpipe": _goal(
-                summary["gpipe_vs_torch_gpipe"],
+                f"{impl} samples per second / limit_samples_per_s >= {LIMIT_GOAL}",
+            )
+            summary["goals"][f"emulated{name}_vs_{peer}"] = _goal(
+                summary[f"{impl}_vs_{peer}"],
                 lambda e: e["ratio"] >= EMULATED_TORCH_GOAL,
-                f"gpipe / torch_gpipe samples per second >= {EMULATED_TORCH_GOAL}",
-            ),
-            "emulated_1f1b_limit": _goal(
-                [e for e in summary["vs_limit"] if e["impl"] == "gpipe_1f1b"],
-                lambda e: e["ratio"] >= LIMIT_GOAL,
-                f"gpipe_1f1b samples per second / limit_samples_per_s >= {LIMIT_GOAL}",
-            ),
-            "emulated_1f1b_vs_torch_1f1b": _goal(
-                summary["gpipe_1f1b_vs_torch_1f1b"],
-                lambda e: e["ratio"] >= EMULATED_TORCH_GOAL,
-                f"gpipe_1f1b / torch_1f1b samples per second >= {EMULATED_TORCH_GOAL}",
-            ),
-            "emulated_interleaved_limit": _goal(
-                [e for e in summary["vs_limit"] if e["impl"] == "gpipe_interleaved"],
-                lambda e: e["ratio"] >= LIMIT_GOAL,
-                f"gpipe_interleaved samples per second / limit_samples_per_s >= {LIMIT_GOAL}",
-            ),
-            "emulated_interleaved_vs_torch_interleaved": _goal(
-                summary["gpipe_interleaved_vs_torch_interleaved"],
-                lambda e: e["ratio"] >= EMULATED_TORCH_GOAL,
-                f"gpipe_interleaved / torch_interleaved samples per second >= {EMULATED_TORCH_GOAL}",
-            ),
+                f"{impl} / {peer} samples per second >= {EMULATED_TORCH_GOAL}",
+            )
+        summary["goals"] |= {
             "emulated_interleaved_vs_gpipe": _goal(
                 [e for e in summary["gpipe_interleaved_vs_gpipe"] if (e["k"], e["m"]) == INTERLEAVED_POINT],
                 lambda e: e["ratio"] >= INTERLEAVED_GOAL,
