@@ -8,14 +8,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_gpipe.checkpointing.state import unwrapped
-from lightning_gpipe.engine.microbatch import _map, as_tuple
+from lightning_gpipe.engine.microbatch import _map, as_tuple, batch_size
 from lightning_gpipe.engine.p2p import carries_grad
 from lightning_gpipe.engine.skip import SkipTracker, use_tracker
 from lightning_gpipe.instrument.memory import ActivationMeter, optimizer_state_bytes, tensor_bytes
@@ -30,6 +30,14 @@ class LayerCosts:
     seconds: list[float]
     param_bytes: list[int]  # trainable parameters, counted once each for the weights, the gradients ...
     activation_bytes: list[int]  # ... and what autograd saves for backward for one sample micro-batch
+    forward: list[float] = field(default_factory=list)  # of ``seconds``, the forward's share (median)
+    output_bytes: list[int] = field(default_factory=list)  # what the layer returns for the sample
+    rows: int = 0  # samples in the sample micro-batch
+
+    @property
+    def backward(self) -> list[float]:
+        """Seconds of each layer's backward: the rest of ``seconds``."""
+        return [total - forward for total, forward in zip(self.seconds, self.forward)]
 
     def memory(self, optimizer_slots: float, held_microbatches: int) -> list[float]:
         """Bytes per layer: weights, gradients, ``optimizer_slots`` optimizer copies, and the activations of
@@ -51,8 +59,8 @@ def profile_layers(
     """
     if repeats < 1 or passes < 1:
         raise ValueError(f"profiling needs at least 1 repetition and 1 pass, got repeats={repeats}, passes={passes}")
-    runs: list[list[float]] = [[] for _ in layers]
-    params, activations = [], []
+    runs: list[list[tuple[float, float]]] = [[] for _ in layers]
+    params, activations, outputs = [], [], []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type), use_tracker(SkipTracker(keep=True)):
         for first_pass in [True] + [False] * (passes - 1):
@@ -67,8 +75,11 @@ def profile_layers(
                         params.append(tensor_bytes(p for p in layer.parameters() if p.requires_grad))
                     with torch.no_grad():
                         x = layer(x)
-    seconds = [statistics.median(r) for r in runs]
-    return LayerCosts(seconds, params, activations)
+                    if first_pass:
+                        outputs.append(_bytes_of(x))
+    seconds = [statistics.median(f + b for f, b in r) for r in runs]
+    forward = [statistics.median(f for f, _ in r) for r in runs]
+    return LayerCosts(seconds, params, activations, forward, outputs, batch_size(sample))
 
 
 def predicted_efficiency(stage_seconds: Sequence[float], m: int) -> float:
@@ -127,15 +138,21 @@ def _visiting(layer: nn.Module, device: torch.device) -> Iterator[None]:
                 state[name].copy_(value)
 
 
-def _forward_backward(layer: nn.Module, x: Any, device: torch.device) -> float:
+def _forward_backward(layer: nn.Module, x: Any, device: torch.device) -> tuple[float, float]:
+    """Seconds of ``layer``'s forward on ``x`` and of its backward (the output gradients made beforehand)."""
     x = _leaves(x)
     _sync(device)
     start = time.perf_counter()
     outputs = [t for t in as_tuple(layer(x)) if t.requires_grad]
-    if outputs:
-        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
     _sync(device)
-    return time.perf_counter() - start
+    middle = time.perf_counter()
+    if outputs:
+        grads = [torch.ones_like(t) for t in outputs]
+        _sync(device)
+        middle = time.perf_counter()
+        torch.autograd.backward(outputs, grads)
+    _sync(device)
+    return middle - start, time.perf_counter() - middle
 
 
 def _saved_bytes(layer: nn.Module, x: Any) -> int:
@@ -145,6 +162,12 @@ def _saved_bytes(layer: nn.Module, x: Any) -> int:
         outputs = layer(_leaves(x))
     del outputs
     return meter.stop()
+
+
+def _bytes_of(x: Any) -> int:
+    found: list[torch.Tensor] = []
+    _map(x, found.append)
+    return tensor_bytes(found)
 
 
 def _leaves(x: Any) -> Any:

@@ -36,17 +36,21 @@ class Timing:
 
 
 def simulate(
-    schedule: Schedule, k: int, m: int, forward: Costs = 1.0, backward: Costs = 2.0, send: float = 0.0
+    schedule: Schedule, k: int, m: int, forward: Costs = 1.0, backward: Costs = 2.0, send: Costs = 0.0
 ) -> Timing:
     """Run ``schedule`` for ``k`` ranks and ``m`` micro-batches on an ideal machine. A rank's forward of a
     micro-batch costs ``forward`` and its backward ``backward`` (a chunk of v per rank 1/v of that), or, given as
     sequences, stage s's (one entry per stage of the model: k*v); a re-materialized forward's backward runs its
     forward again first. A forward waits for the previous stage's forward of its micro-batch, a backward for its
-    own forward and the next stage's backward, and each waits ``send`` more for what comes from another rank.
+    own forward and the next stage's backward, and each waits ``send`` more for what comes from another rank
+    (or, as a sequence, ``send[b]`` for what crosses boundary b, between stages b and b+1, either way).
     Raises ``ValueError`` naming the stuck actions if the ranks wait on each other forever."""
     v = schedule.stages_per_rank
     stages = k * v
     forwards, backwards = _per_stage(forward, stages, v, "forward"), _per_stage(backward, stages, v, "backward")
+    sends = [send] * (stages - 1) if isinstance(send, (int, float)) else list(send)
+    if len(sends) != stages - 1:
+        raise ValueError(f"send costs for {len(sends)} boundaries, but the schedule's {stages} stages have {stages - 1}")
     orders = [schedule.actions(k, m, rank) for rank in range(k)]
     last = stages - 1
     done: dict[tuple[Phase, int, int], float] = {}  # (phase, virtual stage, micro-batch) -> end
@@ -68,7 +72,7 @@ def simulate(
                     cost = backwards[stage] + (forwards[stage] if (Phase.FORWARD, stage, action.i) in recomputed else 0.0)
                 if any(need not in done for need in needs):
                     break
-                start = max([free[r]] + [done[need] + (send if need[1] % k != r else 0.0) for need in needs])
+                start = max([free[r]] + [done[need] + (sends[min(need[1], stage)] if need[1] % k != r else 0.0) for need in needs])
                 free[r] = done[(action.phase, stage, action.i)] = start + cost
                 if action.recompute:
                     recomputed.add((Phase.FORWARD, stage, action.i))

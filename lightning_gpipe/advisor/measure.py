@@ -1,0 +1,105 @@
+"""Measuring what the cost model needs: the layers at several micro-batch sizes, the optimizer's step, and the link
+between two ranks."""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_gpipe.advisor.costs import Link, ModelProfile
+from lightning_gpipe.checkpointing.state import unwrapped
+from lightning_gpipe.engine.microbatch import _map, batch_size
+from lightning_gpipe.instrument.memory import tensor_bytes
+from lightning_gpipe.model.profile import optimizer_slots, profile_layers
+
+__all__ = ["profile_model", "optimizer_seconds_per_byte", "measure_link", "LINK_SIZES"]
+
+#: Message sizes (bytes) a link is timed at: a header's, then activations from 64 KiB to 4 MiB.
+LINK_SIZES = (64, 2**16, 2**20, 2**22)
+
+
+def profile_model(
+    layers: Sequence[nn.Module], batch: Any, sizes: Sequence[int], device: torch.device,
+    optimizers: Sequence[torch.optim.Optimizer], repeats: int = 3, passes: int = 2,
+) -> ModelProfile:  # fmt: skip
+    """Every layer measured on the first ``rows`` samples of ``batch`` (what ``self(x)`` gets for a whole batch), for
+    each ``rows`` in ``sizes``; the optimizers' slots and step time on a probe."""
+    rows = sorted(set(sizes))
+    samples = batch_size(batch)
+    if not rows or rows[0] < 1 or rows[-1] > samples:
+        raise ValueError(f"profiling at micro-batch sizes {rows} needs sizes from 1 to the batch's {samples} samples")
+    measured = tuple(
+        profile_layers(layers, _first_rows(batch, r), device, repeats=repeats, passes=passes) for r in rows
+    )
+    found: list[torch.Tensor] = []
+    _map(batch, found.append)
+    return ModelProfile(
+        samples, measured, tensor_bytes(found) / samples, optimizer_slots(optimizers),
+        optimizer_seconds_per_byte(optimizers, device),
+    )  # fmt: skip
+
+
+def optimizer_seconds_per_byte(
+    optimizers: Sequence[torch.optim.Optimizer], device: torch.device, elements: int = 2**20, repeats: int = 5
+) -> float:
+    """Seconds per byte of parameters of a step of each optimizer's class and settings, timed on a probe tensor of
+    ``elements`` floats (the median of ``repeats`` steps after one that builds the state), summed over optimizers."""
+    total = 0.0
+    for optimizer in optimizers:
+        optimizer = unwrapped(optimizer)
+        probe = torch.zeros(elements, device=device, requires_grad=True)
+        probe.grad = torch.full_like(probe, 1e-3)
+        accepted = inspect.signature(type(optimizer)).parameters
+        trial = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+        times = []
+        for _ in range(repeats + 1):
+            _sync(device)
+            start = time.perf_counter()
+            trial.step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        total += statistics.median(times[1:]) / tensor_bytes([probe])
+    return total
+
+
+def measure_link(
+    me: int, peer: int, device: torch.device, group: Optional[Any] = None, sizes: Sequence[int] = LINK_SIZES,
+    repeats: int = 8,
+) -> Optional[Link]:  # fmt: skip
+    """The one-way cost of a message between global ranks ``me`` and ``peer``, fitted to ping-pongs of ``sizes``
+    bytes (the median of ``repeats`` round trips, halved). Both ranks call it; the lower one gets the link, the other
+    None. Point-to-point, as the pipeline's own messages are."""
+    first = me < peer
+    times: list[float] = []
+    for size in sizes:
+        buffer = torch.zeros(max(size // 4, 1), dtype=torch.float32, device=device)
+        trips = []
+        for _ in range(repeats + 1):
+            _sync(device)
+            start = time.perf_counter()
+            if first:
+                dist.send(buffer, peer, group=group)
+                dist.recv(buffer, peer, group=group)
+            else:
+                dist.recv(buffer, peer, group=group)
+                dist.send(buffer, peer, group=group)
+            _sync(device)
+            trips.append(time.perf_counter() - start)
+        times.append(statistics.median(trips[1:]) / 2)
+    return Link.fit([4 * max(s // 4, 1) for s in sizes], times) if first else None
+
+
+def _first_rows(batch: Any, rows: int) -> Any:
+    return _map(batch, lambda t: t.narrow(0, 0, rows))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
