@@ -2,6 +2,7 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_gpipe.advisor.choose import AdvisorError
 from lightning_gpipe.errors import (
     AbsentLayerError,
     BalanceError,
@@ -32,6 +33,7 @@ __all__ = [
     "grad_norm",
     "BalanceError",
     "StageError",
+    "AdvisorError",
     "AbsentLayerError",
     "BufferReplayError",
     "DataMismatchError",

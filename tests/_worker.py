@@ -221,6 +221,9 @@ def _run(scenario: dict, out: Path, ops: list) -> None:
         with stage_view():
             result["parameter_count"] = len(list(model.parameters()))  # tied parameters count once
         result["logged"] = logger.records
+        result["microbatches"] = getattr(trainer.strategy, "microbatches", None)
+        advice = getattr(getattr(trainer.strategy, "_kept", None), "advice", None)
+        result["advice"] = advice.table() if advice is not None else None
         result["callback_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if scenario.get("use_after_fit"):  # the module itself, as user code after fit uses it
             try:

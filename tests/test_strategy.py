@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -78,6 +80,10 @@ K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES]
     {**_interleaved(2, 4, "except_last"), "name": "interleaved_fails", "fail_at": {"rank": 1, "batch": 1},
      "expect_error": True},
     {**_interleaved(2, 3, "never"), "name": "interleaved_m3", "expect_error": True},
+    # The advisor: these layers cost the same at any micro-batch size, so fewer micro-batches are faster.
+    {**scenario("auto", 2, 1), "strategy": {"microbatches": "auto", "checkpoint": "except_last"}},
+    {**scenario("auto_nothing_fits", 2, 1), "expect_error": True,
+     "strategy": {"microbatches": "auto", "memory_budget": "1KiB"}},
 ]
 K4 = [scenario(f"m{m}_{mode}", 4, m, mode) for m, mode in ((1, "never"), (3, "always"), (4, "except_last"))] + [
     scenario("predict_and_save", 4, 4, predict=True, save=True),
@@ -183,6 +189,31 @@ def test_interleaved_pipelines_equal_one_process(name, k2, one_f_one_b_k1, mean_
 
 def test_interleaved_over_four_ranks_equals_single_device(k4):
     _check_against_reference(k4["interleaved_m8_except_last"], reference_run(model_class="MeanLossClassifier", depth=8), 4)
+
+
+def test_auto_microbatches_choose_on_every_rank_and_train_as_the_choice_given(k2, reference):
+    """Rank 0 profiles, every rank takes its choice: M=1 here, and training is the explicit M=1 run, bit for bit."""
+    ranks = k2["auto"]
+    assert [rank["microbatches"] for rank in ranks] == [1, 1]
+    explicit = k2["m1_except_last"]
+    for got, expected in zip(ranks, explicit):
+        assert got["params"].keys() == expected["params"].keys()
+        assert all(torch.equal(got["params"][n], expected["params"][n]) for n in expected["params"]), got["params"]
+    assert ranks[0]["logged"] == explicit[0]["logged"]
+    table = ranks[0]["advice"].splitlines()
+    assert table[0].startswith("| K | M | checkpoint | schedule | balance | samples/s | step ms | bubble |")
+    assert [row.split(" | ")[1] for row in table[2:]][0] == "1"  # fastest first
+    assert table[2].endswith("| chosen: the fastest that fits |")
+    assert ranks[1]["advice"] == ranks[0]["advice"]
+
+
+def test_auto_microbatches_refuse_when_nothing_fits_on_every_rank(k2):
+    for rank in k2["auto_nothing_fits"]:
+        assert re.fullmatch(
+            r"AdvisorError: no candidate fits the memory budget of 1\.0 KiB per rank: the smallest predicted peak is"
+            r" [0-9.]+ KiB \(M=[0-9]+ except_last gpipe\)\. Raise memory_budget, use more stages, or re-materialize"
+            r" \(checkpoint='always'\)", rank["error"],
+        ), rank["error"]
 
 
 def test_interleaved_refusals(k2):

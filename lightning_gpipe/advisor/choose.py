@@ -121,9 +121,8 @@ def parse_budget(value: Union[int, float, str]) -> int:
         if found:
             number = float(found.group(1)) * _UNITS[found.group(2) or ""]
     if number is None or number <= 0:
-        raise ValueError(
-            f"memory_budget={value!r}: need a positive number of bytes, or a string such as '24GiB' (units {', '.join(u for u in _UNITS if u)})"
-        )
+        units = ", ".join(u for u in _UNITS if u)
+        raise ValueError(f"memory_budget={value!r}: need a positive number of bytes, or a string such as '24GiB' ({units})")
     return int(number)
 
 

@@ -18,12 +18,12 @@ from lightning_gpipe.engine.rng import rank_random_state, set_rank_random_state
 from lightning_gpipe.errors import BalanceError
 from lightning_gpipe.integration.logs import muted_logs
 from lightning_gpipe.integration.report import BalanceReport
-from lightning_gpipe.model.partition import resolve_balance
+from lightning_gpipe.model.partition import PROFILED_RULES, resolve_balance
 from lightning_gpipe.model.profile import optimizer_slots, profile_layers
 from lightning_gpipe.parallel.collectives import Failure
 from lightning_gpipe.patching import patched
 
-__all__ = ["profiled_balance", "sample_microbatch", "input_of_step", "untouched_random"]
+__all__ = ["profiled_balance", "sample_microbatch", "sample_input", "input_of_step", "untouched_random"]
 
 
 def profiled_balance(
@@ -63,25 +63,33 @@ def _measure(strategy: Any, seq: nn.Sequential, sample: Any, optimizers: list[Op
 
 
 def sample_microbatch(strategy: Any, module: LightningModule, fitting: bool) -> Any:
-    """The first micro-batch of what ``self(x)`` gets. When fitting: the first training batch passed through
-    the user's ``training_step`` up to ``self(x)``; otherwise ``example_input_array``.
+    """The first micro-batch of what ``self(x)`` gets (see :func:`sample_input`)."""
+    return split(sample_input(strategy, module, fitting), strategy.config.microbatches)[0]
+
+
+def sample_input(strategy: Any, module: LightningModule, fitting: bool) -> Any:
+    """What ``self(x)`` gets for a whole batch. When fitting: the first training batch passed through the user's
+    ``training_step`` up to ``self(x)``; otherwise ``example_input_array``.
 
     Random streams, including the data loaders' own generators, are left as they were, so a profiled run
     shuffles as any other does."""
-    microbatches = strategy.config.microbatches
     if not fitting:
         x = module.example_input_array
         if x is None:
+            config = strategy.config
+            asked = [f"balance={config.balance!r}"] if config.balance in PROFILED_RULES else []
+            remedies = ["the balance as a list of layer counts"] if asked else []
+            if config.microbatches == "auto":
+                asked, remedies = asked + ["microbatches='auto'"], remedies + ["microbatches as a number"]
             raise BalanceError(
-                f"GPipeStrategy(balance={strategy.config.balance!r}) profiles the layers on a sample input: set"
-                f" {type(module).__name__}.example_input_array, or pass the balance as a list of layer counts"
+                f"GPipeStrategy({', '.join(asked)}) profiles the layers on a sample input: set"
+                f" {type(module).__name__}.example_input_array, or pass {' and '.join(remedies)}"
             )
-        return split(x, microbatches)[0]
+        return x
     loaders = module.trainer.fit_loop._data_source.dataloader()
     with untouched_random(loaders, strategy.root_device):
         batch, batch_idx, _ = next(iter(CombinedLoader(loaders, "max_size_cycle")))
-        x = input_of_step(module, strategy.batch_to_device(batch), batch_idx)
-    return split(x, microbatches)[0]
+        return input_of_step(module, strategy.batch_to_device(batch), batch_idx)
 
 
 class _StepInput(BaseException):

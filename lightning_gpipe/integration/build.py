@@ -29,6 +29,7 @@ from lightning_gpipe.engine.pairs import PairedLink
 from lightning_gpipe.engine.rng import StageRandom, rank_random_state, set_rank_random_state
 from lightning_gpipe.engine.skip import skip_routes, stage_ports
 from lightning_gpipe.errors import DeferredInitError, SkipError
+from lightning_gpipe.integration.auto import AUTO, choose_microbatches
 from lightning_gpipe.integration.backward import clip_grad_by_global_norm, loss_backward, microbatch_backward
 from lightning_gpipe.integration.balancing import profiled_balance
 from lightning_gpipe.integration.config import make_schedule
@@ -166,8 +167,7 @@ def partition(
     run's objects for them (a :class:`~lightning_gpipe.integration.runtime.PipelineRun`)."""
     config, topology, device = strategy.config, strategy.topology, strategy.root_device
     k, stage, chunks = topology.k, topology.stage, config.chunks
-    schedule = make_schedule(config)
-    if chunks > 1:
+    if chunks > 1 and k == 1:
         _check_interleaved(k, config)
     optimizers: list[Optimizer] = []
     if fitting:  # a throwaway build on the whole module, before it is cut (each fit: requires_grad may change)
@@ -175,6 +175,12 @@ def partition(
         if k > 1:
             refuse_closure_optimizers(optimizers)
         kept.optimizer_layouts = optimizer_layouts(optimizers, module)
+    if config.microbatches == AUTO:  # the advisor's choice, on every rank: M (and a measured balance)
+        choose_microbatches(strategy, kept, module, seq, fitting, optimizers)
+        config = strategy.config
+    schedule = make_schedule(config)
+    if chunks > 1:
+        _check_interleaved(k, config)
     if kept.balance is None and config.balance in PROFILED_RULES:
         kept.balance, kept.balance_report = profiled_balance(strategy, module, seq, fitting, optimizers)
     elif kept.balance is None:

@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 
+from lightning_gpipe.advisor.choose import parse_budget
 from lightning_gpipe.engine.p2p import HEADERS, MAX_CHUNKS
 from lightning_gpipe.errors import BalanceError
 from lightning_gpipe.model.partition import BALANCE_RULES, Balance
@@ -24,7 +25,7 @@ STATE_DICT_TYPES = ("full", "sharded")
 class GPipeConfig:
     """What ``GPipeStrategy(...)`` was asked for; see :class:`~lightning_gpipe.GPipeStrategy` for each option."""
 
-    microbatches: int = 4
+    microbatches: Union[int, str] = 4  # or "auto"
     schedule: str = "gpipe"
     balance: Balance = "uniform"
     checkpoint: str = "except_last"
@@ -39,10 +40,23 @@ class GPipeConfig:
     weights: Optional[Union[str, Path]] = None
     headers: str = "auto"
     virtual_stages: Optional[int] = None
+    memory_budget: Union[int, float, str, None] = None
 
     def __post_init__(self) -> None:
-        if not _whole(self.microbatches) or self.microbatches < 1:
-            raise ValueError(f"GPipeStrategy(microbatches={self.microbatches!r}): need an integer of at least 1")
+        if self.microbatches != "auto" and (not _whole(self.microbatches) or self.microbatches < 1):
+            raise ValueError(
+                f"GPipeStrategy(microbatches={self.microbatches!r}): need an integer of at least 1, or 'auto'"
+            )
+        if self.memory_budget is not None:
+            if self.microbatches != "auto":
+                raise ValueError(
+                    f"GPipeStrategy(memory_budget={self.memory_budget!r}) bounds what microbatches='auto' chooses;"
+                    f" this one has microbatches={self.microbatches!r}"
+                )
+            try:
+                parse_budget(self.memory_budget)
+            except ValueError as error:
+                raise ValueError(f"GPipeStrategy: {error}") from None
         if self.schedule not in SCHEDULES:
             raise ValueError(f"GPipeStrategy(schedule={self.schedule!r}): choose one of {', '.join(SCHEDULES)}")
         if self.virtual_stages is not None and self.schedule != "interleaved":

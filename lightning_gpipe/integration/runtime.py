@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from lightning_gpipe.advisor.choose import Advice
 from lightning_gpipe.checkpointing.state import Layout
 from lightning_gpipe.engine.batchnorm import undefer
 from lightning_gpipe.engine.executor import StageExecutor
@@ -40,6 +41,7 @@ class Kept:
     weights: Any = None  # GPipeStrategy(weights=...): read once, by the first run
     balance: Optional[list[int]] = None  # layers per stage, once resolved
     balance_report: Optional[BalanceReport] = None  # a measured balance's choice
+    advice: Optional[Advice] = None  # microbatches="auto": every candidate predicted, and the choice
     stage_random: Optional[StageRandom] = None  # the stage's dropout stream: runs continue it
     ties: list[Tie] = field(default_factory=list)  # parameters that layers on different stages share
     tie_groups: dict[tuple[int, ...], Any] = field(default_factory=dict)  # process groups of tied stages

@@ -52,7 +52,10 @@ class GPipeStrategy(PipelineProcesses):
         ```
 
     Args:
-        microbatches: M, the number of micro-batches per batch (a smaller batch gives fewer).
+        microbatches: M, the number of micro-batches per batch (a smaller batch gives fewer), or ``"auto"``: the
+            fastest M predicted from the model profiled on the first batch, within ``memory_budget`` (`advisor`).
+        memory_budget: bytes per stage, or a string such as ``"24GiB"``, for ``"auto"``: by default the GPU's
+            memory, on CPU 0.8 of the machine's memory split between its processes.
         balance: layers per stage as a list, or a rule: ``"uniform"`` (by layer count), ``"params"`` (by parameter
             count), ``"time"`` (by each layer's measured forward plus backward time) or ``"memory"`` (by each layer's
             measured weights, gradients, optimizer state and saved activations). Measured rules profile on a
@@ -62,24 +65,20 @@ class GPipeStrategy(PipelineProcesses):
             soon as its forward leaves the last stage, which runs the step once per micro-batch: a loss that is a mean
             over samples, scaled by each micro-batch's share; logs and loss are sample-weighted means) or
             ``"interleaved"`` (1F1B over ``virtual_stages`` chunks per rank: a smaller bubble, M a multiple of K).
-        sequential: attribute name of the ``nn.Sequential`` to pipeline; found automatically when the module
-            has exactly one Sequential child holding all its parameters.
+        sequential: the ``nn.Sequential`` attribute to pipeline; by default the only Sequential holding all parameters.
         process_group_backend: ``torch.distributed`` backend; gloo on CPU and NCCL on GPU by default.
         timeout: how long a rank waits on a collective before giving up.
         observe_every_n_steps: every this many optimizer steps, time each stage's work and measure its memory,
             and log the bubble, compute, waits and memory, the schedule picture and a Chrome trace; 0 turns it off.
-        state_dict_type: ``"full"`` saves one ordinary Lightning checkpoint file, gathered on global rank 0;
-            ``"sharded"`` saves a folder in which every stage writes its own tensors (see
-            `lightning_gpipe.checkpointing.sharded`). Either kind resumes with any K, M and balance.
+        state_dict_type: ``"full"``: one ordinary Lightning checkpoint file, gathered on global rank 0; ``"sharded"``:
+            a folder in which every stage writes its own tensors. Either kind resumes with any K, M and balance.
         deferred_batchnorm: batch-norm layers normalize each micro-batch by its own statistics, but update their
             running statistics (and ``num_batches_tracked``) once per mini-batch, from the whole mini-batch, as
             single-device training does; without it they update once per micro-batch.
         gather_model: when a run (``fit``, ``validate``, ...) ends, move every stage's tensors to global rank 0,
-            so that the module there is the whole trained model, as after single-device training. That needs the
-            whole model's host memory on global rank 0; with ``False`` every rank keeps only its stage, and the
-            module cannot be used in another run. By default (``None``) it gathers a model built whole (global
-            rank 0 held it all before the run anyway) and not one built deferred (``configure_model``,
-            ``trainer.init_module()``), which may not fit one host.
+            so that the module there is the whole trained model (which needs its host memory there); with ``False``
+            every rank keeps only its stage, and the module cannot be used in another run. By default (``None``) it
+            gathers a model built whole (rank 0 held it all anyway), not one built deferred (``configure_model``).
         data_parallel_size: D, the replicas of the pipeline; K = (devices x num_nodes) / D.
         weights: start the first run from these weights (fine-tuning): a Lightning checkpoint, a sharded
             checkpoint folder or a ``torch.save``'d state dict, a file you trust. Each rank reads only its own
@@ -93,7 +92,7 @@ class GPipeStrategy(PipelineProcesses):
 
     def __init__(
         self,
-        microbatches: int = 4,
+        microbatches: Union[int, str] = 4,
         balance: Balance = "uniform",
         checkpoint: str = "except_last",
         schedule: str = "gpipe",
@@ -113,11 +112,12 @@ class GPipeStrategy(PipelineProcesses):
         weights: Optional[Union[str, Path]] = None,
         headers: str = "auto",
         virtual_stages: Optional[int] = None,
+        memory_budget: Union[int, float, str, None] = None,
     ) -> None:
         config = GPipeConfig(
             microbatches, schedule, balance, checkpoint, sequential, process_group_backend, timeout,
             observe_every_n_steps, state_dict_type, deferred_batchnorm, gather_model, data_parallel_size, weights,
-            headers, virtual_stages,
+            headers, virtual_stages, memory_budget,
         )  # fmt: skip
         super().__init__(
             config, accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
@@ -127,8 +127,8 @@ class GPipeStrategy(PipelineProcesses):
         self._run: Optional[PipelineRun] = None  # one run's objects, from setup to teardown
 
     @property
-    def microbatches(self) -> int:
-        """M, the micro-batches per batch."""
+    def microbatches(self) -> Union[int, str]:
+        """M, the micro-batches per batch (``"auto"`` until the first run has chosen)."""
         return self.config.microbatches
 
     @property
