@@ -35,6 +35,7 @@ import lightning as L
 from lightning.pytorch.loggers import Logger
 
 from experiments.bench_report import ALONE, VIRTUAL_STAGES
+from experiments.models.emulated import EmulatedBlock
 from lightning_gpipe import GPipeStrategy
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import merge, split
@@ -60,36 +61,6 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.relu(self.linear(x))  # (B, width)
-
-
-class _Wait(torch.autograd.Function):
-    """Emulated compute: a timed wait that holds no CPU, ``seconds_per_row`` per row of the input forward and
-    twice that backward, so a recomputed forward costs one forward again."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, seconds_per_row: float) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.backward_s = 2 * seconds_per_row * x.shape[0]
-        time.sleep(seconds_per_row * x.shape[0])
-        return x * weight
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, weight = ctx.saved_tensors
-        time.sleep(ctx.backward_s)
-        return grad * weight, (grad * x).sum(0), None
-
-
-class EmulatedBlock(nn.Module):
-    """A block of known cost on an emulated device: ``x * weight`` after a timed wait (see :class:`_Wait`)."""
-
-    def __init__(self, width: int, seconds_per_row: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(width))
-        self.seconds_per_row = seconds_per_row
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _Wait.apply(x, self.weight, self.seconds_per_row)  # (B, width)
 
 
 def build_net(width: int, depth: int, seconds_per_row: float = 0.0) -> nn.Sequential:

@@ -10,6 +10,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, ListConfig, read_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `experiments.*` targets import
@@ -42,7 +43,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if logger:
         # The HParams view pairs the run's settings with its final metrics.
         final = {f"hp/{key}": value for key, value in metrics.items() if key.startswith("val/")}
-        logger.log_hyperparams(hparams(cfg), final)
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams(cfg), final)
+        else:
+            logger.log_hyperparams(hparams(cfg))
         if trainer.is_global_zero:
             print(f"Logs: {logger.log_dir}\nView them with: tensorboard --logdir {Path(logger.log_dir).parent}")
     return metrics
@@ -70,8 +74,10 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
 def _check(cfg: DictConfig) -> None:
     """What the config alone shows to be wrong, before anything is built."""
     for key in ("k", "m", "dp"):
+        if key == "m" and cfg.m == "auto":
+            continue
         if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]!r}: need a whole number of at least 1")
+            raise ConfigError(f"{key}={cfg[key]!r}: need a whole number of at least 1" + (", or auto" if key == "m" else ""))
     balance = cfg.strategy.get("balance") if isinstance(cfg.strategy, DictConfig) else None
     if isinstance(balance, str) and balance not in BALANCE_RULES:
         raise ConfigError(f"balance={balance}: choose one of {', '.join(BALANCE_RULES)} or a list of layer counts")

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.bench_report import k_cell  # noqa: E402
-from experiments.bench_worker import EmulatedBlock, limit_step_s  # noqa: E402
+from experiments.bench_worker import limit_step_s  # noqa: E402
+from experiments.models.emulated import EmulatedBlock  # noqa: E402
 from experiments.benchmark import BenchmarkError, parse, plan  # noqa: E402
 
 # The --quick preset (K=2, M in {1, 4}, a 16-block MLP of width 256, batch 128), with two short rounds: the
