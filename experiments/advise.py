@@ -1,0 +1,248 @@
+"""Advise K, M, re-materialization and schedule for a model on this machine, by measurement:
+``python experiments/advise.py model=transformer data=text k=2 [verify=true]`` (the configs of ``train.py``).
+
+Profiles the model's layers on its first batch at every candidate's micro-batch size, times the link between two
+processes, predicts every candidate (``lightning_gpipe.advisor``) and prints them as a table with the choice. With
+``verify=true`` it then trains the top candidates (or the M of ``verify_m``) with ``train.py`` for a few steps each
+and prints measured beside predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import lightning as L
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `experiments.*` targets import
+
+from experiments.processes import free_port, without_rendezvous  # noqa: E402
+from lightning.pytorch.core.optimizer import _configure_optimizers  # noqa: E402
+from lightning_gpipe.advisor import Advice, Candidate, Link, Prediction, advise, candidate_balance, microbatch_choices  # noqa: E402
+from lightning_gpipe.advisor.choose import format_bytes  # noqa: E402
+from lightning_gpipe.advisor.measure import measure_link, profile_model  # noqa: E402
+from lightning_gpipe.integration.auto import memory_budget  # noqa: E402
+from lightning_gpipe.integration.balancing import input_of_step  # noqa: E402
+from lightning_gpipe.model.partition import PROFILED_RULES, BalanceError, find_sequential, resolve_balance  # noqa: E402
+
+TRAIN = Path(__file__).resolve().parent / "train.py"
+#: What advise.py reads itself and does not pass on to train.py.
+OWN_KEYS = ("verify", "top", "verify_m", "verify_steps", "checkpoints", "schedules", "rows")
+
+
+@dataclass
+class Measured:
+    """One verified run: median samples/s of its timed steps, and its observed step's bubble and peak memory."""
+
+    label: str
+    samples_per_s: float
+    bubble: Optional[float]
+    peak_bytes: Optional[float]  # the largest stage's weights, gradients, optimizer state and saved activations
+
+
+def run(cfg: DictConfig, overrides: list[str], out: Path) -> Advice:
+    """Profile, predict, print; with ``cfg.verify``, train and measure."""
+    k = cfg.k
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // (k * cfg.dp)))  # a rank's share, as train.py
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    model = hydra.utils.instantiate(cfg.model)
+    x = input_of_step(model, batch, 0)
+    _, seq = find_sequential(model)
+    device = torch.device("cuda", 0) if cfg.trainer.accelerator in ("gpu", "cuda") else torch.device("cpu")
+    candidates, notes = _candidates(cfg, seq, x)
+    batch_rows = len(x) if isinstance(x, torch.Tensor) else x[0].shape[0]
+    sizes = sorted({math.ceil(batch_rows / c.m) for c in candidates})
+    optimizers = _configure_optimizers(model.configure_optimizers())[0]
+    profile = profile_model(list(seq._modules.values()), x, sizes, device, optimizers)
+    candidates = [c if c.balance else _with_balance(c, cfg, profile, k) for c in candidates]
+    link = _measure_link(device) if k > 1 else Link()
+    budget = memory_budget(cfg.get("memory_budget"), device, k * cfg.dp)
+    advice = advise(profile, k, candidates, budget, link)
+    print(f"Link: {link.latency_s * 1e3:.3f} ms + {link.per_byte_s * 2**20 * 1e3:.3f} ms/MiB per message.")
+    for note in notes:
+        print(note)
+    print(advice.table(cfg.rows))
+    chosen = advice.chosen
+    print(f"\nRecommended: python experiments/train.py {' '.join(_train_overrides(overrides, chosen.candidate))}")
+    if cfg.verify:
+        _verify(cfg, advice, overrides, out)
+    return advice
+
+
+def _candidates(cfg: DictConfig, seq: torch.nn.Sequential, x: Any) -> tuple[list[Candidate], list[str]]:
+    """Every (schedule, checkpoint, M) asked for that this K and model can run, with a fixed balance or none yet."""
+    k, rule = cfg.k, cfg.balance
+    rows = len(x) if isinstance(x, torch.Tensor) else x[0].shape[0]
+    found, notes = [], []
+    for schedule in cfg.schedules:
+        chunks = (cfg.virtual_stages or 2) if schedule == "interleaved" else 1
+        if schedule == "interleaved" and k == 1:
+            notes.append("interleaved: not with K=1")
+            continue
+        try:
+            fixed = () if rule in PROFILED_RULES else tuple(resolve_balance(_rule(rule), seq, k, chunks))
+        except BalanceError as error:
+            notes.append(f"{schedule}: {error}")
+            continue
+        for m in microbatch_choices(rows, k, chunks):
+            found += [Candidate(m, checkpoint, schedule, fixed, chunks) for checkpoint in cfg.checkpoints]
+    return found, notes
+
+
+def _rule(rule: Any) -> Any:
+    return list(rule) if isinstance(rule, ListConfig) else rule
+
+
+def _with_balance(candidate: Candidate, cfg: DictConfig, profile: Any, k: int) -> Candidate:
+    balance = candidate_balance(cfg.balance, profile, candidate.m, candidate.checkpoint, k * candidate.chunks)
+    return Candidate(candidate.m, candidate.checkpoint, candidate.schedule, balance, candidate.chunks)
+
+
+def _measure_link(device: torch.device) -> Link:
+    """The one-way cost of a message between two fresh processes (gloo on CPU, NCCL between two GPUs)."""
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        raise SystemExit("advise.py: timing the link between stages needs two GPUs; this machine has one")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    workers = [context.Process(target=_link_worker, args=(r, port, device.type, queue)) for r in range(2)]
+    for w in workers:
+        w.start()
+    link = queue.get(timeout=120)
+    for w in workers:
+        w.join(timeout=30)
+    return link
+
+
+def _link_worker(rank: int, port: int, device_type: str, queue: Any) -> None:
+    torch.set_num_threads(1)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    try:
+        link = measure_link(rank, 1 - rank, device)
+        if link is not None:
+            queue.put(link)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_overrides(overrides: list[str], candidate: Candidate) -> list[str]:
+    """The user's overrides, less advise.py's own, with the candidate's settings."""
+    chosen = {"m": candidate.m, "checkpoint": candidate.checkpoint, "schedule": candidate.schedule,
+              "balance": "[" + ",".join(map(str, candidate.balance)) + "]"}  # fmt: skip
+    if candidate.chunks > 1:
+        chosen["virtual_stages"] = candidate.chunks
+    return _without(overrides, tuple(chosen)) + [f"{key}={value}" for key, value in chosen.items()]
+
+
+def _without(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
+    """``overrides`` less advise.py's own keys and ``keys``."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in (*OWN_KEYS, *keys)]
+
+
+def _verify(cfg: DictConfig, advice: Advice, overrides: list[str], out: Path) -> None:
+    """Train each candidate to check (the top fitting ones, or the config's at ``verify_m``) and print measured
+    beside predicted."""
+    rows = []
+    if cfg.verify_m:
+        for m in cfg.verify_m:
+            matches = [p for p in advice.predictions if p.candidate.m == m and _is_configured(p.candidate, cfg)]
+            runs = [*_without(overrides, ("m",)), "m=auto"] if m == "auto" else None
+            rows.append((matches[0] if matches else None, runs))
+    else:
+        rows = [(p, None) for p in advice.fitting[: cfg.top]]
+    print(f"\nVerifying {len(rows)} configurations, {cfg.verify_steps} steps each:")
+    lines = ["| configuration | predicted samples/s | measured | measured / predicted | bubble predicted |"
+             " measured | peak per stage predicted | measured |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for i, (prediction, extra) in enumerate(rows):
+        settings = _train_overrides(overrides, prediction.candidate) if extra is None else extra
+        label = prediction.candidate.label if extra is None else f"m=auto {cfg.checkpoint} {cfg.schedule}"
+        measured = _train(cfg, settings, out / f"verify_{i}", label)
+        lines.append(_compare(prediction if extra is None else None, measured))
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+def _is_configured(candidate: Candidate, cfg: DictConfig) -> bool:
+    return candidate.checkpoint == cfg.checkpoint and candidate.schedule == cfg.schedule
+
+
+def _train(cfg: DictConfig, settings: list[str], folder: Path, label: str) -> Measured:
+    steps = cfg.verify_steps
+    command = [
+        sys.executable, str(TRAIN), *settings, f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false", f"observe_every_n_steps={steps - 1}", "~callbacks.model_checkpoint",
+        "logger=csv", f"hydra.run.dir={folder}",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=without_rendezvous(), capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise SystemExit(f"advise.py: verifying {label} failed:\n{done.stderr[-4000:]}")
+    return _read(folder / "csv" / "metrics.csv", label, steps)
+
+
+def _read(path: Path, label: str, steps: int) -> Measured:
+    """Median samples/s over the steps after the first quarter, less the observed one; its bubble and memory."""
+    with open(path) as f:
+        records = list(csv.DictReader(f))
+    speeds, bubble, peak = [], None, None
+    for record in records:
+        step = int(record["step"])
+        if record.get("pipeline/bubble_measured"):
+            bubble = float(record["pipeline/bubble_measured"])
+            peak = max(_stage_peak(record, j) for j in range(_stages(record)))
+        elif record.get("train/samples_per_s") and steps // 4 <= step < steps - 1:
+            speeds.append(float(record["train/samples_per_s"]))
+    return Measured(label, statistics.median(speeds), bubble, peak)
+
+
+def _stages(record: dict[str, str]) -> int:
+    return sum(1 for key in record if key.startswith("memory/param_bytes_stage") and record[key])
+
+
+def _stage_peak(record: dict[str, str], j: int) -> float:
+    value = lambda name: float(record[f"memory/{name}_stage{j}"])  # noqa: E731
+    return 2 * value("param_bytes") + value("optimizer_bytes") + value("activation_bytes_peak")
+
+
+def _compare(prediction: Optional[Prediction], measured: Measured) -> str:
+    def show(x: Optional[float], fmt: str) -> str:
+        return "" if x is None else format(x, fmt)
+
+    predicted = prediction.samples_per_s if prediction else None
+    ratio = measured.samples_per_s / predicted if predicted else None
+    return (
+        f"| {measured.label} | {show(predicted, '.1f')} | {measured.samples_per_s:.1f} | {show(ratio, '.2f')} |"
+        f" {show(prediction.bubble if prediction else None, '.2f')} | {show(measured.bubble, '.2f')} |"
+        f" {format_bytes(prediction.peak) if prediction else ''} |"
+        f" {format_bytes(measured.peak_bytes) if measured.peak_bytes else ''} |"
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="advise")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")]
+    run(cfg, overrides, Path(hydra_cfg.runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
