@@ -69,7 +69,7 @@ def run(cfg: DictConfig, overrides: list[str], out: Path) -> Advice:
     batch_rows = len(x) if isinstance(x, torch.Tensor) else x[0].shape[0]
     sizes = sorted({math.ceil(batch_rows / c.m) for c in candidates})
     optimizers = _configure_optimizers(model.configure_optimizers())[0]
-    profile = profile_model(list(seq._modules.values()), x, sizes, device, optimizers)
+    profile = profile_model(list(seq._modules.values()), x, sizes, device, optimizers, list(cfg.checkpoints))
     candidates = [c if c.balance else _with_balance(c, cfg, profile, k) for c in candidates]
     link = _measure_link(device) if k > 1 else Link()
     budget = memory_budget(cfg.get("memory_budget"), device, k * cfg.dp)

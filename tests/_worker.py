@@ -157,6 +157,7 @@ def _run(scenario: dict, out: Path, ops: list) -> None:
             from lightning.pytorch.loggers import TensorBoardLogger
 
             loggers.append(TensorBoardLogger(save_dir=out, name=scenario["name"], version=""))
+            result["tensorboard"] = str(out / scenario["name"])
         trainer = trainer_for(scenario, strategy, loggers)
         if model is None:  # built as Lightning suggests for large models: under the strategy's init context
             result["random_before_build"] = torch.get_rng_state()

@@ -20,6 +20,7 @@ from conftest import (
     scenario,
 )
 from lightning.pytorch.plugins.precision import MixedPrecision
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gpipe import GPipeStrategy
 from lightning_gpipe.engine.microbatch import split_sizes
@@ -81,7 +82,7 @@ K2 = [scenario(f"m{m}_{mode}", 2, m, mode) for m in (1, 3, 4) for mode in MODES]
      "expect_error": True},
     {**_interleaved(2, 3, "never"), "name": "interleaved_m3", "expect_error": True},
     # The advisor: these layers cost the same at any micro-batch size, so fewer micro-batches are faster.
-    {**scenario("auto", 2, 1), "strategy": {"microbatches": "auto", "checkpoint": "except_last"}},
+    {**scenario("auto", 2, 1), "strategy": {"microbatches": "auto", "checkpoint": "except_last"}, "tensorboard": True},
     {**scenario("auto_nothing_fits", 2, 1), "expect_error": True,
      "strategy": {"microbatches": "auto", "memory_budget": "1KiB"}},
 ]
@@ -205,6 +206,12 @@ def test_auto_microbatches_choose_on_every_rank_and_train_as_the_choice_given(k2
     assert [row.split(" | ")[1] for row in table[2:]][0] == "1"  # fastest first
     assert table[2].endswith("| chosen: the fastest that fits |")
     assert ranks[1]["advice"] == ranks[0]["advice"]
+    events = EventAccumulator(ranks[0]["tensorboard"])
+    events.Reload()
+    (text,) = events.Tensors("pipeline/advisor/text_summary")
+    assert text.tensor_proto.string_val[0].decode().startswith(
+        "microbatches='auto' chose M=1: predicted "
+    ) and table[2] in text.tensor_proto.string_val[0].decode()
 
 
 def test_auto_microbatches_refuse_when_nothing_fits_on_every_rank(k2):

@@ -4,8 +4,8 @@ bubble and peak memory per rank. Pure arithmetic over :func:`~lightning_gpipe.sc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from lightning_gpipe.model.partition import stage_layers
 from lightning_gpipe.model.profile import LayerCosts
@@ -49,6 +49,8 @@ class ModelProfile:
     input_bytes_per_row: float  # the model's input, which the first stage keeps under re-materialization
     optimizer_slots: float  # parameter-sized optimizer tensors (Adam 2, SGD with momentum 1, SGD 0)
     optimizer_s_per_byte: float = 0.0  # the optimizer step's time per byte of parameters
+    # What the stage executor adds to each forward and each backward beyond the layers, per re-materialization mode.
+    action_s: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.measured:
@@ -128,7 +130,7 @@ def predict(profile: ModelProfile, candidate: Candidate, k: int, link: Link = Li
     """The step time, bubble and per-rank peak memory of ``candidate`` on ``k`` ranks.
 
     Every micro-batch is costed at the largest one's size (``ceil(batch / M)`` rows); each stage's forward and
-    backward are its layers' measured times at that size; a message across boundary b carries the output of the last
+    backward are its layers' measured times at that size, plus the executor's own time per action; a message across boundary b carries the output of the last
     layer before it, at the link's measured cost; the schedule runs them on :func:`simulate`'s ideal machine."""
     stages = k * candidate.chunks
     balance = list(candidate.balance)
@@ -144,15 +146,14 @@ def predict(profile: ModelProfile, candidate: Candidate, k: int, link: Link = Li
     outputs = profile.per_row("output_bytes")
     sends = [link.cost(outputs[stage_layers(balance, b)[-1]] * rows) for b in range(stages - 1)]
     schedule = candidate.make_schedule()
+    extra = profile.action_s.get(candidate.checkpoint, 0.0)
     timing = simulate(
-        schedule, k, n, [stage_sum(forward, s) for s in range(stages)], [stage_sum(backward, s) for s in range(stages)],
-        sends,
+        schedule, k, n, [stage_sum(forward, s) + extra for s in range(stages)],
+        [stage_sum(backward, s) + extra for s in range(stages)], sends,
     )  # fmt: skip
-    state = [
-        sum(stage_sum(profile.param_bytes, c * k + r) for c in range(candidate.chunks)) * (2 + profile.optimizer_slots)
-        for r in range(k)
-    ]
-    step = timing.makespan + max(state) / (2 + profile.optimizer_slots) * profile.optimizer_s_per_byte
+    params = [sum(stage_sum(profile.param_bytes, c * k + r) for c in range(candidate.chunks)) for r in range(k)]
+    state = [p * (2 + profile.optimizer_slots) for p in params]  # weights, gradients, optimizer state
+    step = timing.makespan + max(params) * profile.optimizer_s_per_byte
     activations = peak_activations(profile, candidate, k, n, rows)
     peaks = tuple(s + a for s, a in zip(state, activations))
     return Prediction(candidate, step, profile.batch / step, timing.bubble, peaks, tuple(state))

@@ -15,11 +15,13 @@ from torch import nn
 
 from lightning_gpipe.advisor.costs import Link, ModelProfile
 from lightning_gpipe.checkpointing.state import unwrapped
-from lightning_gpipe.engine.microbatch import _map, batch_size
+from lightning_gpipe.engine.executor import StageExecutor
+from lightning_gpipe.engine.microbatch import _map, batch_size, split
 from lightning_gpipe.instrument.memory import tensor_bytes
 from lightning_gpipe.model.profile import optimizer_slots, profile_layers
+from lightning_gpipe.schedule import GPipe
 
-__all__ = ["profile_model", "optimizer_seconds_per_byte", "measure_link", "LINK_SIZES"]
+__all__ = ["profile_model", "optimizer_seconds_per_byte", "measure_link", "action_overhead", "LINK_SIZES"]
 
 #: Message sizes (bytes) a link is timed at: a header's, then activations from 64 KiB to 4 MiB.
 LINK_SIZES = (64, 2**16, 2**20, 2**22)
@@ -27,10 +29,11 @@ LINK_SIZES = (64, 2**16, 2**20, 2**22)
 
 def profile_model(
     layers: Sequence[nn.Module], batch: Any, sizes: Sequence[int], device: torch.device,
-    optimizers: Sequence[torch.optim.Optimizer], repeats: int = 3, passes: int = 2,
+    optimizers: Sequence[torch.optim.Optimizer], checkpoints: Sequence[str] = (), repeats: int = 3, passes: int = 2,
 ) -> ModelProfile:  # fmt: skip
     """Every layer measured on the first ``rows`` samples of ``batch`` (what ``self(x)`` gets for a whole batch), for
-    each ``rows`` in ``sizes``; the optimizers' slots and step time on a probe."""
+    each ``rows`` in ``sizes``; the optimizers' slots and step time on a probe; the executor's time per action
+    under each re-materialization mode of ``checkpoints``."""
     rows = sorted(set(sizes))
     samples = batch_size(batch)
     if not rows or rows[0] < 1 or rows[-1] > samples:
@@ -42,7 +45,7 @@ def profile_model(
     _map(batch, found.append)
     return ModelProfile(
         samples, measured, tensor_bytes(found) / samples, optimizer_slots(optimizers),
-        optimizer_seconds_per_byte(optimizers, device),
+        optimizer_seconds_per_byte(optimizers, device), {mode: action_overhead(device, mode) for mode in checkpoints},
     )  # fmt: skip
 
 
@@ -94,6 +97,36 @@ def measure_link(
             trips.append(time.perf_counter() - start)
         times.append(statistics.median(trips[1:]) / 2)
     return Link.fit([4 * max(s // 4, 1) for s in sizes], times) if first else None
+
+
+def action_overhead(device: torch.device, checkpoint: str, n: int = 16, repeats: int = 5) -> float:
+    """Seconds the stage executor adds to each forward and each backward action, beyond the layers' own time:
+    a one-stage executor over a small layer runs ``n`` one-row micro-batches, against the same layer called ``n``
+    times by plain autograd (medians of ``repeats`` after a warm-up; never below 0)."""
+    layer = nn.Linear(4, 4).to(device)
+    x = torch.randn(n, 4, device=device)
+    executor = StageExecutor([layer], 0, 1, device, None, checkpoint, schedule=GPipe(checkpoint))
+
+    def pipelined() -> None:
+        outputs = executor.forward(split(x, n), n, train=True)
+        assert outputs is not None
+        torch.autograd.backward(list(outputs), [torch.ones_like(y) for y in outputs])  # type: ignore[arg-type]
+        executor.backward()
+
+    def plain() -> None:
+        for row in x.split(1):
+            layer(row).sum().backward()
+
+    timed = {fn: [] for fn in (pipelined, plain)}
+    for _ in range(repeats + 1):
+        for fn, times in timed.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    extra = statistics.median(timed[pipelined][1:]) - statistics.median(timed[plain][1:])
+    return max(extra, 0.0) / (2 * n)
 
 
 def _first_rows(batch: Any, rows: int) -> Any:

@@ -45,7 +45,9 @@ def choose_microbatches(
     when nothing fits."""
     config, topology = strategy.config, strategy.topology
     k, chunks = topology.k, config.chunks
-    fixed = None if config.balance in PROFILED_RULES else resolve_balance(config.balance, seq, k, chunks)
+    measured = config.balance in PROFILED_RULES  # split again for each candidate; else the same for all
+    checked = resolve_balance("uniform" if measured else config.balance, seq, k, chunks)  # on every rank alike
+    fixed = None if measured else checked
     x = sample_input(strategy, module, fitting)  # every rank draws it, as the data loaders would
     link = _link(strategy) if k > 1 else Link()
     outcome: Union[_Choice, Failure, None] = None
@@ -91,7 +93,9 @@ def _choose(
         )
     sizes = [math.ceil(batch / m) for m in choices]
     with strategy.precision_plugin.train_step_context():  # autocast, as in training
-        profile = profile_model(list(seq._modules.values()), x, sizes, strategy.root_device, optimizers)
+        profile = profile_model(
+            list(seq._modules.values()), x, sizes, strategy.root_device, optimizers, [config.checkpoint]
+        )
     rule = config.balance if fixed is None else fixed
     candidates = [
         Candidate(m, config.checkpoint, config.schedule, candidate_balance(rule, profile, m, config.checkpoint, k * chunks), chunks)
