@@ -10,12 +10,14 @@ and prints measured beside predicted.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +35,7 @@ from lightning.pytorch.core.optimizer import _configure_optimizers  # noqa: E402
 from lightning_gpipe.advisor import Advice, Candidate, Link, Prediction, advise, candidate_balance, microbatch_choices  # noqa: E402
 from lightning_gpipe.advisor.choose import format_bytes  # noqa: E402
 from lightning_gpipe.advisor.measure import measure_link, profile_model  # noqa: E402
+from lightning_gpipe.engine.microbatch import batch_size  # noqa: E402
 from lightning_gpipe.integration.auto import memory_budget  # noqa: E402
 from lightning_gpipe.integration.balancing import input_of_step  # noqa: E402
 from lightning_gpipe.model.partition import PROFILED_RULES, BalanceError, find_sequential, resolve_balance  # noqa: E402
@@ -66,15 +69,18 @@ def run(cfg: DictConfig, overrides: list[str], out: Path) -> Advice:
     _, seq = find_sequential(model)
     device = torch.device("cuda", 0) if cfg.trainer.accelerator in ("gpu", "cuda") else torch.device("cpu")
     candidates, notes = _candidates(cfg, seq, x)
-    batch_rows = len(x) if isinstance(x, torch.Tensor) else x[0].shape[0]
+    batch_rows = batch_size(x)
     sizes = sorted({math.ceil(batch_rows / c.m) for c in candidates})
     optimizers = _configure_optimizers(model.configure_optimizers())[0]
     profile = profile_model(list(seq._modules.values()), x, sizes, device, optimizers, list(cfg.checkpoints))
-    candidates = [c if c.balance else _with_balance(c, cfg, profile, k) for c in candidates]
     link = _measure_link(device) if k > 1 else Link()
+    profile = dataclasses.replace(profile, step_s=lightning_step_overhead())
+    candidates = [c if c.balance else _with_balance(c, cfg, profile, k) for c in candidates]
     budget = memory_budget(cfg.get("memory_budget"), device, k * cfg.dp)
     advice = advise(profile, k, candidates, budget, link)
-    print(f"Link: {link.latency_s * 1e3:.3f} ms + {link.per_byte_s * 2**20 * 1e3:.3f} ms/MiB per message.")
+    overheads = ", ".join(f"{mode} {t * 1e3:.2f} ms" for mode, t in profile.action_s.items())
+    print(f"Link: {link.latency_s * 1e3:.3f} ms + {link.per_byte_s * 2**20 * 1e3:.3f} ms/MiB per message. Fixed"
+          f" cost per step: {profile.step_s * 1e3:.1f} ms; per action: {overheads}.")
     for note in notes:
         print(note)
     print(advice.table(cfg.rows))
@@ -85,10 +91,55 @@ def run(cfg: DictConfig, overrides: list[str], out: Path) -> Advice:
     return advice
 
 
+class _Tiny(L.LightningModule):
+    """One small layer whose step logs its loss, as a user's does: what Lightning's loop costs per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 4)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.layer(batch).square().mean()
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class _StepClock(L.Callback):
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def lightning_step_overhead(steps: int = 40) -> float:
+    """Seconds Lightning's training loop adds to a step (hooks, logging, the optimizer's closure): a one-process
+    ``Trainer.fit`` of a one-layer module against the same steps in a plain loop (medians over the last 3/4)."""
+    data = [torch.randn(8, 4) for _ in range(steps)]
+    module, clock = _Tiny(), _StepClock()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    fitted = statistics.median(b - a for a, b in zip(clock.ends[steps // 4 :], clock.ends[steps // 4 + 1 :]))
+    optimizer, plain = module.configure_optimizers(), []
+    for batch in data:
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        module.layer(batch).square().mean().backward()
+        optimizer.step()
+        plain.append(time.perf_counter() - start)
+    return max(fitted - statistics.median(plain[steps // 4 :]), 0.0)
+
+
 def _candidates(cfg: DictConfig, seq: torch.nn.Sequential, x: Any) -> tuple[list[Candidate], list[str]]:
     """Every (schedule, checkpoint, M) asked for that this K and model can run, with a fixed balance or none yet."""
     k, rule = cfg.k, cfg.balance
-    rows = len(x) if isinstance(x, torch.Tensor) else x[0].shape[0]
+    rows = batch_size(x)
     found, notes = [], []
     for schedule in cfg.schedules:
         chunks = (cfg.virtual_stages or 2) if schedule == "interleaved" else 1
@@ -188,6 +239,7 @@ def _train(cfg: DictConfig, settings: list[str], folder: Path, label: str) -> Me
     steps = cfg.verify_steps
     command = [
         sys.executable, str(TRAIN), *settings, f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
+        "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", f"observe_every_n_steps={steps - 1}", "~callbacks.model_checkpoint",
         "logger=csv", f"hydra.run.dir={folder}",
     ]  # fmt: skip

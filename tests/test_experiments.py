@@ -246,7 +246,7 @@ def test_advise_predicts_the_emulated_device_within_ten_percent(tmp_path):
     verified M whose measured samples per second are within 10% of the predicted (the same check at K=4 and with
     checkpoint=never is in the docs' advisor guide, measured)."""
     command = [sys.executable, str(ADVISE), "model=emulated", "k=2", "verify=true", "verify_m=[1,4,8]", "rows=0",
-               "verify_steps=10", "schedules=[gpipe]", "checkpoints=[except_last,always]", f"hydra.run.dir={tmp_path}"]
+               "verify_steps=16", "schedules=[gpipe]", "checkpoints=[except_last,always]", f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=fresh_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = done.stdout.splitlines()

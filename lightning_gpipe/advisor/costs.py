@@ -49,6 +49,7 @@ class ModelProfile:
     input_bytes_per_row: float  # the model's input, which the first stage keeps under re-materialization
     optimizer_slots: float  # parameter-sized optimizer tensors (Adam 2, SGD with momentum 1, SGD 0)
     optimizer_s_per_byte: float = 0.0  # the optimizer step's time per byte of parameters
+    step_s: float = 0.0  # a fixed cost of every step, the same for every candidate (Lightning's loop)
     # What the stage executor adds to each forward and each backward beyond the layers, per re-materialization mode.
     action_s: Mapping[str, float] = field(default_factory=dict)
 
@@ -153,7 +154,7 @@ def predict(profile: ModelProfile, candidate: Candidate, k: int, link: Link = Li
     )  # fmt: skip
     params = [sum(stage_sum(profile.param_bytes, c * k + r) for c in range(candidate.chunks)) for r in range(k)]
     state = [p * (2 + profile.optimizer_slots) for p in params]  # weights, gradients, optimizer state
-    step = timing.makespan + max(params) * profile.optimizer_s_per_byte
+    step = timing.makespan + max(params) * profile.optimizer_s_per_byte + profile.step_s
     activations = peak_activations(profile, candidate, k, n, rows)
     peaks = tuple(s + a for s, a in zip(state, activations))
     return Prediction(candidate, step, profile.batch / step, timing.bubble, peaks, tuple(state))

@@ -45,7 +45,8 @@ def profile_model(
     _map(batch, found.append)
     return ModelProfile(
         samples, measured, tensor_bytes(found) / samples, optimizer_slots(optimizers),
-        optimizer_seconds_per_byte(optimizers, device), {mode: action_overhead(device, mode) for mode in checkpoints},
+        optimizer_s_per_byte=optimizer_seconds_per_byte(optimizers, device),
+        action_s={mode: action_overhead(device, mode) for mode in checkpoints},
     )  # fmt: skip
 
 
