@@ -14,6 +14,7 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from lightning_gpipe.model.partition import PROFILED_RULES, BalanceError, find_s
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 #: What advise.py reads itself and does not pass on to train.py.
-OWN_KEYS = ("verify", "top", "verify_m", "verify_steps", "checkpoints", "schedules", "rows")
+OWN_KEYS = ("verify", "top", "verify_m", "verify_steps", "verify_rounds", "checkpoints", "schedules", "rows")
 
 
 @dataclass
@@ -211,24 +212,35 @@ def _without(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
 def _verify(cfg: DictConfig, advice: Advice, overrides: list[str], out: Path) -> None:
     """Train each candidate to check (the top fitting ones, or the config's at ``verify_m``) and print measured
     beside predicted."""
-    rows = []
+    rows: list[tuple[Optional[Prediction], list[str]]] = []
     if cfg.verify_m:
         for m in cfg.verify_m:
+            if m == "auto":
+                rows.append((None, [*_without(overrides, ("m",)), "m=auto"]))
+                continue
             matches = [p for p in advice.predictions if p.candidate.m == m and _is_configured(p.candidate, cfg)]
-            runs = [*_without(overrides, ("m",)), "m=auto"] if m == "auto" else None
-            rows.append((matches[0] if matches else None, runs))
+            if not matches:
+                raise SystemExit(
+                    f"advise.py: verify_m has M={m}, which is not a candidate at checkpoint={cfg.checkpoint}"
+                    f" schedule={cfg.schedule}: choose among {sorted({p.candidate.m for p in advice.predictions})}"
+                )
+            rows.append((matches[0], _train_overrides(overrides, matches[0].candidate)))
     else:
-        rows = [(p, None) for p in advice.fitting[: cfg.top]]
-    print(f"\nVerifying {len(rows)} configurations, {cfg.verify_steps} steps each:")
+        rows = [(p, _train_overrides(overrides, p.candidate)) for p in advice.fitting[: cfg.top]]
+    rounds = cfg.verify_rounds
+    print(f"\nVerifying {len(rows)} configurations, {cfg.verify_steps} steps each, in {rounds} round(s):")
+    runs: list[list[Measured]] = [[] for _ in rows]
+    for r in range(rounds):  # every configuration once per round, in turn: a slow spell spreads over all of them
+        for i, (prediction, settings) in enumerate(rows):
+            label = prediction.candidate.label if prediction else f"m=auto {cfg.checkpoint} {cfg.schedule}"
+            runs[i].append(_train(cfg, settings, out / f"verify_{i}_round{r}", label))
+            print(_compare(prediction, runs[i][-1]), flush=True)
     lines = ["| configuration | predicted samples/s | measured | measured / predicted | bubble predicted |"
              " measured | peak per stage predicted | measured |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for i, (prediction, extra) in enumerate(rows):
-        settings = _train_overrides(overrides, prediction.candidate) if extra is None else extra
-        label = prediction.candidate.label if extra is None else f"m=auto {cfg.checkpoint} {cfg.schedule}"
-        measured = _train(cfg, settings, out / f"verify_{i}", label)
-        lines.append(_compare(prediction if extra is None else None, measured))
-        print(lines[-1], flush=True)
-    print("\n".join(lines))
+    for (prediction, _), measured in zip(rows, runs):
+        median = statistics.median(m.samples_per_s for m in measured)  # over the rounds
+        lines.append(_compare(prediction, dataclasses.replace(measured[-1], samples_per_s=median)))
+    print(f"\nMedians over {rounds} round(s):\n" + "\n".join(lines))
 
 
 def _is_configured(candidate: Candidate, cfg: DictConfig) -> bool:
@@ -246,7 +258,8 @@ def _train(cfg: DictConfig, settings: list[str], folder: Path, label: str) -> Me
     done = subprocess.run(command, env=without_rendezvous(), capture_output=True, text=True, timeout=1800)
     if done.returncode:
         raise SystemExit(f"advise.py: verifying {label} failed:\n{done.stderr[-4000:]}")
-    return _read(folder / "csv" / "metrics.csv", label, steps)
+    chose = re.search(r"microbatches='auto' chose M=(\d+)", done.stdout + done.stderr)
+    return _read(folder / "csv" / "metrics.csv", f"{label} (chose M={chose.group(1)})" if chose else label, steps)
 
 
 def _read(path: Path, label: str, steps: int) -> Measured:
