@@ -73,7 +73,9 @@ def run(cfg: DictConfig, overrides: list[str], out: Path) -> Advice:
     batch_rows = batch_size(x)
     sizes = sorted({math.ceil(batch_rows / c.m) for c in candidates})
     optimizers = _configure_optimizers(model.configure_optimizers())[0]
-    profile = profile_model(list(seq._modules.values()), x, sizes, device, optimizers, list(cfg.checkpoints))
+    profile = profile_model(
+        list(seq._modules.values()), x, sizes, device, optimizers, list(cfg.checkpoints), k * cfg.dp
+    )
     link = _measure_link(device) if k > 1 else Link()
     profile = dataclasses.replace(profile, step_s=lightning_step_overhead())
     candidates = [c if c.balance else _with_balance(c, cfg, profile, k) for c in candidates]
@@ -81,7 +83,8 @@ def run(cfg: DictConfig, overrides: list[str], out: Path) -> Advice:
     advice = advise(profile, k, candidates, budget, link)
     overheads = ", ".join(f"{mode} {t * 1e3:.2f} ms" for mode, t in profile.action_s.items())
     print(f"Link: {link.latency_s * 1e3:.3f} ms + {link.per_byte_s * 2**20 * 1e3:.3f} ms/MiB per message. Fixed"
-          f" cost per step: {profile.step_s * 1e3:.1f} ms; per action: {overheads}.")
+          f" cost per step: {profile.step_s * 1e3:.1f} ms; per action: {overheads}. CPU work runs"
+          f" {profile.contention:.2f}x slower than profiled ({k * cfg.dp} processes).")
     for note in notes:
         print(note)
     print(advice.table(cfg.rows))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -149,3 +151,19 @@ def test_profile_model_measures_each_size_and_the_bytes_per_row():
     assert all(f > 0 for m in profile.measured for f in m.forward)
     with pytest.raises(ValueError, match=r"sizes from 1 to the batch's 8 samples"):
         profile_model(layers, torch.randn(8, 8), [16], torch.device("cpu"), [optimizer])
+
+
+def test_contention_slows_the_cpu_bound_share_of_every_cost():
+    """Two processes per core: a layer that kept the CPU busy half the time it was profiled takes 1.5 times as long;
+    the executor's per-action time, the optimizer step and the fixed step cost (all CPU work) twice as long."""
+    half = LayerCosts([0.3] * 4, [10] * 4, [4] * 4, [0.1] * 4, [2] * 4, 2, cpu_share=[0.5] * 4)
+    profile = ModelProfile(2, (half,), 1.0, 0.0, 0.001, step_s=0.5, action_s={"never": 0.01}, contention=2.0)
+    forward, backward = profile.times(2)
+    assert forward == pytest.approx([0.15] * 4) and backward == pytest.approx([0.3] * 4)
+    alone = dataclasses.replace(profile, contention=1.0)
+    candidate = Candidate(1, "never", "gpipe", (4,))
+    # One stage, one micro-batch: forward + backward + 2 actions, then the optimizer (40 bytes) and the step cost.
+    assert predict(alone, candidate, 1).step_s == pytest.approx(0.4 + 0.8 + 0.02 + 0.04 + 0.5)
+    assert predict(profile, candidate, 1).step_s == pytest.approx(0.6 + 1.2 + 0.04 + 0.08 + 1.0)
+    idle = dataclasses.replace(profile, measured=(dataclasses.replace(half, cpu_share=[0.0] * 4),))
+    assert idle.times(2) == alone.times(2)  # timed waits that hold no CPU do not slow down

@@ -242,22 +242,22 @@ ADVISE = ROOT / "experiments" / "advise.py"
 
 
 def test_advise_predicts_the_emulated_device_within_ten_percent(tmp_path):
-    """advise.py on the emulated device (timed waits that hold no CPU): its table, its recommendation, and three
-    verified M whose measured samples per second are within 10% of the predicted (the same check at K=4 and with
-    checkpoint=never is in the docs' advisor guide, measured)."""
-    command = [sys.executable, str(ADVISE), "model=emulated", "k=2", "verify=true", "verify_m=[1,4,8]", "rows=0",
-               "verify_steps=16", "schedules=[gpipe]", "checkpoints=[except_last,always]", f"hydra.run.dir={tmp_path}"]
+    """advise.py on the emulated device (timed waits that hold no CPU): its table, its recommendation, and two
+    verified M whose measured samples per second are within 10% of the predicted. The grid of K 2 and 4, M 1, 4
+    and 8, both re-materialization modes, is measured in the docs' advisor guide: each train.py run costs this
+    suite about 14 s."""
+    command = [sys.executable, str(ADVISE), "model=emulated", "k=2", "verify=true", "verify_m=[1,8]", "rows=0",
+               "verify_steps=12", "schedules=[gpipe]", "checkpoints=[except_last]", f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=fresh_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = done.stdout.splitlines()
-    table = [line for line in lines if re.match(r"\| 2 \| \d+ \| (except_last|always) \| gpipe \|", line)]
-    assert len(table) == 2 * 6  # M = 1 .. 32, two modes
+    table = [line for line in lines if re.match(r"\| 2 \| \d+ \| except_last \| gpipe \|", line)]
+    assert len(table) == 6  # M = 1 .. 32
     assert sum(line.endswith("| chosen: the fastest that fits |") for line in table) == 1
     assert any(line.startswith("Recommended: python experiments/train.py model=emulated k=2 m=") for line in lines)
     verified = [line.split(" | ") for line in lines if re.match(r"\| M=\d+ except_last gpipe \|", line)]
-    assert [row[0] for row in verified[-3:]] == ["| M=1 except_last gpipe", "| M=4 except_last gpipe",
-                                                   "| M=8 except_last gpipe"]  # fmt: skip
-    for row in verified[-3:]:
+    assert [row[0] for row in verified[-2:]] == ["| M=1 except_last gpipe", "| M=8 except_last gpipe"]
+    for row in verified[-2:]:
         ratio = float(row[3])  # measured / predicted samples per second
         assert 0.9 <= ratio <= 1.1, row
         assert row[6] == row[7].rstrip(" |"), row  # predicted and measured peak memory per stage

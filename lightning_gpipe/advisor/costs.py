@@ -50,6 +50,9 @@ class ModelProfile:
     optimizer_slots: float  # parameter-sized optimizer tensors (Adam 2, SGD with momentum 1, SGD 0)
     optimizer_s_per_byte: float = 0.0  # the optimizer step's time per byte of parameters
     step_s: float = 0.0  # a fixed cost of every step, the same for every candidate (Lightning's loop)
+    # How many times slower the CPU's work runs in training than when profiled alone: the processes per core of
+    # this machine where they outnumber its cores (a rank waiting on a message keeps polling), else 1.
+    contention: float = 1.0
     # What the stage executor adds to each forward and each backward beyond the layers, per re-materialization mode.
     action_s: Mapping[str, float] = field(default_factory=dict)
 
@@ -74,20 +77,26 @@ class ModelProfile:
         return [b / largest.rows for b in getattr(largest, what)]
 
     def times(self, rows: int) -> tuple[list[float], list[float]]:
-        """Each layer's forward and backward seconds on a micro-batch of ``rows`` samples."""
+        """Each layer's forward and backward seconds on a micro-batch of ``rows`` samples, its CPU-bound share
+        slowed by :attr:`contention`."""
         sizes = [costs.rows for costs in self.measured]
         if rows in sizes:
-            costs = self.measured[sizes.index(rows)]
-            return list(costs.forward), costs.backward
+            return self._contended(self.measured[sizes.index(rows)])
         above = next((i for i, size in enumerate(sizes) if size > rows), len(sizes))
         if above in (0, len(sizes)):  # outside what was measured: in proportion to the nearest
             nearest = self.measured[min(above, len(sizes) - 1)]
+            forward, backward = self._contended(nearest)
             scale = rows / nearest.rows
-            return [t * scale for t in nearest.forward], [t * scale for t in nearest.backward]
-        low, high = self.measured[above - 1], self.measured[above]
-        w = (rows - low.rows) / (high.rows - low.rows)
+            return [t * scale for t in forward], [t * scale for t in backward]
+        (low_f, low_b), (high_f, high_b) = self._contended(self.measured[above - 1]), self._contended(self.measured[above])
+        w = (rows - sizes[above - 1]) / (sizes[above] - sizes[above - 1])
         mix = lambda a, b: [x + w * (y - x) for x, y in zip(a, b)]  # noqa: E731
-        return mix(low.forward, high.forward), mix(low.backward, high.backward)
+        return mix(low_f, high_f), mix(low_b, high_b)
+
+    def _contended(self, costs: LayerCosts) -> tuple[list[float], list[float]]:
+        shares = costs.cpu_share or [0.0] * len(costs.seconds)
+        slow = [1 + (self.contention - 1) * share for share in shares]
+        return [t * s for t, s in zip(costs.forward, slow)], [t * s for t, s in zip(costs.backward, slow)]
 
 
 @dataclass(frozen=True)
@@ -147,14 +156,14 @@ def predict(profile: ModelProfile, candidate: Candidate, k: int, link: Link = Li
     outputs = profile.per_row("output_bytes")
     sends = [link.cost(outputs[stage_layers(balance, b)[-1]] * rows) for b in range(stages - 1)]
     schedule = candidate.make_schedule()
-    extra = profile.action_s.get(candidate.checkpoint, 0.0)
+    extra = profile.action_s.get(candidate.checkpoint, 0.0) * profile.contention  # Python: CPU-bound
     timing = simulate(
         schedule, k, n, [stage_sum(forward, s) + extra for s in range(stages)],
         [stage_sum(backward, s) + extra for s in range(stages)], sends,
     )  # fmt: skip
     params = [sum(stage_sum(profile.param_bytes, c * k + r) for c in range(candidate.chunks)) for r in range(k)]
     state = [p * (2 + profile.optimizer_slots) for p in params]  # weights, gradients, optimizer state
-    step = timing.makespan + max(params) * profile.optimizer_s_per_byte + profile.step_s
+    step = timing.makespan + (max(params) * profile.optimizer_s_per_byte + profile.step_s) * profile.contention
     activations = peak_activations(profile, candidate, k, n, rows)
     peaks = tuple(s + a for s, a in zip(state, activations))
     return Prediction(candidate, step, profile.batch / step, timing.bubble, peaks, tuple(state))

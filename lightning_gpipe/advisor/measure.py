@@ -4,6 +4,7 @@ between two ranks."""
 from __future__ import annotations
 
 import inspect
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -29,11 +30,13 @@ LINK_SIZES = (64, 2**16, 2**20, 2**22)
 
 def profile_model(
     layers: Sequence[nn.Module], batch: Any, sizes: Sequence[int], device: torch.device,
-    optimizers: Sequence[torch.optim.Optimizer], checkpoints: Sequence[str] = (), repeats: int = 3, passes: int = 2,
+    optimizers: Sequence[torch.optim.Optimizer], checkpoints: Sequence[str] = (), processes: int = 1,
+    repeats: int = 3, passes: int = 2,
 ) -> ModelProfile:  # fmt: skip
     """Every layer measured on the first ``rows`` samples of ``batch`` (what ``self(x)`` gets for a whole batch), for
     each ``rows`` in ``sizes``; the optimizers' slots and step time on a probe; the executor's time per action
-    under each re-materialization mode of ``checkpoints``."""
+    under each re-materialization mode of ``checkpoints``. On the CPU, ``processes`` of this machine that outnumber
+    its cores share them: the profile's CPU-bound work then runs that many times slower per core."""
     rows = sorted(set(sizes))
     samples = batch_size(batch)
     if not rows or rows[0] < 1 or rows[-1] > samples:
@@ -47,6 +50,7 @@ def profile_model(
         samples, measured, tensor_bytes(found) / samples, optimizer_slots(optimizers),
         optimizer_s_per_byte=optimizer_seconds_per_byte(optimizers, device),
         action_s={mode: action_overhead(device, mode) for mode in checkpoints},
+        contention=max(processes / len(os.sched_getaffinity(0)), 1.0) if device.type == "cpu" else 1.0,
     )  # fmt: skip
 
 

@@ -94,7 +94,8 @@ def _choose(
     sizes = [math.ceil(batch / m) for m in choices]
     with strategy.precision_plugin.train_step_context():  # autocast, as in training
         profile = profile_model(
-            list(seq._modules.values()), x, sizes, strategy.root_device, optimizers, [config.checkpoint]
+            list(seq._modules.values()), x, sizes, strategy.root_device, optimizers, [config.checkpoint],
+            strategy.num_processes,
         )
     rule = config.balance if fixed is None else fixed
     candidates = [

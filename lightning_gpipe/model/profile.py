@@ -33,6 +33,7 @@ class LayerCosts:
     forward: list[float] = field(default_factory=list)  # of ``seconds``, the forward's share (median)
     output_bytes: list[int] = field(default_factory=list)  # what the layer returns for the sample
     rows: int = 0  # samples in the sample micro-batch
+    cpu_share: list[float] = field(default_factory=list)  # of ``seconds``, the share this process's CPU was busy
 
     @property
     def backward(self) -> list[float]:
@@ -59,7 +60,7 @@ def profile_layers(
     """
     if repeats < 1 or passes < 1:
         raise ValueError(f"profiling needs at least 1 repetition and 1 pass, got repeats={repeats}, passes={passes}")
-    runs: list[list[tuple[float, float]]] = [[] for _ in layers]
+    runs: list[list[tuple[float, float, float]]] = [[] for _ in layers]
     params, activations, outputs = [], [], []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type), use_tracker(SkipTracker(keep=True)):
@@ -77,9 +78,10 @@ def profile_layers(
                         x = layer(x)
                     if first_pass:
                         outputs.append(_bytes_of(x))
-    seconds = [statistics.median(f + b for f, b in r) for r in runs]
-    forward = [statistics.median(f for f, _ in r) for r in runs]
-    return LayerCosts(seconds, params, activations, forward, outputs, batch_size(sample))
+    seconds = [statistics.median(f + b for f, b, _ in r) for r in runs]
+    forward = [statistics.median(f for f, _, _ in r) for r in runs]
+    cpu = [min(statistics.median(c / (f + b) if f + b > 0 else 1.0 for f, b, c in r), 1.0) for r in runs]
+    return LayerCosts(seconds, params, activations, forward, outputs, batch_size(sample), cpu)
 
 
 def predicted_efficiency(stage_seconds: Sequence[float], m: int) -> float:
@@ -138,10 +140,12 @@ def _visiting(layer: nn.Module, device: torch.device) -> Iterator[None]:
                 state[name].copy_(value)
 
 
-def _forward_backward(layer: nn.Module, x: Any, device: torch.device) -> tuple[float, float]:
-    """Seconds of ``layer``'s forward on ``x`` and of its backward (the output gradients made beforehand)."""
+def _forward_backward(layer: nn.Module, x: Any, device: torch.device) -> tuple[float, float, float]:
+    """Seconds of ``layer``'s forward on ``x`` and of its backward (the output gradients made beforehand), and the
+    CPU seconds this process spent in them (all its threads)."""
     x = _leaves(x)
     _sync(device)
+    cpu = time.process_time()
     start = time.perf_counter()
     outputs = [t for t in as_tuple(layer(x)) if t.requires_grad]
     _sync(device)
@@ -152,7 +156,8 @@ def _forward_backward(layer: nn.Module, x: Any, device: torch.device) -> tuple[f
         middle = time.perf_counter()
         torch.autograd.backward(outputs, grads)
     _sync(device)
-    return middle - start, time.perf_counter() - middle
+    end = time.perf_counter()
+    return middle - start, end - middle, time.process_time() - cpu
 
 
 def _saved_bytes(layer: nn.Module, x: Any) -> int:
