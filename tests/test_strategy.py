@@ -428,6 +428,11 @@ def test_failure_on_one_rank_ends_all_ranks(failing_rank, tmp_path):
     [
         ({"microbatches": 0}, r"GPipeStrategy\(microbatches=0\): need an integer of at least 1"),
         ({"microbatches": 2.5}, r"GPipeStrategy\(microbatches=2.5\): need an integer of at least 1"),
+        ({"microbatches": "many"}, r"GPipeStrategy\(microbatches='many'\): need an integer of at least 1, or 'auto'$"),
+        ({"memory_budget": "4GiB"}, r"GPipeStrategy\(memory_budget='4GiB'\) bounds what microbatches='auto' chooses;"
+         r" this one has microbatches=4$"),
+        ({"microbatches": "auto", "memory_budget": "lots"}, r"GPipeStrategy: memory_budget='lots': need a positive"
+         r" number of bytes, or a string such as '24GiB' \(B, KiB, MiB, GiB, TiB\)$"),
         ({"checkpoint": "sometimes"}, r"GPipeStrategy\(checkpoint='sometimes'\): choose one of always, except_last, never"),
         ({"balance": "fastest"}, r"GPipeStrategy\(balance='fastest'\): choose one of uniform, params, time, memory or a list"),
         ({"headers": "never"}, r"GPipeStrategy\(headers='never'\): choose one of auto, always"),

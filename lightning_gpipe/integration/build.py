@@ -167,7 +167,7 @@ def partition(
     run's objects for them (a :class:`~lightning_gpipe.integration.runtime.PipelineRun`)."""
     config, topology, device = strategy.config, strategy.topology, strategy.root_device
     k, stage, chunks = topology.k, topology.stage, config.chunks
-    if chunks > 1 and k == 1:
+    if chunks > 1 and k == 1:  # refused before anything is measured; the rest of the check once M is known
         _check_interleaved(k, config)
     optimizers: list[Optimizer] = []
     if fitting:  # a throwaway build on the whole module, before it is cut (each fit: requires_grad may change)
