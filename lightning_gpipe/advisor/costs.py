@@ -125,7 +125,7 @@ class Prediction:
     """What the cost model expects of one candidate on K ranks."""
 
     candidate: Candidate
-    step_s: float  # one optimizer step: the schedule's makespan plus the optimizer's step
+    step_s: float  # one optimizer step: the schedule's makespan, the optimizer's step and the fixed cost per step
     samples_per_s: float
     bubble: float  # idle fraction of the ranks over the makespan
     peak_bytes: tuple[float, ...]  # per rank: weights, gradients, optimizer state and saved activations at the peak
@@ -140,8 +140,10 @@ def predict(profile: ModelProfile, candidate: Candidate, k: int, link: Link = Li
     """The step time, bubble and per-rank peak memory of ``candidate`` on ``k`` ranks.
 
     Every micro-batch is costed at the largest one's size (``ceil(batch / M)`` rows); each stage's forward and
-    backward are its layers' measured times at that size, plus the executor's own time per action; a message across boundary b carries the output of the last
-    layer before it, at the link's measured cost; the schedule runs them on :func:`simulate`'s ideal machine."""
+    backward are its layers' measured times at that size, plus the executor's own time per action; a message across
+    boundary b carries the output of the last layer before it, at the link's measured cost; the schedule runs them
+    on :func:`simulate`'s ideal machine; the optimizer's step and the fixed cost per step follow. CPU work is slowed
+    by the profile's :attr:`~ModelProfile.contention`."""
     stages = k * candidate.chunks
     balance = list(candidate.balance)
     if len(balance) != stages or sum(balance) != profile.layers:

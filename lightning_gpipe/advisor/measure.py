@@ -50,7 +50,7 @@ def profile_model(
         samples, measured, tensor_bytes(found) / samples, optimizer_slots(optimizers),
         optimizer_s_per_byte=optimizer_seconds_per_byte(optimizers, device),
         action_s={mode: action_overhead(device, mode) for mode in checkpoints},
-        contention=max(processes / len(os.sched_getaffinity(0)), 1.0) if device.type == "cpu" else 1.0,
+        contention=max(processes / _cores(), 1.0) if device.type == "cpu" else 1.0,
     )  # fmt: skip
 
 
@@ -132,6 +132,13 @@ def action_overhead(device: torch.device, checkpoint: str, n: int = 16, repeats:
             times.append(time.perf_counter() - start)
     extra = statistics.median(timed[pipelined][1:]) - statistics.median(timed[plain][1:])
     return max(extra, 0.0) / (2 * n)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _first_rows(batch: Any, rows: int) -> Any:

@@ -76,7 +76,13 @@ def memory_budget(value: Any, device: torch.device, processes: int) -> int:
         return parse_budget(value)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        raise ValueError(
+            "GPipeStrategy(microbatches='auto'): this platform does not report its physical memory; pass"
+            " memory_budget (bytes per process, or a string such as '24GiB')"
+        ) from None
     return int(HOST_SHARE * physical / max(processes, 1))
 
 
@@ -98,10 +104,8 @@ def _choose(
             strategy.num_processes,
         )
     rule = config.balance if fixed is None else fixed
-    candidates = [
-        Candidate(m, config.checkpoint, config.schedule, candidate_balance(rule, profile, m, config.checkpoint, k * chunks), chunks)
-        for m in choices
-    ]  # fmt: skip
+    balances = [candidate_balance(rule, profile, m, config.checkpoint, k * chunks) for m in choices]
+    candidates = [Candidate(m, config.checkpoint, config.schedule, b, chunks) for m, b in zip(choices, balances)]
     budget = memory_budget(config.memory_budget, strategy.root_device, strategy.num_processes)
     advice = advise(profile, k, candidates, budget, link)
     chosen = advice.chosen.candidate
