@@ -141,8 +141,8 @@ def _visiting(layer: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _forward_backward(layer: nn.Module, x: Any, device: torch.device) -> tuple[float, float, float]:
-    """Seconds of ``layer``'s forward on ``x`` and of its backward (the output gradients made beforehand), and the
-    CPU seconds this process spent in them (all its threads)."""
+    """Seconds of ``layer``'s forward on ``x`` and of its backward (with making its output gradients, as
+    ``balance="time"`` has always timed it), and the CPU seconds this process spent in them (all its threads)."""
     x = _leaves(x)
     _sync(device)
     cpu = time.process_time()
@@ -151,10 +151,7 @@ def _forward_backward(layer: nn.Module, x: Any, device: torch.device) -> tuple[f
     _sync(device)
     middle = time.perf_counter()
     if outputs:
-        grads = [torch.ones_like(t) for t in outputs]
-        _sync(device)
-        middle = time.perf_counter()
-        torch.autograd.backward(outputs, grads)
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
     _sync(device)
     end = time.perf_counter()
     return middle - start, end - middle, time.process_time() - cpu
