@@ -7,7 +7,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule
@@ -19,10 +19,9 @@ from lightning_gpipe.advisor.choose import Advice, advise, candidate_balance, mi
 from lightning_gpipe.advisor.costs import Candidate, Link
 from lightning_gpipe.advisor.measure import measure_link, profile_model
 from lightning_gpipe.engine.microbatch import batch_size
-from lightning_gpipe.integration.balancing import sample_input
+from lightning_gpipe.integration.balancing import decided_by_global_zero, sample_input
 from lightning_gpipe.integration.report import BalanceReport
 from lightning_gpipe.model.partition import PROFILED_RULES, resolve_balance
-from lightning_gpipe.parallel.collectives import Failure
 
 __all__ = ["AUTO", "HOST_SHARE", "choose_microbatches", "memory_budget"]
 
@@ -50,16 +49,7 @@ def choose_microbatches(
     fixed = None if measured else checked
     x = sample_input(strategy, module, fitting)  # every rank draws it, as the data loaders would
     link = _link(strategy) if k > 1 else Link()
-    outcome: Union[_Choice, Failure, None] = None
-    if strategy.is_global_zero:
-        try:
-            outcome = _choose(strategy, seq, x, optimizers, fixed, link)
-        except Exception as error:  # every rank raises it, instead of waiting for an answer
-            outcome = Failure.of(error)
-    outcome = strategy.broadcast(outcome)
-    if isinstance(outcome, Failure):
-        raise outcome.error
-    assert outcome is not None
+    outcome: _Choice = decided_by_global_zero(strategy, lambda: _choose(strategy, seq, x, optimizers, fixed, link))
     chosen = outcome.advice.chosen.candidate
     strategy.config = dataclasses.replace(config, microbatches=chosen.m, memory_budget=None)
     kept.advice = outcome.advice

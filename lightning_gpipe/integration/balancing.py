@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningModule
@@ -23,7 +23,7 @@ from lightning_gpipe.model.profile import optimizer_slots, profile_layers
 from lightning_gpipe.parallel.collectives import Failure
 from lightning_gpipe.patching import patched
 
-__all__ = ["profiled_balance", "sample_microbatch", "sample_input", "input_of_step", "untouched_random"]
+__all__ = ["profiled_balance", "decided_by_global_zero", "sample_microbatch", "sample_input", "input_of_step", "untouched_random"]
 
 
 def profiled_balance(
@@ -36,17 +36,23 @@ def profiled_balance(
         return [len(seq)], None
     # Every rank draws the sample, so whatever drawing it does to the data loader, it does everywhere.
     sample = sample_microbatch(strategy, module, fitting)
-    outcome: Union[BalanceReport, Failure, None] = None
+    report: BalanceReport = decided_by_global_zero(strategy, lambda: _measure(strategy, seq, sample, optimizers))
+    return report.balance, report
+
+
+def decided_by_global_zero(strategy: Any, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on global rank 0, its answer on every rank; its error, if it raised, raised on every rank
+    instead of leaving the others waiting for an answer."""
+    outcome: Any = None
     if strategy.is_global_zero:
         try:
-            outcome = _measure(strategy, seq, sample, optimizers)
-        except Exception as error:  # every rank raises it, instead of waiting for an answer
+            outcome = decide()
+        except Exception as error:
             outcome = Failure.of(error)
     outcome = strategy.broadcast(outcome)
     if isinstance(outcome, Failure):
         raise outcome.error
-    assert outcome is not None
-    return outcome.balance, outcome
+    return outcome
 
 
 def _measure(strategy: Any, seq: nn.Sequential, sample: Any, optimizers: list[Optimizer]) -> BalanceReport:
