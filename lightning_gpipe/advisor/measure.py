@@ -3,7 +3,6 @@ between two ranks."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import statistics
 import time
@@ -15,11 +14,10 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_gpipe.advisor.costs import Link, ModelProfile
-from lightning_gpipe.checkpointing.state import unwrapped
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import _map, batch_size, split
 from lightning_gpipe.instrument.memory import tensor_bytes
-from lightning_gpipe.model.profile import optimizer_slots, profile_layers
+from lightning_gpipe.model.profile import optimizer_slots, profile_layers, trial_optimizer
 from lightning_gpipe.schedule import GPipe
 
 __all__ = ["profile_model", "optimizer_seconds_per_byte", "measure_link", "action_overhead", "LINK_SIZES"]
@@ -61,11 +59,9 @@ def optimizer_seconds_per_byte(
     ``elements`` floats (the median of ``repeats`` steps after one that builds the state), summed over optimizers."""
     total = 0.0
     for optimizer in optimizers:
-        optimizer = unwrapped(optimizer)
         probe = torch.zeros(elements, device=device, requires_grad=True)
         probe.grad = torch.full_like(probe, 1e-3)
-        accepted = inspect.signature(type(optimizer)).parameters
-        trial = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+        trial = trial_optimizer(optimizer, probe)
         times = []
         for _ in range(repeats + 1):
             _sync(device)

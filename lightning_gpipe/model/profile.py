@@ -20,7 +20,7 @@ from lightning_gpipe.engine.p2p import carries_grad
 from lightning_gpipe.engine.skip import SkipTracker, use_tracker
 from lightning_gpipe.instrument.memory import ActivationMeter, optimizer_state_bytes, tensor_bytes
 
-__all__ = ["LayerCosts", "profile_layers", "predicted_efficiency", "optimizer_slots"]
+__all__ = ["LayerCosts", "profile_layers", "predicted_efficiency", "optimizer_slots", "trial_optimizer"]
 
 
 @dataclass
@@ -96,15 +96,20 @@ def optimizer_slots(optimizers: Sequence[torch.optim.Optimizer]) -> float:
     by stepping the same optimizer class, with the same settings, on a probe tensor."""
     slots = 0.0
     for optimizer in optimizers:
-        optimizer = unwrapped(optimizer)
         probe = torch.zeros(4096, requires_grad=True)
         probe.grad = torch.ones_like(probe)
-        # ``defaults`` may hold settings the constructor does not take (AdamW's decoupled_weight_decay).
-        accepted = inspect.signature(type(optimizer)).parameters
-        trial = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+        trial = trial_optimizer(optimizer, probe)
         trial.step()
         slots = max(slots, optimizer_state_bytes(trial) / tensor_bytes([probe]))
     return round(slots, 2)
+
+
+def trial_optimizer(optimizer: torch.optim.Optimizer, probe: torch.Tensor) -> torch.optim.Optimizer:
+    """A new optimizer of ``optimizer``'s class and settings over ``probe`` alone."""
+    optimizer = unwrapped(optimizer)
+    # ``defaults`` may hold settings the constructor does not take (AdamW's decoupled_weight_decay).
+    accepted = inspect.signature(type(optimizer)).parameters
+    return type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
 
 
 def _stand_in(layer: nn.Module, device: torch.device) -> nn.Module:
