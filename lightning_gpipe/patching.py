@@ -33,6 +33,8 @@ PATCHES: dict[str, str] = {
     " whole model's input; restored at teardown (integration.runtime)",
     "clip_grad_by_norm": "Lightning's precision plugin, a run: the norm over every stage's gradients, one all-reduce"
     " (integration.backward)",
+    "step": "the torch optimizer, one optimizer step with GPipeStrategy(shard=...): once the step's closure has run,"
+    " the optimizer steps this replica's share of the parameters (parallel.shard)",
     "_sigterm_notifier_fn": "Lightning's signal connector, a run: note SIGTERM without the collective Lightning's"
     " handler starts inside the handler, which pairs with another rank's messages and hangs (integration.runtime)",
     "rank": "lightning's rank_zero_only, one step on the last stage: notice rank-zero-only code after self(x), which"
