@@ -64,7 +64,7 @@ def build_model(cfg: DictConfig, trainer: L.Trainer) -> L.LightningModule:
 def hparams(cfg: DictConfig) -> dict[str, Any]:
     """The run's settings as TensorBoard's HParams view shows them."""
     return {
-        "k": cfg.k, "dp": cfg.dp, "m": cfg.m, "checkpoint": cfg.checkpoint, "schedule": cfg.schedule,
+        "k": cfg.k, "dp": cfg.dp, "shard": cfg.shard, "m": cfg.m, "checkpoint": cfg.checkpoint, "schedule": cfg.schedule,
         "balance": str(cfg.balance), "seed": cfg.seed,
         "model": cfg.model._target_.rsplit(".", 1)[-1], "data": cfg.data._target_.rsplit(".", 1)[-1],
         "strategy": cfg.strategy if isinstance(cfg.strategy, str) else cfg.strategy._target_.rsplit(".", 1)[-1],

@@ -128,6 +128,15 @@ class StepScheduled(Classifier):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class AdamWScheduled(StepScheduled):
+    """AdamW with weight decay, the learning rate stepped every optimizer step."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class MeanStepScheduled(StepScheduled):
     """StepScheduled with a loss that is a mean over samples, for per-micro-batch schedules (1F1B)."""
 

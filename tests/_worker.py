@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
@@ -130,6 +131,20 @@ def _held(model: L.LightningModule) -> dict:
         return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _state_bytes(module: L.LightningModule, trainer: L.Trainer) -> int:
+    """The bytes of the training state this rank holds: parameters, gradients, optimizer state and, with
+    GPipeStrategy(shard=...), its share of the parameters; each storage once."""
+    tensors = [p for _, p in nn.Module.named_parameters(module)]
+    tensors += [p.grad for p in tensors if p.grad is not None]
+    for optimizer in trainer.optimizers:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    shards = getattr(getattr(trainer.strategy, "_run", None), "shards", None)
+    if shards is not None:
+        tensors += shards.shard_parameters()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if not t.is_meta}
+    return sum(storages.values())
+
+
 def run(scenario: dict, out: Path) -> None:
     """Run ``scenario`` on this rank and save what it did, the order of its point-to-point messages included."""
     ops: list = []
@@ -180,6 +195,13 @@ def _run(scenario: dict, out: Path, ops: list) -> None:
                     if isinstance(callback, ModelSummary) and callback._max_depth:
                         summary = callback._summary(trainer, pl_module)
                         result["summary"] = (summary.total_parameters, summary._get_summary_data())
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                # The most this rank held right after an optimizer step (not within an accumulation window).
+                if scenario.get("state_bytes") and trainer.global_step != result.get("stepped", 0):
+                    result["stepped"] = trainer.global_step
+                    held = _state_bytes(pl_module, trainer)
+                    result["state_bytes"] = max(result.get("state_bytes", 0), held)
 
             def on_train_end(self, trainer, pl_module):
                 result["stage_params"] = sorted(pl_module.state_dict())  # what this rank holds while training

@@ -82,11 +82,12 @@ def test_k_and_m_flow_into_strategy_and_trainer():
 
 
 def test_dp_replicas_and_trainer_knobs_as_users_type_them():
-    cfg = _compose(["k=2", "dp=2", "m=4", "trainer.max_steps=100", "trainer.gradient_clip_val=0.5"])
+    cfg = _compose(["k=2", "dp=2", "shard=optimizer", "m=4", "trainer.max_steps=100", "trainer.gradient_clip_val=0.5"])
     assert (cfg.trainer.devices, cfg.strategy.data_parallel_size, cfg.strategy.microbatches) == (4, 2, 4)
-    assert (cfg.trainer.max_steps, cfg.trainer.gradient_clip_val) == (100, 0.5)
+    assert (cfg.trainer.max_steps, cfg.trainer.gradient_clip_val, cfg.strategy.shard) == (100, 0.5, "optimizer")
     trainer = hydra.utils.instantiate(cfg.trainer, strategy=hydra.utils.instantiate(cfg.strategy), logger=False)
     assert (trainer.num_devices, trainer.max_steps, trainer.strategy.data_parallel_size) == (4, 100, 2)
+    assert trainer.strategy.shard == "optimizer"
 
 
 STEPPED = [*((name, 2) for name in sorted(SMALL) if name != "unet"), ("unet", 4)]
@@ -172,8 +173,8 @@ def test_train_end_to_end_logs_to_tensorboard(tmp_path):
 
 
 def test_train_with_two_replicas_of_two_stages(tmp_path):
-    proc = _train(tmp_path, "k=2", "dp=2", "m=2", "model.depth=2", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
-                  "data.size=640")  # fmt: skip
+    proc = _train(tmp_path, "k=2", "dp=2", "shard=full", "m=2", "model.depth=2", "trainer.max_steps=6",
+                  "trainer.log_every_n_steps=1", "data.size=640")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "GPipeStrategy: 2 replicas of 2 stages" in proc.stdout + proc.stderr
     scalars = _scalars(tmp_path / "run" / "tensorboard")

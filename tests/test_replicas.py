@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,31 @@ def d2k2(tmp_path_factory) -> tuple[Path, dict]:
         {**_dp("1f1b", 2, 2, strategy={"schedule": "1f1b"}), "model_class": "MeanStepScheduled"},
         {**_dp("interleaved", 2, 2, strategy={"schedule": "interleaved", "microbatches": 2}),
          "model_class": "MeanStepScheduled"},
+        *_sharded(),
     ]
     return out, run_scenarios(4, scenarios, out)
+
+
+def _sharded() -> list[dict]:
+    """Each shard mode: SGD with momentum (clipping, accumulation, an uneven last batch), AdamW with the state each
+    rank holds between steps measured, and checkpoints resumed from one mode into another."""
+    adamw = {"model_class": "AdamWScheduled", "state_bytes": True}
+    return [
+        _dp("shard_optimizer", 2, 2, strategy={"shard": "optimizer"}),
+        _dp("shard_full", 2, 2, strategy={"shard": "full"}),
+        {**_dp("adamw_none", 2, 2, strategy={"balance": "params"}), **adamw},
+        {**_dp("adamw_optimizer", 2, 2, strategy={"balance": "params", "shard": "optimizer"}), **adamw},
+        {**_dp("adamw_full", 2, 2, strategy={"balance": "params", "shard": "full"}), **adamw},
+        _dp("full_e1", 2, 2, epochs=1, save=True, strategy={"shard": "full"}),
+        _dp("full_to_optimizer", 2, 2, resume_from="full_e1", strategy={"shard": "optimizer"}),
+        _dp("none_to_full", 2, 2, resume_from="e1", strategy={"shard": "full"}),
+        _dp("full_sharded_e1", 2, 2, epochs=1, save=True, strategy={"shard": "full", "state_dict_type": "sharded"}),
+        _dp("full_from_sharded", 2, 2, resume_from="full_sharded_e1", strategy={"shard": "full"}),
+        {**_dp("tied_full", 2, 2, data={"classes": 8}, strategy={"shard": "full"}, expect_error=True),
+         "model_class": "TiedClassifier"},
+        _dp("observed_full", 2, 2, tensorboard=True, trainer={"max_steps": 3}, accumulate=1,
+            strategy={"observe_every_n_steps": 1, "shard": "full"}),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +95,8 @@ def two(d2k2, tmp_path_factory) -> dict:
         _ddp("ddp_resumed", resume_from=str(saved)),
         {**_ddp("tied", data={"classes": 8}), "model_class": "TiedClassifier"},
         {**_ddp("1f1b"), "model_class": "MeanStepScheduled"},
+        {**_ddp("adamw"), "model_class": "AdamWScheduled"},
+        _ddp("ddp_from_full", resume_from=str(d2k2[0] / "full_e1.ckpt")),
     ]
     return run_scenarios(2, scenarios, tmp_path_factory.mktemp("two"))
 
@@ -226,3 +252,56 @@ def test_average_of_gradients_that_only_some_replicas_have(monkeypatch):
     got = averager.finish()
     assert [g.tolist() if g is not None else None for g in got] == [[1.5, 1.5], [3.0, 3.0], [2.0, 2.0], None]
     assert got[0] is here[0]  # written into this replica's own gradient tensor
+
+
+@pytest.mark.parametrize("name", ["shard_optimizer", "shard_full", "adamw_none", "adamw_optimizer", "adamw_full"])
+def test_each_shard_mode_trains_as_ddp(name, d2k2, two):
+    """Parameters and logs as DDP's on 2 devices, and as the same pipeline with shard='none'."""
+    ranks = d2k2[1][name]
+    adamw = name.startswith("adamw")
+    ddp, unsharded = two["adamw" if adamw else "ddp"], d2k2[1]["adamw_none" if adamw else "whole"]
+    assert_same_params(full_params(ranks), ddp[0]["params"])
+    assert_same_params(full_params(ranks), full_params(unsharded))
+    for rank, values in enumerate(ranks):
+        assert_same_logs(values["logged"], ddp[rank // 2]["logged"])
+
+
+@pytest.mark.parametrize("name", ["full_to_optimizer", "none_to_full", "full_from_sharded"])
+def test_resume_from_one_shard_mode_into_another(name, d2k2):
+    assert_same_params(full_params(d2k2[1][name]), full_params(d2k2[1]["whole"]))
+
+
+def test_plain_lightning_resumes_a_sharded_run(d2k2, two):
+    assert_same_params(two["ddp_from_full"][0]["params"], full_params(d2k2[1]["whole"]))
+
+
+def test_full_shards_hold_a_quarter_of_the_training_state(d2k2):
+    """Between steps, at D=2 x K=2 under AdamW, each rank's parameters, gradients and optimizer state: with
+    shard='full' at most 0.3 of the whole model's (parameters, gradients and AdamW's two slots, 4 per element)."""
+    whole = 4 * 4 * sum(p.numel() for p in full_params(d2k2[1]["adamw_none"]).values())
+    shares = {mode: [rank["state_bytes"] / whole for rank in d2k2[1][f"adamw_{mode}"]] for mode in ("none", "optimizer", "full")}
+    assert max(shares["full"]) <= 0.3, shares
+    assert max(shares["full"]) < max(shares["optimizer"]) < max(shares["none"]), shares
+
+
+def test_parameters_tied_across_stages_are_not_sharded(d2k2):
+    errors = {rank["error"] for rank in d2k2[1]["tied_full"]}
+    assert errors == {
+        "ValueError: GPipeStrategy(shard='full') does not split parameters tied across stages, and this model ties"
+        " body.6.weight: use shard='none'"
+    }, errors
+
+
+def test_observed_steps_report_one_gather_of_the_parameters(d2k2):
+    """shard='full': a step gathers each stage's parameters once, for all its micro-batches; none when the
+    epoch's validation, just before it, left them whole (2 steps per epoch: steps 1 and 2 are observed)."""
+    folder = d2k2[0] / "observed_full"
+    scalars = _scalars(folder)
+    for stage in (0, 1):
+        assert len(scalars[f"pipeline/allgather_s_stage{stage}"]) == 1, stage
+        assert len(scalars[f"pipeline/allreduce_s_stage{stage}"]) == 2, stage
+    trace = json.loads((folder / "pipeline_trace.json").read_text())["traceEvents"]
+    kinds = [(e["args"]["step"], e["tid"], e["cat"]) for e in trace if e["ph"] == "X"]
+    for step, stage in [(1, 0), (1, 1), (2, 0), (2, 1)]:
+        assert kinds.count((step, stage, "allgather")) == (step == 1), (step, stage)
+        assert kinds.count((step, stage, "forward")) == 3, (step, stage)  # M=3 micro-batches

@@ -436,6 +436,9 @@ def test_failure_on_one_rank_ends_all_ranks(failing_rank, tmp_path):
         ({"checkpoint": "sometimes"}, r"GPipeStrategy\(checkpoint='sometimes'\): choose one of always, except_last, never"),
         ({"balance": "fastest"}, r"GPipeStrategy\(balance='fastest'\): choose one of uniform, params, time, memory or a list"),
         ({"headers": "never"}, r"GPipeStrategy\(headers='never'\): choose one of auto, always"),
+        ({"shard": "half"}, r"GPipeStrategy\(shard='half'\): choose one of none, optimizer, full$"),
+        ({"shard": "full"}, r"GPipeStrategy\(shard='full'\) splits each stage's training state over its data-parallel"
+         r" replicas; this one has data_parallel_size=1: give it at least 2 replicas, or shard='none'$"),
     ],
 )  # fmt: skip
 def test_bad_arguments(kwargs, message):

@@ -40,11 +40,13 @@ def parameter_names(module: nn.Module, aliases: Mapping[str, str] = {}) -> dict[
     return {id(p): aliases.get(name, name) for name, p in nn.Module.named_parameters(module)}  # never a refusal
 
 
-def optimizer_state_by_name(optimizer: Optimizer, module: nn.Module, aliases: Mapping[str, str] = {}) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with parameter names in place of positions."""
+def optimizer_state_by_name(
+    optimizer: Optimizer, module: nn.Module, aliases: Mapping[str, str] = {}, state: Optional[dict[str, Any]] = None
+) -> dict[str, Any]:
+    """``optimizer.state_dict()`` (or ``state``, one in its layout) with parameter names in place of positions."""
     names = parameter_names(module, aliases)
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    state = optimizer.state_dict()
+    state = optimizer.state_dict() if state is None else state
     groups = [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]
     for group in groups:
         group.pop("param_names", None)

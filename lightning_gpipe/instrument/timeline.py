@@ -14,8 +14,8 @@ import torch
 
 __all__ = ["Event", "Timeline", "COMPUTE", "bubble", "makespan", "theoretical_bubble", "draw_schedule", "chrome_trace"]
 
-#: Event kinds that keep a stage busy; the others (``recv``, ``send``, ``logs``, ``results``, ``allreduce``) are time
-#: spent waiting on a peer or making its logged calls.
+#: Event kinds that keep a stage busy; the others (``recv``, ``send``, ``logs``, ``results``, ``allreduce``, ``allgather``)
+#: are time spent waiting on a peer or making its logged calls.
 COMPUTE = ("forward", "backward", "recompute")
 
 
@@ -24,7 +24,7 @@ class Event:
     """One timed piece of a stage's work in a step; times in seconds from the step's common start."""
 
     stage: int
-    kind: str  # forward | backward | recompute | recv | send | logs, results (the last stage's, sent or taken) | allreduce
+    kind: str  # forward | backward | recompute | recv | send | logs, results (last stage's) | allreduce | allgather
     i: int  # micro-batch, or -1 for work that belongs to no single one
     start: float
     end: float
@@ -111,7 +111,8 @@ def draw_schedule(events: Sequence[Event], k: int, title: str = "") -> Any:
     import matplotlib.pyplot as plt
 
     colours = {"forward": "#4c72b0", "backward": "#55a868", "recompute": "#dd8452", "recv": "#d0d0d0", "send": "#a0a0a0",
-               "logs": "#e5d8a0", "results": "#c4ad66", "allreduce": "#8172b3"}  # fmt: skip
+               "logs": "#e5d8a0", "results": "#c4ad66", "allreduce": "#8172b3",
+               "allgather": "#64b5cd"}  # fmt: skip
     fig, ax = plt.subplots(figsize=(10, 0.6 * k + 1.2))
     for e in events:
         waiting = e.kind not in COMPUTE

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_gpipe.checkpointing.sharded import stage_weights
-from lightning_gpipe.checkpointing.state import optimizer_layouts
+from lightning_gpipe.checkpointing.state import optimizer_layouts, unwrapped
 from lightning_gpipe.engine.batchnorm import defer, undefer
 from lightning_gpipe.engine.broadcast import ObjectBroadcast
 from lightning_gpipe.engine.chunks import RankChunks
@@ -60,6 +60,7 @@ from lightning_gpipe.model.partition import (
 from lightning_gpipe.model.tied import TiedGradients, find_ties, tied_names
 from lightning_gpipe.parallel.collectives import all_gather_object, together
 from lightning_gpipe.parallel.replicas import GradientAverager
+from lightning_gpipe.parallel.shard import StageShards, check_elementwise
 from lightning_gpipe.patching import patched
 from lightning_gpipe.schedule.interleaved import check_interleaved
 
@@ -101,6 +102,8 @@ def open_run(strategy: Any, trainer: Trainer, kept: Kept) -> PipelineRun:
         strategy.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(strategy.optimizers, strategy.root_device)
+        if fitting and config.shard != "none":
+            run.shards = _shards(strategy, run)
         _patch_lightning(strategy, trainer, run)
         if topology.k > 1:  # what batch-end and epoch-end hooks take over the parameters, rank 0 would log
             patches.enter_context(parameters_refused_in_end_hooks(module, seq))
@@ -246,6 +249,21 @@ def partition(
     if kept.balance_report is not None and strategy.is_global_zero:
         kept.balance_report.publish(module.trainer)
     return run
+
+
+def _shards(strategy: Any, run: PipelineRun) -> StageShards:
+    """``shard="optimizer"`` or ``"full"``: the stage's optimizer state (and parameters) split over its replicas."""
+    config, topology = strategy.config, strategy.topology
+    if run.tied is not None:
+        raise ValueError(
+            f"GPipeStrategy(shard={config.shard!r}) does not split parameters tied across stages, and this model ties"
+            f" {', '.join(strategy.tied_names)}: use shard='none'"
+        )
+    optimizer = unwrapped(strategy.optimizers[0])
+    check_elementwise(optimizer, config.shard)
+    full = config.shard == "full"
+    group, timeline = topology.replica_group, run.executor.timeline
+    return StageShards(optimizer, run.module, group, topology.d, topology.replica, full, timeline)
 
 
 def _check_interleaved(k: int, config: Any) -> None:

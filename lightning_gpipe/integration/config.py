@@ -13,6 +13,7 @@ from lightning_gpipe.advisor.choose import parse_budget
 from lightning_gpipe.engine.p2p import HEADERS, MAX_CHUNKS
 from lightning_gpipe.errors import BalanceError
 from lightning_gpipe.model.partition import BALANCE_RULES, Balance
+from lightning_gpipe.parallel.shard import SHARD_MODES
 from lightning_gpipe.parallel.topology import check_replicas
 from lightning_gpipe.schedule import CHECKPOINT_MODES, SCHEDULES, Interleaved1F1B, Schedule
 
@@ -41,6 +42,7 @@ class GPipeConfig:
     headers: str = "auto"
     virtual_stages: Optional[int] = None
     memory_budget: Union[int, float, str, None] = None
+    shard: str = "none"
 
     def __post_init__(self) -> None:
         if self.microbatches != "auto" and (not _whole(self.microbatches) or self.microbatches < 1):
@@ -91,6 +93,13 @@ class GPipeConfig:
         if self.headers not in HEADERS:
             raise ValueError(f"GPipeStrategy(headers={self.headers!r}): choose one of {', '.join(HEADERS)}")
         check_replicas(self.data_parallel_size)
+        if self.shard not in SHARD_MODES:
+            raise ValueError(f"GPipeStrategy(shard={self.shard!r}): choose one of {', '.join(SHARD_MODES)}")
+        if self.shard != "none" and self.data_parallel_size == 1:
+            raise ValueError(
+                f"GPipeStrategy(shard={self.shard!r}) splits each stage's training state over its data-parallel"
+                " replicas; this one has data_parallel_size=1: give it at least 2 replicas, or shard='none'"
+            )
         if self.gather_model not in (None, True, False):
             raise ValueError(
                 f"GPipeStrategy(gather_model={self.gather_model!r}): True, False, or None (gather a model built whole)"

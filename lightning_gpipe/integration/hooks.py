@@ -39,6 +39,8 @@ def run_step(strategy: Any, run: Any, hook: str, args: tuple, kwargs: dict) -> A
         dataloader = args[2] if len(args) > 2 else kwargs.get("dataloader_idx", 0)
         where = f"the first batch of {hook.removesuffix('_step')} dataloader {dataloader}"
         _check_same_batch(strategy, args[0] if args else kwargs.get("batch"), where, list(loop.max_batches))
+    if run.shards is not None:  # shard='full': the stage's parameters whole, once per step
+        run.shards.gather()
     return run.flow.run(run.module, hook, train, args, kwargs, run.plan if train else None)
 
 

@@ -64,6 +64,9 @@ def summarize(reports: Sequence[StageReport], m: int, samples: int, chunks: int 
         averaged = [e.duration for e in r.events if e.kind == "allreduce"]
         if averaged:  # data-parallel replicas: the wait for this stage's gradient average
             scalars[f"pipeline/allreduce_s_stage{j}"] = sum(averaged)
+        gathered = [e.duration for e in r.events if e.kind == "allgather"]
+        if gathered:  # shard="full": the wait for this stage's parameters, gathered whole
+            scalars[f"pipeline/allgather_s_stage{j}"] = sum(gathered)
         scalars[f"memory/activation_bytes_peak_stage{j}"] = r.activation_bytes_peak
         scalars[f"memory/param_bytes_stage{j}"] = r.param_bytes
         scalars[f"memory/optimizer_bytes_stage{j}"] = r.optimizer_bytes

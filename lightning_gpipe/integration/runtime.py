@@ -4,7 +4,7 @@ opened in ``setup`` (:func:`~lightning_gpipe.integration.build.open_run`) and cl
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -27,6 +27,7 @@ from lightning_gpipe.model.deferred import DeferredInit
 from lightning_gpipe.model.partition import AbsentLayer
 from lightning_gpipe.model.tied import Tie, TiedGradients
 from lightning_gpipe.parallel.replicas import GradientAverager
+from lightning_gpipe.parallel.shard import StageShards
 from lightning_gpipe.parallel.topology import Topology
 
 __all__ = ["Kept", "PipelineRun", "gathers", "note_lost_connection"]
@@ -64,6 +65,7 @@ class PipelineRun:
     patches: ExitStack  # every patch made for the run, undone when it ends
     averager: Optional[GradientAverager] = None  # with several replicas
     tied: Optional[TiedGradients] = None  # this stage's tied parameters, and their groups
+    shards: Optional[StageShards] = None  # shard='optimizer' or 'full': the replicas' split of the training state
     deferred_norms: list[nn.Module] = field(default_factory=list)  # deferred batch norms, during the run
     plan: BackwardPlan = BackwardPlan.LATE  # where the stages run this training step's backward
     stepping: bool = True  # whether this training batch ends an accumulation window
@@ -75,9 +77,17 @@ class PipelineRun:
         """End the run: wait for what this stage still sends, undo the patches and the deferred batch norms."""
         if not self.failed:
             self.flow.wait()
+            if self.shards is not None:  # the stage whole again, for what follows the run
+                self.shards.close()
+        elif self.shards is not None:  # no collective after a failure: what this replica holds
+            self.shards.abandon()
         self.patches.close()
         undefer(self.deferred_norms)  # the user's own batch-norm layers again
         self.deferred_norms = []
+
+    def optimizer_stepping(self) -> AbstractContextManager[None]:
+        """A block around Lightning's optimizer step: with shards, the optimizer steps this replica's share."""
+        return nullcontext() if self.shards is None else self.shards.stepping()
 
     def release_layers(self, topology: Topology, kept: Kept, config: GPipeConfig) -> None:
         """After the module moved to the CPU: the whole model onto global rank 0 (``gather_model``); elsewhere,

@@ -6,6 +6,7 @@ Lightning run reads them (see :mod:`lightning_gpipe.checkpointing.state`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -42,6 +43,9 @@ def _first_replica(strategy: Any, local: Any) -> list[Any]:
 def module_state(strategy: Any, kept: Any) -> dict[str, Any]:
     """The unpartitioned module's state dict on global rank 0 (empty elsewhere), or this stage's when sharded."""
     module = strategy.lightning_module
+    shards = _shards(strategy)
+    if shards is not None:  # shard="full": the parameters whole
+        shards.gather()
     if strategy.topology.k > 1:  # Lightning calls this first when it builds a checkpoint, on every rank
         kept.saved.watch(module)
     with stage_view():
@@ -61,7 +65,10 @@ def optimizer_state(strategy: Any, kept: Any, optimizer: Optimizer) -> dict[str,
     """The optimizer state of all stages on global rank 0 (empty elsewhere), named and in the unpartitioned
     module's order; when sharded, this stage's own, by parameter name."""
     optimizer = unwrapped(optimizer)
-    local = optimizer_state_by_name(optimizer, strategy.lightning_module, strategy.tied_names)
+    shards = _shards(strategy)  # with shards, the replicas' parts gathered whole
+    state = shards.state_dict() if shards is not None else None
+    with shards.named() if shards is not None else nullcontext():
+        local = optimizer_state_by_name(optimizer, strategy.lightning_module, strategy.tied_names, state)
     if strategy.config.state_dict_type == "sharded":
         return local
     states = _first_replica(strategy, local)
@@ -113,12 +120,18 @@ def load(strategy: Any, path: Union[str, Path], weights_only: Optional[bool], de
     return default(path, weights_only=weights_only)
 
 
-def load_module_state(module: Any, checkpoint: Mapping[str, Any], strict: bool, partitioned: bool) -> None:
+def load_module_state(strategy: Any, kept: Any, checkpoint: Mapping[str, Any], strict: bool) -> None:
+    """This stage's entries of the whole module's state dict (all of it before the module is partitioned)."""
+    module, shards = strategy.lightning_module, _shards(strategy)
+    if shards is not None:  # the whole parameters to load into, then this replica's share of them
+        shards.gather()
     own = module.state_dict()
     state = checkpoint["state_dict"]
-    if partitioned:  # keep this stage's entries only
+    if kept.balance is not None:  # partitioned: keep this stage's entries only
         state = {key: value for key, value in state.items() if key in own}
     module.load_state_dict(state, strict=strict)
+    if shards is not None:
+        shards.refresh()
 
 
 def load_optimizer_states(strategy: Any, kept: Any, run: Any, checkpoint: Mapping[str, Any]) -> None:
@@ -133,11 +146,20 @@ def load_optimizer_states(strategy: Any, kept: Any, run: Any, checkpoint: Mappin
     # Saved by GPipeStrategy, the names come with the checkpoint; a plain Lightning run numbered its
     # parameters as configure_optimizers builds them on the whole module.
     layouts = checkpoint.get("gpipe", {}).get("optimizer_param_names") or kept.optimizer_layouts
+    shards = None if run is None else run.shards
     for optimizer, saved, layout in zip(strategy.optimizers, saved_states, layouts):
-        state = optimizer_state_for(optimizer, strategy.lightning_module, saved, layout, strategy.tied_names)
+        with shards.named() if shards is not None else nullcontext():
+            state = optimizer_state_for(optimizer, strategy.lightning_module, saved, layout, strategy.tied_names)
         optimizer.load_state_dict(state)
+    if shards is not None:  # this replica's part of the state, loaded whole
+        shards.shard_state()
     _optimizers_to_device(strategy.optimizers, strategy.root_device)
     _restore_random(strategy, run)
+
+
+def _shards(strategy: Any) -> Any:
+    run = strategy._run
+    return None if run is None else run.shards
 
 
 def _restore_random(strategy: Any, run: Any) -> None:

@@ -57,14 +57,12 @@ class GPipeStrategy(PipelineProcesses):
         memory_budget: bytes per stage, or a string such as ``"24GiB"``, for ``"auto"``: by default the GPU's
             memory, on CPU 0.8 of the machine's memory split between its processes.
         balance: layers per stage as a list, or a rule: ``"uniform"`` (by layer count), ``"params"`` (by parameter
-            count), ``"time"`` (by each layer's measured forward plus backward time) or ``"memory"`` (by each layer's
-            measured weights, gradients, optimizer state and saved activations). Measured rules profile on a
-            sample micro-batch (``example_input_array`` or the first training batch) and report their choice.
+            count), ``"time"`` (each layer's measured forward and backward) or ``"memory"`` (its weights, gradients,
+            optimizer state and activations), measured on a sample micro-batch, reporting their choice.
         checkpoint: re-materialization: ``"always"``, ``"except_last"`` (all but the last micro-batch) or ``"never"``.
         schedule: ``"gpipe"`` (F-then-B: the loss sees the whole batch), ``"1f1b"`` (each micro-batch's backward as
-            soon as its forward leaves the last stage, which runs the step once per micro-batch: a loss that is a mean
-            over samples, scaled by each micro-batch's share; logs and loss are sample-weighted means) or
-            ``"interleaved"`` (1F1B over ``virtual_stages`` chunks per rank: a smaller bubble, M a multiple of K).
+            soon as its forward leaves the last stage, which runs the step per micro-batch: a loss that is a mean over
+            samples, logs as sample-weighted means) or ``"interleaved"`` (1F1B over ``virtual_stages`` chunks per rank).
         sequential: the ``nn.Sequential`` attribute to pipeline; by default the only Sequential holding all parameters.
         process_group_backend: ``torch.distributed`` backend; gloo on CPU and NCCL on GPU by default.
         timeout: how long a rank waits on a collective before giving up.
@@ -72,17 +70,16 @@ class GPipeStrategy(PipelineProcesses):
             and log the bubble, compute, waits and memory, the schedule picture and a Chrome trace; 0 turns it off.
         state_dict_type: ``"full"``: one ordinary Lightning checkpoint file, gathered on global rank 0; ``"sharded"``:
             a folder in which every stage writes its own tensors. Either kind resumes with any K, M and balance.
-        deferred_batchnorm: batch-norm layers normalize each micro-batch by its own statistics, but update their
-            running statistics (and ``num_batches_tracked``) once per mini-batch, from the whole mini-batch, as
-            single-device training does; without it they update once per micro-batch.
-        gather_model: when a run (``fit``, ``validate``, ...) ends, move every stage's tensors to global rank 0,
-            so that the module there is the whole trained model (which needs its host memory there); with ``False``
-            every rank keeps only its stage, and the module cannot be used in another run. By default (``None``) it
-            gathers a model built whole (rank 0 held it all anyway), not one built deferred (``configure_model``).
+        deferred_batchnorm: batch norms normalize each micro-batch by its own statistics, but update their running
+            statistics once per mini-batch, from all of it, as on one device (without it, once per micro-batch).
+        gather_model: when a run ends, move every stage's tensors to global rank 0: the whole trained model there
+            (in its host memory); ``False``: every rank keeps its stage, and the module cannot run again. ``None``
+            (default) gathers a model built whole (rank 0 held it all anyway), not one built deferred.
         data_parallel_size: D, the replicas of the pipeline; K = (devices x num_nodes) / D.
-        weights: start the first run from these weights (fine-tuning): a Lightning checkpoint, a sharded
-            checkpoint folder or a ``torch.save``'d state dict, a file you trust. Each rank reads only its own
-            stage's tensors (memory-mapped); optimizer, loops and schedulers start fresh, unlike ``ckpt_path``.
+        shard: each stage's training state over its D replicas: ``"none"`` (whole on each), ``"optimizer"`` (the
+            optimizer state split, ZeRO-1) or ``"full"`` (parameters and gradients too, between steps).
+        weights: start the first run from these weights (fine-tuning): a Lightning checkpoint, a sharded folder or
+            a ``torch.save``'d state dict you trust; each rank reads its stage's tensors; optimizer, loops start fresh.
         headers: ``"auto"`` sends a stage's output shapes only for input shapes not met before (no wait for the
             device); ``"always"`` with every micro-batch, for output shapes that depend on the input's values.
         virtual_stages: v, chunks per rank under ``"interleaved"`` (2 by default): rank r runs stages r, r+K, ...
@@ -113,11 +110,12 @@ class GPipeStrategy(PipelineProcesses):
         headers: str = "auto",
         virtual_stages: Optional[int] = None,
         memory_budget: Union[int, float, str, None] = None,
+        shard: str = "none",
     ) -> None:
         config = GPipeConfig(
             microbatches, schedule, balance, checkpoint, sequential, process_group_backend, timeout,
             observe_every_n_steps, state_dict_type, deferred_batchnorm, gather_model, data_parallel_size, weights,
-            headers, virtual_stages, memory_budget,
+            headers, virtual_stages, memory_budget, shard,
         )  # fmt: skip
         super().__init__(
             config, accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
@@ -140,6 +138,11 @@ class GPipeStrategy(PipelineProcesses):
     def data_parallel_size(self) -> int:
         """D, the replicas of the pipeline."""
         return self.config.data_parallel_size
+
+    @property
+    def shard(self) -> str:
+        """How each stage's training state is split over its replicas: ``none``, ``optimizer`` or ``full``."""
+        return self.config.shard
 
     @property
     def balance(self) -> Optional[list[int]]:
@@ -170,12 +173,9 @@ class GPipeStrategy(PipelineProcesses):
     @override
     @contextmanager
     def tensor_init_context(self, empty_init: Optional[bool] = None) -> Iterator[None]:
-        """Where ``configure_model`` and ``trainer.init_module(empty_init=...)`` build the model.
-
-        By default (``None``) on the meta device, recorded: each rank later materializes only its own stage, with
-        the values single-device construction gives it (see `lightning_gpipe.model.deferred`). ``True``: the
-        same, but left uninitialised, for weights loaded from a checkpoint. ``False``: the whole model on the CPU.
-        """
+        """Where ``configure_model`` and ``trainer.init_module(empty_init=...)`` build the model: by default on the
+        meta device, recorded, each rank then materializing only its stage as one device would build it (see
+        `lightning_gpipe.model.deferred`); ``True``: the same, uninitialised (for loaded weights); ``False``: on CPU."""
         if empty_init is False:
             with torch.device("cpu"), self.precision_plugin.tensor_init_context():
                 yield
@@ -259,7 +259,7 @@ class GPipeStrategy(PipelineProcesses):
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         # The hooks around the optimizer step run on each stage, where self.parameters() is the stage's alone.
         assert self._run is not None
-        with parameters_refused_on_stages(self, self._run, "optimizer_step"):
+        with parameters_refused_on_stages(self, self._run, "optimizer_step"), self._run.optimizer_stepping():
             once = closure if self.topology.k == 1 else ClosureOnce(closure, optimizer)
             return super().optimizer_step(optimizer, once, model, **kwargs)
 
@@ -292,7 +292,7 @@ class GPipeStrategy(PipelineProcesses):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """This stage's entries of the whole module's state dict."""
         assert self.lightning_module is not None
-        saving.load_module_state(self.lightning_module, checkpoint, strict, partitioned=self._kept.balance is not None)
+        saving.load_module_state(self, self._kept, checkpoint, strict)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
