@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import (
@@ -76,6 +77,8 @@ def _sharded() -> list[dict]:
         _dp("none_to_full", 2, 2, resume_from="e1", strategy={"shard": "full"}),
         _dp("full_sharded_e1", 2, 2, epochs=1, save=True, strategy={"shard": "full", "state_dict_type": "sharded"}),
         _dp("full_from_sharded", 2, 2, resume_from="full_sharded_e1", strategy={"shard": "full"}),
+        {**_dp("gradnorm_none", 2, 2), "model_class": "PipelineGradNorm"},  # reads the gradients whole: all-reduce
+        {**_dp("gradnorm_full", 2, 2, strategy={"shard": "full"}), "model_class": "PipelineGradNorm"},
         {**_dp("tied_full", 2, 2, data={"classes": 8}, strategy={"shard": "full"}, expect_error=True),
          "model_class": "TiedClassifier"},
         _dp("observed_full", 2, 2, tensorboard=True, trainer={"max_steps": 3}, accumulate=1,
@@ -256,7 +259,8 @@ def test_average_of_gradients_that_only_some_replicas_have(monkeypatch):
 
 @pytest.mark.parametrize("name", ["shard_optimizer", "shard_full", "adamw_none", "adamw_optimizer", "adamw_full"])
 def test_each_shard_mode_trains_as_ddp(name, d2k2, two):
-    """Parameters and logs as DDP's on 2 devices, and as the same pipeline with shard='none'."""
+    """Parameters and logs as DDP's on 2 devices, and as the same pipeline with shard='none' (each replica receives
+    its share of the averaged gradients by reduce-scatter, and clipping takes the norm of the shares)."""
     ranks = d2k2[1][name]
     adamw = name.startswith("adamw")
     ddp, unsharded = two["adamw" if adamw else "ddp"], d2k2[1]["adamw_none" if adamw else "whole"]
@@ -305,3 +309,39 @@ def test_observed_steps_report_one_gather_of_the_parameters(d2k2):
     for step, stage in [(1, 0), (1, 1), (2, 0), (2, 1)]:
         assert kinds.count((step, stage, "allgather")) == (step == 1), (step, stage)
         assert kinds.count((step, stage, "forward")) == 3, (step, stage)  # M=3 micro-batches
+
+
+def test_gradients_read_by_user_code_are_averaged_whole(d2k2):
+    """A hook that reads the gradients (grad_norm in on_before_optimizer_step) sees them whole and averaged under
+    shard='full' too, as under 'none': the replicas all-reduce them."""
+    full, none = d2k2[1]["gradnorm_full"], d2k2[1]["gradnorm_none"]
+    assert_same_params(full_params(full), full_params(none))
+    for got, expected in zip(full, none):
+        assert_same_logs(got["logged"], expected["logged"])
+    assert any("grad_2.0_norm_total" in record[1] for record in full[0]["logged"]), full[0]["logged"][:3]
+
+
+def test_what_reads_the_gradients_is_named(caplog):
+    """The code that makes the replicas all-reduce a sharded stage's gradients, named in the log; nothing for a
+    module and callbacks that leave them alone."""
+    from _model import Classifier, PipelineGradNorm
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_gpipe.integration.build import _gradients_read
+
+    class Reads(Callback):
+        def on_after_backward(self, trainer, module):
+            pass
+
+    strategy = GPipeStrategy(data_parallel_size=2, shard="optimizer")
+    plain = L.Trainer(logger=False, enable_checkpointing=False, gradient_clip_val=0.5)
+    assert not _gradients_read(strategy, plain, Classifier())
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, callbacks=[Reads()], gradient_clip_val=0.5,
+                        gradient_clip_algorithm="value")  # fmt: skip
+    with caplog.at_level("INFO"):
+        assert _gradients_read(strategy, trainer, PipelineGradNorm())
+    assert (
+        "GPipeStrategy(shard='optimizer'): the replicas average each stage's gradients whole (all-reduce), since"
+        " PipelineGradNorm.on_before_optimizer_step, Reads.on_after_backward, gradient_clip_algorithm='value' may"
+        " read them; without such code each replica receives its share alone (reduce-scatter, half the traffic)"
+    ) in caplog.text

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_gpipe.instrument.timeline import Timeline
-from lightning_gpipe.parallel.shard import StageShards, _bounds, check_elementwise
+from lightning_gpipe.parallel.shard import GradientScatter, StageShards, _bounds, check_elementwise
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
@@ -26,8 +26,9 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
 
 
-def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, shards, rank: int) -> None:
-    """Three steps on this replica's data, gradients averaged over two replicas as the strategy does."""
+def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, shards, rank: int, scatter: bool = False) -> None:
+    """Three steps on this replica's data, gradients averaged over two replicas as the strategy does: all-reduced
+    whole, or (``scatter``) each replica receiving its share alone."""
     for step in range(3):
         generator = torch.Generator().manual_seed(10 * step + rank)
         x, y = torch.randn(4, 3, generator=generator), torch.randn(4, 1, generator=generator)
@@ -38,8 +39,15 @@ def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, shards, rank: int
             optimizer.zero_grad()
             loss = ((model(x) - y) ** 2).mean()
             loss.backward()
-            if shards is not None:
-                for p in model.parameters():
+            params = list(model.parameters())
+            if scatter:
+                average = GradientScatter(shards)
+                average.start(params, [p.grad for p in params])
+                assert average.finish() == [None] * len(params)
+                for p in params:
+                    p.grad = None
+            elif shards is not None:
+                for p in params:
                     dist.all_reduce(p.grad.div_(2))
             return loss
 
@@ -55,7 +63,7 @@ def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, shards, rank: int
                 optimizer.step(closure)
 
 
-CASES = [("sgd", False), ("adamw", True), ("adagrad", False)]
+CASES = [("sgd", False, False), ("adamw", True, True), ("adagrad", False, True)]  # optimizer, full, scatter
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -63,13 +71,13 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        for name, full in CASES:
-            _case(rank, name, full, out)
+        for name, full, scatter in CASES:
+            _case(rank, name, full, scatter, out)
     finally:
         dist.destroy_process_group()
 
 
-def _case(rank: int, name: str, full: bool, out: str) -> None:
+def _case(rank: int, name: str, full: bool, scatter: bool, out: str) -> None:
     model = _model()
     optimizer = OPTIMIZERS[name](list(model.parameters()))
     params = list(model.parameters())
@@ -77,7 +85,7 @@ def _case(rank: int, name: str, full: bool, out: str) -> None:
     if full:  # between steps only this replica's elements are held, and the module holds placeholders
         assert all(p.untyped_storage().nbytes() == 0 for p in params)
         assert all(p.is_meta and p.shape == q.shape for p, q in zip(model.parameters(), params))
-    _steps(model, optimizer, shards, rank)
+    _steps(model, optimizer, shards, rank, scatter)
     held = [p.untyped_storage().nbytes() for p in params]
     placed = [p is q for p, q in zip(model.parameters(), params)]
     state = shards.state_dict()
@@ -97,8 +105,8 @@ def stepped(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name,full", CASES)
-def test_shards_step_as_the_whole_optimizer(name, full, stepped):
+@pytest.mark.parametrize("name,full,scatter", CASES)
+def test_shards_step_as_the_whole_optimizer(name, full, scatter, stepped):
     model = _model()
     optimizer = OPTIMIZERS[name](list(model.parameters()))
     _steps(model, optimizer, None, 0)

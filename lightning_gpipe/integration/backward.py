@@ -142,6 +142,9 @@ def clip_grad_by_global_norm(
     topology: Any, run: Any, device: torch.device, optimizer: Optimizer, clip_val: Union[int, float]
 ) -> None:
     """``clip_grad_norm_`` with the 2-norm taken over every stage's gradients."""
+    if run.shards is not None and run.shards.scattered is not None:  # each replica holds its share of them
+        _clip_shares(run.shards, device, clip_val)
+        return
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     local = torch.zeros((), dtype=torch.float32, device=device)
     for p in params:  # a tied parameter's summed gradient counts once, on the first of its stages
@@ -152,6 +155,19 @@ def clip_grad_by_global_norm(
     coef = torch.clamp(clip_val / (local.sqrt() + 1e-6), max=1.0)
     for p in params:
         p.grad.mul_(coef.to(p.grad.dtype))
+
+
+def _clip_shares(shards: Any, device: torch.device, clip_val: Union[int, float]) -> None:
+    """Norm clipping of gradients split over the replicas: every rank's shares together make up every stage's
+    gradients once (ties are refused with shards), so one all-reduce over all ranks gives the squared norm."""
+    grads = [g for g in shards.scattered.values() if g is not None]
+    local = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        local += torch.linalg.vector_norm(g, 2, dtype=torch.float32) ** 2
+    dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    coef = torch.clamp(clip_val / (local.sqrt() + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
 
 
 def loss_problem(output: Any, where: str) -> Optional[Exception]:

@@ -9,10 +9,11 @@ from functools import partial
 from typing import Any, Optional, Union
 
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
@@ -60,7 +61,7 @@ from lightning_gpipe.model.partition import (
 from lightning_gpipe.model.tied import TiedGradients, find_ties, tied_names
 from lightning_gpipe.parallel.collectives import all_gather_object, together
 from lightning_gpipe.parallel.replicas import GradientAverager
-from lightning_gpipe.parallel.shard import StageShards, check_elementwise
+from lightning_gpipe.parallel.shard import GradientScatter, StageShards, check_elementwise
 from lightning_gpipe.patching import patched
 from lightning_gpipe.schedule.interleaved import check_interleaved
 
@@ -104,6 +105,8 @@ def open_run(strategy: Any, trainer: Trainer, kept: Kept) -> PipelineRun:
             _optimizers_to_device(strategy.optimizers, strategy.root_device)
         if fitting and config.shard != "none":
             run.shards = _shards(strategy, run)
+            if not _gradients_read(strategy, trainer, module):  # each replica receives its share alone
+                run.averager = GradientScatter(run.shards)
         _patch_lightning(strategy, trainer, run)
         if topology.k > 1:  # what batch-end and epoch-end hooks take over the parameters, rank 0 would log
             patches.enter_context(parameters_refused_in_end_hooks(module, seq))
@@ -264,6 +267,30 @@ def _shards(strategy: Any, run: PipelineRun) -> StageShards:
     full = config.shard == "full"
     group, timeline = topology.replica_group, run.executor.timeline
     return StageShards(optimizer, run.module, group, topology.d, topology.replica, full, timeline)
+
+
+def _gradients_read(strategy: Any, trainer: Trainer, module: LightningModule) -> bool:
+    """Whether user code may read the whole averaged gradients before the optimizer step (so that the replicas
+    all-reduce them, rather than each receiving its share by reduce-scatter): the module's or a callback's
+    on_after_backward or on_before_optimizer_step, a module's configure_gradient_clipping, clipping by value."""
+    hooks = ("on_after_backward", "on_before_optimizer_step")
+    readers = [
+        f"{type(module).__name__}.{hook}"
+        for hook in (*hooks, "configure_gradient_clipping")
+        if is_overridden(hook, module, LightningModule)
+    ]
+    readers += [
+        f"{type(c).__name__}.{hook}" for c in trainer.callbacks for hook in hooks if is_overridden(hook, c, Callback)
+    ]
+    if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
+        readers.append("gradient_clip_algorithm='value'")
+    if readers:
+        rank_zero_info(
+            f"GPipeStrategy(shard={strategy.config.shard!r}): the replicas average each stage's gradients whole"
+            f" (all-reduce), since {', '.join(readers)} may read them; without such code each replica receives its"
+            " share alone (reduce-scatter, half the traffic)"
+        )
+    return bool(readers)
 
 
 def _check_interleaved(k: int, config: Any) -> None:

@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from lightning_gpipe.instrument.timeline import Timeline
 from lightning_gpipe.patching import patched
 
-__all__ = ["SHARD_MODES", "ELEMENTWISE", "StageShards", "check_elementwise"]
+__all__ = ["SHARD_MODES", "ELEMENTWISE", "StageShards", "GradientScatter", "check_elementwise"]
 
 #: ``none``: every replica holds the whole stage (today's replicas); ``optimizer``: the optimizer state split
 #: (ZeRO-1); ``full``: parameters and gradients too, between steps.
@@ -43,8 +43,9 @@ ELEMENTWISE: tuple[type[Optimizer], ...] = (
 #: State entries of those optimizers that are one number per parameter, not one per element.
 _SCALAR_STATE = ("step", "mu_product")
 
-# all_gather_single is all_gather_into_tensor's name from torch 2.13 on.
+# all_gather_single and reduce_scatter_single are the names from torch 2.13 on.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def check_elementwise(optimizer: Optimizer, mode: str) -> None:
@@ -84,6 +85,9 @@ class StageShards:
             own = flat[lo:hi].clone() if full or not p.is_contiguous() else flat[lo:hi]
             self._shards[id(p)] = nn.Parameter(own, requires_grad=p.requires_grad)
         self.gathered = True
+        #: This replica's elements of the averaged gradients, by parameter id, when :class:`GradientScatter`
+        #: averaged them (``None`` for a parameter no replica had a gradient for); ``None`` otherwise.
+        self.scattered: Optional[dict[int, Optional[Tensor]]] = None
         self.shard_state()
         if full:
             self.release()
@@ -145,6 +149,7 @@ class StageShards:
         finally:
             if swapped:
                 self._swap(to_shards=False)
+        self.scattered = None
         if not swapped:  # no step was taken: the parameters are as they were
             return
         if self.full:
@@ -243,7 +248,10 @@ class StageShards:
         for p in self.params:
             lo, hi = self._bounds[id(p)]
             s = shard[id(p)]
-            s.grad = p.grad.reshape(-1)[lo:hi] if to_shards and p.grad is not None else None
+            if self.scattered is not None:  # this replica's elements of the average, already
+                s.grad = self.scattered[id(p)] if to_shards else None
+            else:
+                s.grad = p.grad.reshape(-1)[lo:hi] if to_shards and p.grad is not None else None
 
     def _whole(self, value: Tensor, p: Tensor) -> Tensor:
         c = math.ceil(p.numel() / self.d)
@@ -251,6 +259,64 @@ class StageShards:
         every = torch.empty(self.d * c, dtype=value.dtype, device=value.device)
         _all_gather(every, mine, group=self.group)
         return every[: p.numel()]
+
+
+class GradientScatter:
+    """The replicas' average of a sharded stage's gradients by reduce-scatter, as :class:`~lightning_gpipe.parallel.
+    replicas.GradientAverager` averages them (each replica divides by D, the sum over replicas, a count of the
+    replicas that had each gradient) but at half an all-reduce's traffic: each replica receives only its own
+    elements, into :attr:`StageShards.scattered`, and the whole gradients are dropped. The same interface as
+    ``GradientAverager``; the optimizer's parameters are the ones averaged."""
+
+    def __init__(self, shards: StageShards) -> None:
+        self.shards = shards
+        self._pending: list[tuple[Any, Tensor, list[Tensor]]] = []
+        self._count = 0
+
+    @property
+    def started(self) -> bool:
+        return bool(self._pending)
+
+    def start(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> None:
+        """Post the reduce-scatter of ``grads`` (``None`` where this replica has none) of ``params``."""
+        if self._pending:
+            raise RuntimeError("GradientScatter.start: the previous average was not finished")
+        self._count = len(params)
+        given = {id(p): g for p, g in zip(params, grads)}
+        d = self.shards.d
+        for bucket in _buckets(self.shards.params).values():
+            sizes = [math.ceil(p.numel() / d) for p in bucket]
+            total = sum(sizes)
+            # Row r goes to replica r: its elements of every parameter, each padded to ceil(n / D), then the counts.
+            flat = torch.zeros(d, total + len(bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+            offset = 0
+            for j, (p, c) in enumerate(zip(bucket, sizes)):
+                g = given.get(id(p))
+                if g is not None:
+                    flat[:, offset : offset + c] = torch.nn.functional.pad(g.reshape(-1), (0, d * c - p.numel())).view(d, c)
+                    flat[:, total + j] = 1
+                offset += c
+            flat[:, :total].div_(d)
+            mine = torch.empty(total + len(bucket), dtype=flat.dtype, device=flat.device)
+            work = _reduce_scatter(mine, flat.view(-1), group=self.shards.group, async_op=True)
+            self._pending.append((work, mine, bucket))
+
+    def finish(self) -> list[Optional[Tensor]]:
+        """Wait for the averages, put this replica's elements into :attr:`StageShards.scattered`; ``None`` for
+        every parameter given to :meth:`start` (the whole gradients are not kept)."""
+        scattered: dict[int, Optional[Tensor]] = {}
+        with self.shards.timeline.span("allreduce"):
+            for work, mine, bucket in self._pending:
+                work.wait()
+                counts = mine[mine.numel() - len(bucket) :].tolist()
+                offset = 0
+                for p, count in zip(bucket, counts):
+                    lo, hi = _bounds(p.numel(), self.shards.d, self.shards.replica)
+                    scattered[id(p)] = mine[offset : offset + hi - lo] if count else None
+                    offset += math.ceil(p.numel() / self.shards.d)
+        self._pending = []
+        self.shards.scattered = scattered
+        return [None] * self._count
 
 
 def _bounds(n: int, d: int, replica: int) -> tuple[int, int]:
