@@ -12,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lightning_gpipe.advisor.choose import format_bytes
+
 Key = tuple[str, int, int, str]  # impl, k, m, checkpoint
 #: The issue's goals: gpipe/torch_gpipe (and what it aims at), efficiency/theory, gpipe/executor,
 #: activation always/never and time always/never for stages of at least ``MIN_LAYERS`` layers.
@@ -207,6 +209,10 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _fmt_bytes(n: float | None) -> str:
+    return "n/a" if n is None else format_bytes(n)
+
+
 def _mib(n: float | None) -> str:
     return _fmt(None if n is None else n / 2**20, ".1f")
 
@@ -266,6 +272,37 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _data_parallel_table(rows: list[dict], ddp: dict) -> list[str]:
+    """DDP on K processes beside this strategy on the same processes, each at its best M: one pipeline, D
+    replicas of K/D stages, and the same with each stage's training state split over its replicas."""
+    k = ddp["k"]
+
+    def best(impl: str) -> dict | None:
+        found = [r for r in rows if (r["impl"], r["k"], r["checkpoint"]) == (impl, k, "never")]
+        return max(found, key=lambda r: r["samples_per_s"], default=None)
+
+    lines = [
+        f"Data parallelism on K={k} processes, each row at its best M: training state is the most one process held"
+        " between steps (parameters, gradients, optimizer state).",
+        "",
+        "| row | M | samples/s | peak RSS MiB per process | training state per process |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, row in [
+        ("ddp (the whole model, batch / K each)", ddp),
+        (f"gpipe ({k} stages)", best("gpipe")),
+        ("gpipe_dp ({d} replicas of {s} stages)", best("gpipe_dp")),
+        ("gpipe_fsdp ({d} replicas of {s} stages, shard='full')", best("gpipe_fsdp")),
+    ]:
+        if row is not None:
+            name = label.format(d=row.get("dp", 1), s=k // row.get("dp", 1))
+            lines.append(
+                f"| {name} | {row['m']} | {row['samples_per_s']:.0f} | {_mib(row['rss_max_bytes'])} |"
+                f" {_fmt_bytes(row.get('state_max_bytes'))} |"
+            )
+    return [*lines, ""]
+
+
 def _overview_table(rows: list[dict]) -> list[str]:
     """Samples per second of every implementation, bubble and activation memory, one line per (K, M)."""
     by = {(r["impl"], r["k"], r["m"], r["checkpoint"]): r for r in rows if r["impl"] not in ALONE}
@@ -289,28 +326,7 @@ def _overview_table(rows: list[dict]) -> list[str]:
             "",
         ]
     for ddp in sorted((r for r in rows if r["impl"] == "ddp"), key=lambda r: r["k"]):
-        pipelined = [r for r in rows if (r["impl"], r["k"], r["checkpoint"]) == ("gpipe", ddp["k"], "never")]
-        best = max(pipelined, key=lambda r: r["samples_per_s"], default=None)
-        replicas = [r for r in rows if (r["impl"], r["k"]) == ("gpipe_dp", ddp["k"])]
-        replicated = max(replicas, key=lambda r: r["samples_per_s"], default=None)
-        lines.append(
-            f"ddp (K={ddp['k']} processes, each the whole model and batch / K): {ddp['samples_per_s']:.0f} samples/s,"
-            f" peak RSS {_mib(ddp['rss_max_bytes'])} MiB per process"
-            + (
-                f"; gpipe at its best M ({best['m']}): {best['samples_per_s']:.0f} samples/s, peak RSS"
-                f" {_mib(best['rss_max_bytes'])} MiB per process"
-                if best
-                else ""
-            )
-            + (
-                f"; gpipe_dp ({replicated['dp']} replicas of {ddp['k'] // replicated['dp']} stages) at its best M"
-                f" ({replicated['m']}): {replicated['samples_per_s']:.0f} samples/s, peak RSS"
-                f" {_mib(replicated['rss_max_bytes'])} MiB per process."
-                if replicated
-                else "."
-            )
-        )
-        lines.append("")
+        lines += _data_parallel_table(rows, ddp)
     lines += [
         (
             "| K | M | micro-batch | samples/s: gpipe never | gpipe always | executor | torch_gpipe | torch_1f1b |"

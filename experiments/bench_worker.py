@@ -40,7 +40,7 @@ from lightning_gpipe import GPipeStrategy
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import merge, split
 from lightning_gpipe.engine.p2p import StageLink
-from lightning_gpipe.instrument.memory import ActivationMeter
+from lightning_gpipe.instrument.memory import ActivationMeter, state_bytes
 from lightning_gpipe.instrument.timeline import bubble
 from lightning_gpipe.schedule import GPipe, Interleaved1F1B, OneFOneB, Schedule, simulate
 
@@ -143,6 +143,7 @@ class Measured:
     activation: list[int]  # this rank's peak saved-activation bytes, per observed step
     activation_stages: list[int] | None = None  # filled on rank 0 when it already knows every stage's peak
     cpu: list[float] = field(default_factory=list)  # this process's CPU seconds (all its threads) per timed step
+    state: int = 0  # the most training-state bytes (parameters, gradients, optimizer) held right after a step
 
 
 def _sync(device: torch.device) -> None:
@@ -184,6 +185,7 @@ class _StepClock(L.Callback):
         self.ends: list[float] = []
         self.cpu_ends: list[float] = []
         self.peaks: list[int] = []
+        self.state = 0
         self._saving = ExitStack()  # the meter's hooks, from the start of an observed step to its end
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -191,19 +193,25 @@ class _StepClock(L.Callback):
             self.meter.start(module.parameters())
             self._saving.enter_context(self.meter.saving())
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.meter is not None and self.meter.active:
             self._saving.close()
             self.peaks.append(self.meter.stop())
         _sync(self.ctx.device)
         self.ends.append(time.perf_counter())
         self.cpu_ends.append(time.process_time())
+        if self.ctx.observed(batch_idx):  # an untimed step: what the process holds after it, between steps
+            shards = getattr(getattr(trainer.strategy, "_run", None), "shards", None)
+            held = state_bytes(module, trainer.optimizers, shards.shard_parameters() if shards is not None else ())
+            self.state = max(self.state, held)
 
     def measured(self, bubbles: list[float] | None = None, stages: list[int] | None = None) -> Measured:
         """What the fit measured; ``stages``: every stage's activation peak, where this rank knows them."""
         return Measured(
             self.ctx.timed_durations(self.ends), bubbles, [max(stages)] if stages else self.peaks, stages,
-            self.ctx.timed_durations(self.cpu_ends),
+            self.ctx.timed_durations(self.cpu_ends), self.state,
         )  # fmt: skip
 
 
@@ -283,6 +291,7 @@ def run_gpipe(ctx: Context, row: dict) -> Measured:
         observe_every_n_steps=ctx.observe_every,
         data_parallel_size=d,
         virtual_stages=v if v > 1 else None,
+        shard=row.get("shard", "none"),
     )
     per = ctx.batch // d
     shard = slice(ctx.rank // k * per, (ctx.rank // k + 1) * per)  # this replica's share
@@ -382,6 +391,7 @@ RUNNERS: dict[str, Callable[[Context, dict], Measured]] = {
     "single_raw": run_single_raw,
     "gpipe": run_gpipe,
     "gpipe_dp": run_gpipe,
+    "gpipe_fsdp": run_gpipe,
     "gpipe_1f1b": run_gpipe,
     "executor": run_executor,
     "ddp": run_ddp,
@@ -444,6 +454,7 @@ def measure_row(ctx: Context, row: dict) -> dict | None:
         "cpu": statistics.median(measured.cpu) if measured.cpu else None,
         "rss": _peak_rss(),
         "cuda": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,
+        "state": measured.state,
     }
     ranks = _gather(local, ctx)
     _barrier(ctx)
@@ -457,6 +468,7 @@ def measure_row(ctx: Context, row: dict) -> dict | None:
         "rss": max(r["rss"] for r in ranks),
         "cuda": None if ctx.device.type != "cuda" else max(r["cuda"] for r in ranks),
         "cpu": [r["cpu"] for r in ranks],
+        "state": max(r["state"] for r in ranks),
     }
 
 
@@ -502,6 +514,7 @@ def combine(row: dict, runs: list[dict], batch: int, forward_s: float = 0.0) -> 
         "activation_bytes_max": max(stages),
         "activation_bytes_stages": stages,
         "rss_max_bytes": max(run["rss"] for run in runs),
+        "state_max_bytes": max(run["state"] for run in runs),  # the most any process held between steps
         # each process's CPU time per timed step, all its threads (gloo's included): the median over rounds of
         # each round's median; a slower machine phase changes it far less than the step's time
         "cpu_step_s_ranks": [statistics.median(column) for column in zip(*(run["cpu"] for run in runs))],

@@ -4,7 +4,8 @@ On one machine, with one model, batch and optimizer, measures ``single`` (plain 
 all threads), ``single_raw`` (a plain PyTorch loop, the same threads), ``gpipe`` (GPipeStrategy), ``executor``
 (this project's executor without Lightning), ``torch_gpipe`` / ``torch_1f1b`` (torch.distributed.pipelining), and
 ``ddp`` (Lightning's DDP on the same K processes and global batch: data parallelism, for comparison),
-``gpipe_dp`` (on 4 or more processes: two data-parallel replicas of a K/2-stage pipeline, each on half the batch).
+``gpipe_dp`` (on 4 or more processes: two data-parallel replicas of a K/2-stage pipeline, each on half the batch),
+``gpipe_fsdp`` (the same with ``shard="full"``: each stage's training state split over its two replicas).
 Each K starts its K processes once and runs all of its rows in them; ``single`` and ``single_raw`` run in
 every K group too, on rank 0 with every core while the other ranks wait, so that Lightning's own cost is
 measured in the same minutes as the pipelines it is compared with. Written to DIR: ``benchmark.json``,
@@ -177,6 +178,7 @@ def plan(cfg: Config) -> dict[int, list[dict]]:
                 rows += [{"impl": impl, "k": k, "m": m, "checkpoint": "never"} for impl in INTERLEAVED]
             if k >= 4 and k % DP == 0 and (cfg.batch // DP) % m == 0:  # D x K/D on the same processes
                 rows.append({"impl": "gpipe_dp", "k": k, "m": m, "checkpoint": "never", "dp": DP})
+                rows.append({"impl": "gpipe_fsdp", "k": k, "m": m, "checkpoint": "never", "dp": DP, "shard": "full"})
     return dict(sorted(groups.items()))
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
@@ -32,6 +31,7 @@ from _model import RecordingLogger, StepRecorder  # noqa: E402
 from lightning.pytorch.callbacks import BatchSizeFinder, EMAWeightAveraging, ModelCheckpoint, ModelSummary  # noqa: E402
 
 from lightning_gpipe import GPipeStrategy  # noqa: E402
+from lightning_gpipe.instrument.memory import state_bytes  # noqa: E402
 from lightning_gpipe.model.partition import stage_view  # noqa: E402
 
 
@@ -132,17 +132,9 @@ def _held(model: L.LightningModule) -> dict:
 
 
 def _state_bytes(module: L.LightningModule, trainer: L.Trainer) -> int:
-    """The bytes of the training state this rank holds: parameters, gradients, optimizer state and, with
-    GPipeStrategy(shard=...), its share of the parameters; each storage once."""
-    tensors = [p for _, p in nn.Module.named_parameters(module)]
-    tensors += [p.grad for p in tensors if p.grad is not None]
-    for optimizer in trainer.optimizers:
-        tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    """The training state this rank holds, with GPipeStrategy(shard=...) its share of the parameters too."""
     shards = getattr(getattr(trainer.strategy, "_run", None), "shards", None)
-    if shards is not None:
-        tensors += shards.shard_parameters()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if not t.is_meta}
-    return sum(storages.values())
+    return state_bytes(module, trainer.optimizers, shards.shard_parameters() if shards is not None else ())
 
 
 def run(scenario: dict, out: Path) -> None:

@@ -213,6 +213,7 @@ def test_an_emulated_block_takes_its_configured_time():
         ({"impl": "gpipe_interleaved", "k": 4, "m": 4, "checkpoint": "never"}, 5.5 * 3.0 / 16),  # M + (K-1)/v slots
         ({"impl": "ddp", "k": 2, "m": 1, "checkpoint": "never"}, 1.5),
         ({"impl": "gpipe_dp", "k": 4, "m": 8, "checkpoint": "never", "dp": 2}, 9 * 3.0 / 32),  # 2 x K=2, half batch
+        ({"impl": "gpipe_fsdp", "k": 4, "m": 8, "checkpoint": "never", "dp": 2, "shard": "full"}, 9 * 3.0 / 32),
     ],
 )
 def test_emulated_limits(row, seconds):
@@ -239,6 +240,11 @@ def test_emulated_quick_run(emulated):
     replicated = rows[("gpipe_dp", 4, 4, "never")]  # two replicas of two stages on the four processes, half the batch each
     assert (replicated["dp"], replicated["microbatch_size"]) == (2, emulated["config"]["batch"] // (2 * 4))
     assert replicated["bubble_theory"] == pytest.approx(1 / 5)
+    # the same with each stage's state split over its two replicas: after a step, a process holds its half of the
+    # parameters and no gradients (plain SGD keeps no state), a quarter of what gpipe_dp's hold
+    sharded = rows[("gpipe_fsdp", 4, 4, "never")]
+    assert (sharded["dp"], sharded["shard"], sharded["microbatch_size"]) == (2, "full", replicated["microbatch_size"])
+    assert 0 < sharded["state_max_bytes"] <= 0.3 * replicated["state_max_bytes"], (sharded, replicated)
     forward_s = emulated["config"]["emulate_ms"] / 1e3
     for row in rows.values():
         assert row["limit_samples_per_s"] == pytest.approx(emulated["config"]["batch"] / limit_step_s(row, forward_s))

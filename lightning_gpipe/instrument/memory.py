@@ -8,15 +8,26 @@ from contextlib import contextmanager, nullcontext
 from typing import ContextManager, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["ActivationMeter", "tensor_bytes", "optimizer_state_bytes", "host_peak_bytes"]
+__all__ = ["ActivationMeter", "tensor_bytes", "optimizer_state_bytes", "host_peak_bytes", "state_bytes"]
 
 _Key = tuple[int, int, torch.dtype]
 
 
 def tensor_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def state_bytes(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer], extra: Iterable[Tensor] = ()) -> int:
+    """The training state a process holds: ``module``'s parameters and their gradients, the optimizers' state, and
+    ``extra`` tensors (a sharded stage's own elements); the bytes of each storage once, none of the placeholders
+    on the meta device."""
+    params = [p for _, p in nn.Module.named_parameters(module)]  # never a refusal (integration.contract)
+    tensors = [*params, *(p.grad for p in params if p.grad is not None), *extra]
+    tensors += [v for o in optimizers for state in o.state.values() for v in state.values() if isinstance(v, Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if not t.is_meta}
+    return sum(storages.values())
 
 
 def host_peak_bytes() -> Optional[int]:

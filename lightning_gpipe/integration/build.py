@@ -288,7 +288,7 @@ def _gradients_read(strategy: Any, trainer: Trainer, module: LightningModule) ->
         rank_zero_info(
             f"GPipeStrategy(shard={strategy.config.shard!r}): the replicas average each stage's gradients whole"
             f" (all-reduce), since {', '.join(readers)} may read them; without such code each replica receives its"
-            " share alone (reduce-scatter, half the traffic)"
+            " share alone (reduce-scatter)"
         )
     return bool(readers)
 

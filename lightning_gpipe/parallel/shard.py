@@ -72,9 +72,10 @@ class StageShards:
         self.timeline = timeline
         self.params: list[Tensor] = list({id(p): p for g in optimizer.param_groups for p in g["params"]}.values())
         # Where each parameter sits in the module, and its placeholder there while it is freed.
+        ids = {id(p) for p in self.params}
         self._owners = [
             (owner, name, p, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
-            for owner in module.modules() for name, p in owner._parameters.items() if id(p) in {id(q) for q in self.params}
+            for owner in module.modules() for name, p in owner._parameters.items() if id(p) in ids
         ]  # fmt: skip
         self._bounds = {id(p): _bounds(p.numel(), d, replica) for p in self.params}
         self._shards: dict[int, nn.Parameter] = {}
