@@ -144,3 +144,16 @@ def test_only_elementwise_optimizers_are_split():
         " optimizer's arithmetic only for an elementwise step; LBFGS is not one of SGD, Adam, AdamW, Adamax, NAdam,"
         " RAdam, RMSprop, Rprop, Adagrad, Adadelta: use one of them, or shard='none'"
     )
+
+
+def test_full_refuses_buffers_that_live_in_a_parameters_storage():
+    """shard='full' frees the parameters' storage between steps, which would free such a buffer with it."""
+    layer = nn.Linear(2, 2)
+    layer.register_buffer("first_row", layer.weight.detach()[0])
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with pytest.raises(ValueError) as error:
+        StageShards(optimizer, layer, None, 2, 0, True, Timeline(0))
+    assert str(error.value) == (
+        "GPipeStrategy(shard='full') frees each parameter's storage between steps, and the buffers first_row live in"
+        " a parameter's storage: use shard='optimizer' or 'none'"
+    )

@@ -77,6 +77,8 @@ class StageShards:
             (owner, name, p, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
             for owner in module.modules() for name, p in owner._parameters.items() if id(p) in ids
         ]  # fmt: skip
+        if full:
+            _check_storage_unshared(module, self.params)
         self._bounds = {id(p): _bounds(p.numel(), d, replica) for p in self.params}
         self._shards: dict[int, nn.Parameter] = {}
         self._nbytes = {id(p): p.untyped_storage().nbytes() for p in self.params}
@@ -318,6 +320,17 @@ class GradientScatter:
         self._pending = []
         self.shards.scattered = scattered
         return [None] * self._count
+
+
+def _check_storage_unshared(module: nn.Module, params: Sequence[Tensor]) -> None:
+    """``full`` frees the parameters' storage between steps: no buffer may live in it."""
+    stored = {p.untyped_storage().data_ptr() for p in params if p.numel()}
+    shared = [n for n, b in module.named_buffers() if b.numel() and b.untyped_storage().data_ptr() in stored]
+    if shared:
+        raise ValueError(
+            f"GPipeStrategy(shard='full') frees each parameter's storage between steps, and the buffers"
+            f" {', '.join(shared)} live in a parameter's storage: use shard='optimizer' or 'none'"
+        )
 
 
 def _bounds(n: int, d: int, replica: int) -> tuple[int, int]:
