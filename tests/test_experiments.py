@@ -243,14 +243,14 @@ ADVISE = ROOT / "experiments" / "advise.py"
 
 
 def test_advise_predicts_the_emulated_device_within_ten_percent(tmp_path):
-    """advise.py on the emulated device (timed waits that hold no CPU): its table, its recommendation, and two
-    verified M whose measured samples per second are within 10% of the predicted. The grid of K 2 and 4, M 1, 4
+    """advise.py on the emulated device (timed waits that hold no CPU): its table, its recommendation, and a
+    verified M=8 whose measured samples per second are within 10% of the predicted. The grid of K 2 and 4, M 1, 4
     and 8, both re-materialization modes, is measured in the docs' advisor guide: each train.py run costs this
-    suite about 14 s."""
+    suite 14 s and more, and the bubble's arithmetic at every M is tests/test_advisor.py's."""
     # Four blocks and a 320 ms forward: each block waits 10 ms forward at M=8, long against a busy host's wake-up
     # delays (at 1 ms waits, one CI run's profile read 17% slow).
     command = [sys.executable, str(ADVISE), "model=emulated", "model.depth=4", "model.forward_ms=320", "k=2",
-               "verify=true", "verify_m=[1,8]", "rows=0",
+               "verify=true", "verify_m=[8]", "rows=0",
                "verify_steps=12", "schedules=[gpipe]", "checkpoints=[except_last]", f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=fresh_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -261,8 +261,8 @@ def test_advise_predicts_the_emulated_device_within_ten_percent(tmp_path):
     recommended = "Recommended: python experiments/train.py model=emulated model.depth=4 model.forward_ms=320 k=2 m="
     assert any(line.startswith(recommended) for line in lines)
     verified = [line.split(" | ") for line in lines if re.match(r"\| M=\d+ except_last gpipe \|", line)]
-    assert [row[0] for row in verified[-2:]] == ["| M=1 except_last gpipe", "| M=8 except_last gpipe"]
-    for row in verified[-2:]:
+    assert [row[0] for row in verified[-1:]] == ["| M=8 except_last gpipe"]
+    for row in verified[-1:]:
         ratio = float(row[3])  # measured / predicted samples per second
         assert 0.9 <= ratio <= 1.1, row
         assert row[6] == row[7].rstrip(" |"), row  # predicted and measured peak memory per stage
