@@ -75,6 +75,7 @@ def _sharded() -> list[dict]:
         _dp("full_e1", 2, 2, epochs=1, save=True, strategy={"shard": "full"}),
         _dp("full_to_optimizer", 2, 2, resume_from="full_e1", strategy={"shard": "optimizer"}),
         _dp("none_to_full", 2, 2, resume_from="e1", strategy={"shard": "full"}),
+        {**_dp("1f1b_full", 2, 2, strategy={"schedule": "1f1b", "shard": "full"}), "model_class": "MeanStepScheduled"},
         {**_dp("gradnorm_none", 2, 2), "model_class": "PipelineGradNorm"},  # reads the gradients whole: all-reduce
         {**_dp("gradnorm_full", 2, 2, strategy={"shard": "full"}), "model_class": "PipelineGradNorm"},
         {**_dp("tied_full", 2, 2, data={"classes": 8}, strategy={"shard": "full"}, expect_error=True),
@@ -255,13 +256,17 @@ def test_average_of_gradients_that_only_some_replicas_have(monkeypatch):
     assert got[0] is here[0]  # written into this replica's own gradient tensor
 
 
-@pytest.mark.parametrize("name", ["shard_optimizer", "shard_full", "adamw_none", "adamw_optimizer", "adamw_full"])
+@pytest.mark.parametrize(
+    "name", ["shard_optimizer", "shard_full", "adamw_none", "adamw_optimizer", "adamw_full", "1f1b_full"]
+)
 def test_each_shard_mode_trains_as_ddp(name, d2k2, two):
     """Parameters and logs as DDP's on 2 devices, and as the same pipeline with shard='none' (each replica receives
-    its share of the averaged gradients by reduce-scatter, and clipping takes the norm of the shares)."""
+    its share of the averaged gradients by reduce-scatter, and clipping takes the norm of the shares); under the
+    1F1B schedule too, whose stages average after the step's per-micro-batch backwards."""
     ranks = d2k2[1][name]
-    adamw = name.startswith("adamw")
-    ddp, unsharded = two["adamw" if adamw else "ddp"], d2k2[1]["adamw_none" if adamw else "whole"]
+    reference = {"adamw_optimizer": "adamw", "adamw_full": "adamw", "adamw_none": "adamw", "1f1b_full": "1f1b"}
+    ddp = two[reference.get(name, "ddp")]
+    unsharded = d2k2[1][{"adamw": "adamw_none", "1f1b": "1f1b", "ddp": "whole"}[reference.get(name, "ddp")]]
     assert_same_params(full_params(ranks), ddp[0]["params"])
     assert_same_params(full_params(ranks), full_params(unsharded))
     for rank, values in enumerate(ranks):
