@@ -157,3 +157,16 @@ def test_full_refuses_buffers_that_live_in_a_parameters_storage():
         "GPipeStrategy(shard='full') frees each parameter's storage between steps, and the buffers first_row live in"
         " a parameter's storage: use shard='optimizer' or 'none'"
     )
+
+
+def test_a_failed_run_leaves_the_module_whole_in_shape():
+    """After a failure no replica can gather: the parameters are back in the module, this replica's own elements
+    as it held them and NaN elsewhere (no collective runs)."""
+    layer = nn.Linear(3, 5)
+    weight = layer.weight.detach().clone()
+    shards = StageShards(torch.optim.SGD(layer.parameters(), lr=0.1), layer, None, 2, 1, True, Timeline(1))
+    assert layer.weight.is_meta
+    shards.abandon()
+    flat = layer.weight.detach().view(-1)
+    assert not layer.weight.is_meta and layer.weight.shape == (5, 3)
+    assert torch.equal(flat[8:], weight.view(-1)[8:]) and flat[:8].isnan().all()  # replica 1 of 2 owns 8 .. 14

@@ -213,6 +213,9 @@ class StageShards:
             for p in self.params:
                 p.untyped_storage().resize_(self._nbytes[id(p)])
                 p.fill_(float("nan"))
+                if p.is_contiguous():  # this replica's own elements, as it stepped them
+                    lo, hi = self._bounds[id(p)]
+                    p.view(-1)[lo:hi].copy_(self._shards[id(p)])
         self._place(placeholders=False)
         self.gathered = True
 
