@@ -73,7 +73,8 @@ def _sharded() -> list[dict]:
         {**_dp("adamw_optimizer", 2, 2, strategy={"balance": "params", "shard": "optimizer"}), **adamw},
         {**_dp("adamw_full", 2, 2, strategy={"balance": "params", "shard": "full"}), **adamw},
         _dp("full_e1", 2, 2, epochs=1, save=True, strategy={"shard": "full"}),
-        _dp("full_to_optimizer", 2, 2, resume_from="full_e1", strategy={"shard": "optimizer"}),
+        _dp("full_sharded_e1", 2, 2, epochs=1, save=True, strategy={"shard": "full", "state_dict_type": "sharded"}),
+        _dp("full_to_optimizer", 2, 2, resume_from="full_sharded_e1", strategy={"shard": "optimizer"}),
         _dp("none_to_full", 2, 2, resume_from="e1", strategy={"shard": "full"}),
         {**_dp("1f1b_full", 2, 2, strategy={"schedule": "1f1b", "shard": "full"}), "model_class": "MeanStepScheduled"},
         {**_dp("gradnorm_none", 2, 2), "model_class": "PipelineGradNorm"},  # reads the gradients whole: all-reduce
@@ -275,6 +276,8 @@ def test_each_shard_mode_trains_as_ddp(name, d2k2, two):
 
 @pytest.mark.parametrize("name", ["full_to_optimizer", "none_to_full"])
 def test_resume_from_one_shard_mode_into_another(name, d2k2):
+    """A sharded folder written under 'full', resumed under 'optimizer'; a file written under 'none', under 'full'
+    (a file written under 'full' resumed by Lightning's DDP: below)."""
     assert_same_params(full_params(d2k2[1][name]), full_params(d2k2[1]["whole"]))
 
 
