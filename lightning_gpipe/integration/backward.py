@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["BackwardPlan", "HeldGradients", "stage_backward", "loss_backward", "microbatch_backward", "loss_problem", "clip_grad_by_global_norm"]
+__all__ = ["BackwardPlan", "overridden", "HeldGradients", "stage_backward", "loss_backward", "microbatch_backward", "loss_problem", "clip_grad_by_global_norm"]
 
 
 class BackwardPlan(Enum):
@@ -35,9 +35,7 @@ class BackwardPlan(Enum):
 
     @classmethod
     def of(cls, trainer: Trainer, module: LightningModule, batch_idx: int) -> BackwardPlan:
-        if any(is_overridden(hook, module, LightningModule) for hook in (*_CALLBACK_HOOKS, "optimizer_zero_grad")) or any(
-            is_overridden(hook, callback, Callback) for callback in trainer.callbacks for hook in _CALLBACK_HOOKS
-        ):
+        if overridden(trainer, module, _CALLBACK_HOOKS, module_only=("optimizer_zero_grad",)):
             return cls.LATE
         return cls.FRESH if batch_idx % trainer.accumulate_grad_batches == 0 else cls.ACCUMULATE
 
@@ -45,6 +43,17 @@ class BackwardPlan(Enum):
 #: The hooks of callbacks and modules that Lightning calls between ``training_step`` and the backward; modules
 #: also have ``optimizer_zero_grad``.
 _CALLBACK_HOOKS = ("on_before_zero_grad", "on_before_backward")
+
+
+def overridden(
+    trainer: Trainer, module: LightningModule, hooks: tuple[str, ...], module_only: tuple[str, ...] = ()
+) -> list[str]:
+    """``Class.hook`` for each of ``hooks`` that the module or one of the trainer's callbacks overrides, and each
+    of ``module_only`` that the module overrides."""
+    found = [f"{type(module).__name__}.{h}" for h in (*hooks, *module_only) if is_overridden(h, module, LightningModule)]
+    return found + [
+        f"{type(c).__name__}.{h}" for c in trainer.callbacks for h in hooks if is_overridden(h, c, Callback)
+    ]
 
 
 class HeldGradients:

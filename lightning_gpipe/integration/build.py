@@ -9,11 +9,10 @@ from functools import partial
 from typing import Any, Optional, Union
 
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import _configure_optimizers
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
@@ -31,7 +30,12 @@ from lightning_gpipe.engine.rng import StageRandom, rank_random_state, set_rank_
 from lightning_gpipe.engine.skip import skip_routes, stage_ports
 from lightning_gpipe.errors import DeferredInitError, SkipError
 from lightning_gpipe.integration.auto import AUTO, choose_microbatches
-from lightning_gpipe.integration.backward import clip_grad_by_global_norm, loss_backward, microbatch_backward
+from lightning_gpipe.integration.backward import (
+    clip_grad_by_global_norm,
+    loss_backward,
+    microbatch_backward,
+    overridden,
+)
 from lightning_gpipe.integration.balancing import profiled_balance
 from lightning_gpipe.integration.config import make_schedule
 from lightning_gpipe.integration.contract import (
@@ -274,14 +278,7 @@ def _gradients_read(strategy: Any, trainer: Trainer, module: LightningModule) ->
     all-reduce them, rather than each receiving its share by reduce-scatter): the module's or a callback's
     on_after_backward or on_before_optimizer_step, a module's configure_gradient_clipping, clipping by value."""
     hooks = ("on_after_backward", "on_before_optimizer_step")
-    readers = [
-        f"{type(module).__name__}.{hook}"
-        for hook in (*hooks, "configure_gradient_clipping")
-        if is_overridden(hook, module, LightningModule)
-    ]
-    readers += [
-        f"{type(c).__name__}.{hook}" for c in trainer.callbacks for hook in hooks if is_overridden(hook, c, Callback)
-    ]
+    readers = overridden(trainer, module, hooks, module_only=("configure_gradient_clipping",))
     if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
         readers.append("gradient_clip_algorithm='value'")
     if readers:

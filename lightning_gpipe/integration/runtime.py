@@ -26,7 +26,7 @@ from lightning_gpipe.model.assemble import gather_layers
 from lightning_gpipe.model.deferred import DeferredInit
 from lightning_gpipe.model.partition import AbsentLayer
 from lightning_gpipe.model.tied import Tie, TiedGradients
-from lightning_gpipe.parallel.replicas import GradientAverager
+from lightning_gpipe.parallel.replicas import ReplicaAverage
 from lightning_gpipe.parallel.shard import StageShards
 from lightning_gpipe.parallel.topology import Topology
 
@@ -63,7 +63,7 @@ class PipelineRun:
     executor: StageExecutor
     flow: StageStep
     patches: ExitStack  # every patch made for the run, undone when it ends
-    averager: Optional[GradientAverager] = None  # with several replicas
+    averager: Optional[ReplicaAverage] = None  # with several replicas (GradientScatter with shards)
     tied: Optional[TiedGradients] = None  # this stage's tied parameters, and their groups
     shards: Optional[StageShards] = None  # shard='optimizer' or 'full': the replicas' split of the training state
     deferred_norms: list[nn.Module] = field(default_factory=list)  # deferred batch norms, during the run

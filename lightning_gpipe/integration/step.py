@@ -66,7 +66,7 @@ from lightning_gpipe.integration.logs import muted_logs, record_logs, replay_log
 from lightning_gpipe.integration.microsteps import batch_keys, run_per_microbatch
 from lightning_gpipe.model.partition import check_forward
 from lightning_gpipe.parallel.collectives import Failure
-from lightning_gpipe.parallel.replicas import GradientAverager
+from lightning_gpipe.parallel.replicas import ReplicaAverage
 from lightning_gpipe.patching import patched
 
 __all__ = ["StageStep"]
@@ -87,7 +87,7 @@ class StageStep:
         self.loss_backward = loss_backward  # Lightning's backward of a step's (scaled) loss: hooks, precision
         self.microbatch_backward = microbatch_backward or loss_backward  # one micro-batch's loss (1F1B): no hooks
         self.source = executor.k - 1 if source is None else source  # the last stage's global rank
-        self.averager: Optional[GradientAverager] = None  # set for a step whose gradients the replicas average
+        self.averager: Optional[ReplicaAverage] = None  # set for a step whose gradients the replicas average
         self._averaged: tuple[list[Tensor], bool] = ([], False)  # the parameters averaged, and whether held
         self.call: Optional[PipelineCall] = None  # the latest step's, for what it measured
         self._running: Optional[tuple[str, PipelineCall]] = None  # the hook under way and its self(x)

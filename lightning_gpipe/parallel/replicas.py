@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Sequence
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -10,7 +11,27 @@ from torch import Tensor
 
 from lightning_gpipe.instrument.timeline import Timeline
 
-__all__ = ["GradientAverager"]
+__all__ = ["ReplicaAverage", "GradientAverager", "buckets"]
+
+
+class ReplicaAverage(Protocol):
+    """What a stage's step needs of the replicas' gradient average: :class:`GradientAverager` (all-reduce) or
+    :class:`~lightning_gpipe.parallel.shard.GradientScatter` (reduce-scatter, with shards)."""
+
+    @property
+    def started(self) -> bool: ...
+
+    def start(self, params: list[Tensor], grads: list[Optional[Tensor]]) -> None: ...
+
+    def finish(self) -> list[Optional[Tensor]]: ...
+
+
+def buckets(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device], list[int]]:
+    """The positions of ``tensors`` by dtype and device, in order: one message per bucket."""
+    found: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        found.setdefault((t.dtype, t.device), []).append(i)
+    return found
 
 
 class GradientAverager:
@@ -38,10 +59,7 @@ class GradientAverager:
         if self._pending:
             raise RuntimeError("GradientAverager.start: the previous average was not finished")
         self._count = len(params)
-        buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i, p in enumerate(params):
-            buckets.setdefault((p.dtype, p.device), []).append(i)
-        for (dtype, device), index in buckets.items():
+        for (dtype, device), index in buckets(params).items():
             values = [grads[i] if grads[i] is not None else torch.zeros_like(params[i]) for i in index]
             present = torch.tensor([grads[i] is not None for i in index], dtype=dtype, device=device)
             numel = sum(v.numel() for v in values)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_gpipe.instrument.timeline import Timeline
+from lightning_gpipe.parallel.replicas import buckets
 from lightning_gpipe.patching import patched
 
 __all__ = ["SHARD_MODES", "ELEMENTWISE", "StageShards", "GradientScatter", "check_elementwise"]
@@ -166,7 +167,8 @@ class StageShards:
         if self.gathered:
             return
         with torch.no_grad(), self.timeline.span("allgather"):
-            for params in _buckets(self.params).values():
+            for index in buckets(self.params).values():
+                params = [self.params[i] for i in index]
                 sizes = [math.ceil(p.numel() / self.d) for p in params]
                 mine = torch.cat(
                     [torch.nn.functional.pad(self._shards[id(p)].detach(), (0, c - self._shards[id(p)].numel()))
@@ -290,7 +292,8 @@ class GradientScatter:
         self._count = len(params)
         given = {id(p): g for p, g in zip(params, grads)}
         d = self.shards.d
-        for bucket in _buckets(self.shards.params).values():
+        for index in buckets(self.shards.params).values():
+            bucket = [self.shards.params[i] for i in index]
             sizes = [math.ceil(p.numel() / d) for p in bucket]
             total = sum(sizes)
             # Row r goes to replica r: its elements of every parameter, each padded to ceil(n / D), then the counts.
@@ -344,10 +347,3 @@ def _bounds(n: int, d: int, replica: int) -> tuple[int, int]:
 
 def _per_element(key: str, value: Any) -> bool:
     return isinstance(value, Tensor) and key not in _SCALAR_STATE
-
-
-def _buckets(params: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device], list[Tensor]]:
-    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for p in params:
-        buckets.setdefault((p.dtype, p.device), []).append(p)
-    return buckets
