@@ -25,7 +25,8 @@ __all__ = ["LayerCosts", "profile_layers", "predicted_efficiency", "optimizer_sl
 
 @dataclass
 class LayerCosts:
-    """Per layer: forward plus backward seconds on the sample (median), and the bytes it holds in training."""
+    """Per layer: forward plus backward seconds on the sample (the median of its fastest pass), and the bytes it holds
+    in training."""
 
     seconds: list[float]
     param_bytes: list[int]  # trainable parameters, counted once each for the weights, the gradients ...
@@ -56,11 +57,12 @@ def profile_layers(
     Each layer gets the previous layer's output on ``sample``. Layers go back where they were, with their
     gradients, buffers (batch-norm statistics) and every random stream as before: profiling changes nothing.
     Every layer is timed ``repeats`` times in each of ``passes`` passes over all layers, and its time is the median
-    of them all: a machine slowed for a while (a shared host) then slows every layer alike, not the few it was on.
+    of its fastest pass: a machine slowed for a while (a shared host) only ever adds time, so a spell must last
+    every pass to bias a layer, and otherwise slows no layer more than another.
     """
     if repeats < 1 or passes < 1:
         raise ValueError(f"profiling needs at least 1 repetition and 1 pass, got repeats={repeats}, passes={passes}")
-    runs: list[list[tuple[float, float, float]]] = [[] for _ in layers]
+    runs: list[list[list[tuple[float, float, float]]]] = [[] for _ in layers]  # layer, pass, repeat
     params, activations, outputs = [], [], []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type), use_tracker(SkipTracker(keep=True)):
@@ -70,7 +72,8 @@ def profile_layers(
                 if any(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()]):
                     layer = _stand_in(layer, device)  # built without storage: measured on a copy, one at a time
                 with _visiting(layer, device):
-                    runs[i] += [_forward_backward(layer, x, device) for _ in range(repeats + 1)][1:]  # 1st warms up
+                    timed = [_forward_backward(layer, x, device) for _ in range(repeats + 1)]
+                    runs[i].append(timed[1:])  # the first warms up
                     if first_pass:
                         activations.append(_saved_bytes(layer, x))
                         params.append(tensor_bytes(p for p in layer.parameters() if p.requires_grad))
@@ -78,9 +81,10 @@ def profile_layers(
                         x = layer(x)
                     if first_pass:
                         outputs.append(_bytes_of(x))
-    seconds = [statistics.median(f + b for f, b, _ in r) for r in runs]
-    forward = [statistics.median(f for f, _, _ in r) for r in runs]
-    cpu = [min(statistics.median(c / (f + b) if f + b > 0 else 1.0 for f, b, c in r), 1.0) for r in runs]
+    fastest = [min(per_pass, key=lambda r: statistics.median(f + b for f, b, _ in r)) for per_pass in runs]
+    seconds = [statistics.median(f + b for f, b, _ in r) for r in fastest]
+    forward = [statistics.median(f for f, _, _ in r) for r in fastest]
+    cpu = [min(statistics.median(c / (f + b) if f + b > 0 else 1.0 for f, b, c in r), 1.0) for r in fastest]
     return LayerCosts(seconds, params, activations, forward, outputs, batch_size(sample), cpu)
 
 
