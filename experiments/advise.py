@@ -54,6 +54,7 @@ class Measured:
     samples_per_s: float
     bubble: Optional[float]
     peak_bytes: Optional[float]  # the largest stage's weights, gradients, optimizer state and saved activations
+    chose: Optional[int] = None  # the M that m=auto chose
 
 
 def run(cfg: DictConfig, overrides: list[str], out: Path) -> Advice:
@@ -244,6 +245,32 @@ def _verify(cfg: DictConfig, advice: Advice, overrides: list[str], out: Path) ->
         median = statistics.median(m.samples_per_s for m in measured)  # over the rounds
         lines.append(_compare(prediction, dataclasses.replace(measured[-1], samples_per_s=median)))
     print(f"\nMedians over {rounds} round(s):\n" + "\n".join(lines))
+    summary = auto_summary([p.candidate.m if p else None for p, _ in rows], runs)
+    if summary:
+        print("\n" + summary)
+
+
+def auto_summary(ms: list[Optional[int]], runs: list[list[Measured]]) -> Optional[str]:
+    """How ``m=auto`` (the rows whose M is None) compares with the best fixed M of the same rounds: its own runs'
+    median, and the median of the runs of the M it chose (the same configuration, without auto's profile)."""
+    fixed = {m: statistics.median(r.samples_per_s for r in measured) for m, measured in zip(ms, runs) if m}
+    autos = [measured for m, measured in zip(ms, runs) if m is None]
+    if not fixed or not autos:
+        return None
+    best = max(fixed, key=fixed.__getitem__)
+    lines = []
+    for measured in autos:
+        chosen = [r.chose for r in measured]
+        own = statistics.median(r.samples_per_s for r in measured)
+        line = (
+            f"m=auto chose M={', '.join(map(str, chosen))} over {len(measured)} round(s): its runs made"
+            f" {own:.1f} samples/s, {own / fixed[best]:.2f} of the best M (M={best}, {fixed[best]:.1f})"
+        )
+        verified = [fixed[m] for m in chosen if m in fixed]
+        if len(verified) == len(chosen):  # the chosen M's own runs, whichever round chose it
+            line += f"; the runs of the M it chose made {statistics.median(verified) / fixed[best]:.2f} of it"
+        lines.append(line + ".")
+    return "\n".join(lines)
 
 
 def _is_configured(candidate: Candidate, cfg: DictConfig) -> bool:
@@ -261,8 +288,10 @@ def _train(cfg: DictConfig, settings: list[str], folder: Path, label: str) -> Me
     done = subprocess.run(command, env=without_rendezvous(), capture_output=True, text=True, timeout=1800)
     if done.returncode:
         raise SystemExit(f"advise.py: verifying {label} failed:\n{done.stderr[-4000:]}")
-    chose = re.search(r"microbatches='auto' chose M=(\d+)", done.stdout + done.stderr)
-    return _read(folder / "csv" / "metrics.csv", f"{label} (chose M={chose.group(1)})" if chose else label, steps)
+    found = re.search(r"microbatches='auto' chose M=(\d+)", done.stdout + done.stderr)
+    chose = int(found.group(1)) if found else None
+    measured = _read(folder / "csv" / "metrics.csv", f"{label} (chose M={chose})" if chose else label, steps)
+    return dataclasses.replace(measured, chose=chose)
 
 
 def _read(path: Path, label: str, steps: int) -> Measured:
