@@ -17,7 +17,7 @@ from lightning_gpipe.advisor.costs import Link, ModelProfile
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import _map, batch_size, split
 from lightning_gpipe.instrument.memory import tensor_bytes
-from lightning_gpipe.model.profile import optimizer_slots, profile_layers, trial_optimizer
+from lightning_gpipe.model.profile import fastest_pass, optimizer_slots, profile_layers, trial_optimizer
 from lightning_gpipe.schedule import GPipe
 
 __all__ = ["profile_model", "optimizer_seconds_per_byte", "measure_link", "action_overhead", "LINK_SIZES"]
@@ -29,19 +29,20 @@ LINK_SIZES = (64, 2**16, 2**20, 2**22)
 def profile_model(
     layers: Sequence[nn.Module], batch: Any, sizes: Sequence[int], device: torch.device,
     optimizers: Sequence[torch.optim.Optimizer], checkpoints: Sequence[str] = (), processes: int = 1,
-    repeats: int = 3, passes: int = 2,
+    repeats: int = 3, passes: int = 3,
 ) -> ModelProfile:  # fmt: skip
     """Every layer measured on the first ``rows`` samples of ``batch`` (what ``self(x)`` gets for a whole batch), for
-    each ``rows`` in ``sizes``; the optimizers' slots and step time on a probe; the executor's time per action
-    under each re-materialization mode of ``checkpoints``. On the CPU, ``processes`` of this machine that outnumber
+    each ``rows`` in ``sizes``, in ``passes`` passes over all sizes (each layer's fastest kept); the optimizers' slots
+    and step time on a probe; the executor's time per action under each re-materialization mode of ``checkpoints``. On the CPU, ``processes`` of this machine that outnumber
     its cores share them: the profile's CPU-bound work then runs that many times slower per core."""
     rows = sorted(set(sizes))
     samples = batch_size(batch)
     if not rows or rows[0] < 1 or rows[-1] > samples:
         raise ValueError(f"profiling at micro-batch sizes {rows} needs sizes from 1 to the batch's {samples} samples")
-    measured = tuple(
-        profile_layers(layers, _first_rows(batch, r), device, repeats=repeats, passes=passes) for r in rows
-    )
+    # Every size once per pass, so that a slow spell falls on all sizes alike; each layer and size keeps its
+    # fastest pass.
+    timed = [[profile_layers(layers, _first_rows(batch, r), device, repeats, passes=1) for r in rows] for _ in range(passes)]
+    measured = tuple(fastest_pass([run[i] for run in timed]) for i in range(len(rows)))
     found: list[torch.Tensor] = []
     _map(batch, found.append)
     return ModelProfile(

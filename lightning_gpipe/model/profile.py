@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from lightning_gpipe.engine.p2p import carries_grad
 from lightning_gpipe.engine.skip import SkipTracker, use_tracker
 from lightning_gpipe.instrument.memory import ActivationMeter, optimizer_state_bytes, tensor_bytes
 
-__all__ = ["LayerCosts", "profile_layers", "predicted_efficiency", "optimizer_slots", "trial_optimizer"]
+__all__ = ["LayerCosts", "profile_layers", "fastest_pass", "predicted_efficiency", "optimizer_slots", "trial_optimizer"]
 
 
 @dataclass
@@ -62,18 +63,20 @@ def profile_layers(
     """
     if repeats < 1 or passes < 1:
         raise ValueError(f"profiling needs at least 1 repetition and 1 pass, got repeats={repeats}, passes={passes}")
-    runs: list[list[list[tuple[float, float, float]]]] = [[] for _ in layers]  # layer, pass, repeat
-    params, activations, outputs = [], [], []
+    per_pass: list[LayerCosts] = []
+    params: list[int] = []
+    activations: list[int] = []
+    outputs: list[int] = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type), use_tracker(SkipTracker(keep=True)):
         for first_pass in [True] + [False] * (passes - 1):
             x = _to(sample, device)
-            for i, layer in enumerate(layers):  # a skip stashed by one layer waits for the layer that pops it
+            runs = []  # per layer: (forward, backward, CPU) seconds of each timed run
+            for layer in layers:  # a skip stashed by one layer waits for the layer that pops it
                 if any(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()]):
                     layer = _stand_in(layer, device)  # built without storage: measured on a copy, one at a time
                 with _visiting(layer, device):
-                    timed = [_forward_backward(layer, x, device) for _ in range(repeats + 1)]
-                    runs[i].append(timed[1:])  # the first warms up
+                    runs.append([_forward_backward(layer, x, device) for _ in range(repeats + 1)][1:])  # 1 warm-up
                     if first_pass:
                         activations.append(_saved_bytes(layer, x))
                         params.append(tensor_bytes(p for p in layer.parameters() if p.requires_grad))
@@ -81,11 +84,23 @@ def profile_layers(
                         x = layer(x)
                     if first_pass:
                         outputs.append(_bytes_of(x))
-    fastest = [min(per_pass, key=lambda r: statistics.median(f + b for f, b, _ in r)) for per_pass in runs]
-    seconds = [statistics.median(f + b for f, b, _ in r) for r in fastest]
-    forward = [statistics.median(f for f, _, _ in r) for r in fastest]
-    cpu = [min(statistics.median(c / (f + b) if f + b > 0 else 1.0 for f, b, c in r), 1.0) for r in fastest]
-    return LayerCosts(seconds, params, activations, forward, outputs, batch_size(sample), cpu)
+            seconds = [statistics.median(f + b for f, b, _ in r) for r in runs]
+            forward = [statistics.median(f for f, _, _ in r) for r in runs]
+            cpu = [min(statistics.median(c / (f + b) if f + b > 0 else 1.0 for f, b, c in r), 1.0) for r in runs]
+            per_pass.append(LayerCosts(seconds, params, activations, forward, outputs, batch_size(sample), cpu))
+    return fastest_pass(per_pass)
+
+
+def fastest_pass(passes: Sequence[LayerCosts]) -> LayerCosts:
+    """Per layer, its times in the pass that timed it fastest (forward plus backward): its seconds, forward and CPU
+    share. The bytes are the first pass's (the same in every pass)."""
+    first = passes[0]
+    best = [min(passes, key=lambda costs: costs.seconds[i]) for i in range(len(first.seconds))]
+
+    def pick(what: str) -> list[float]:
+        return [getattr(costs, what)[i] for i, costs in enumerate(best)] if getattr(first, what) else []
+
+    return dataclasses.replace(first, seconds=pick("seconds"), forward=pick("forward"), cpu_share=pick("cpu_share"))
 
 
 def predicted_efficiency(stage_seconds: Sequence[float], m: int) -> float:
