@@ -10,16 +10,18 @@ import torch
 from torch import nn
 
 from lightning_gpipe.advisor import (
+    Advice,
     AdvisorError,
     Candidate,
     Link,
     ModelProfile,
+    Prediction,
     advise,
     candidate_balance,
     microbatch_choices,
     predict,
 )
-from lightning_gpipe.advisor.choose import parse_budget
+from lightning_gpipe.advisor.choose import TIE, parse_budget
 from lightning_gpipe.advisor.measure import profile_model
 from lightning_gpipe.model.profile import LayerCosts
 
@@ -117,6 +119,31 @@ def test_advice_chooses_the_fastest_that_fits_and_says_why():
     assert table[2] == "| 2 | 4 | never | gpipe | [2, 2] | 2.6 | 1540.0 | 0.21 | 96 B, 96 B | over budget (96 B > 95 B) |"
     assert table[5] == "| 2 | 4 | always | gpipe | [2, 2] | 2.0 | 2040.0 | 0.21 | 88 B, 88 B | chosen: the fastest that fits |"
     assert table[6].endswith("| 1.20x slower than the choice |")
+
+
+def test_a_tie_within_five_percent_goes_to_the_fewest_microbatches():
+    """Predictions within TIE (5%) of the fastest that fits cannot be told apart by the model, whose left-out costs
+    grow with M: the fewest micro-batches win, the fastest of them; beyond 5% the fastest wins."""
+    assert TIE == 0.05
+
+    def prediction(m: int, checkpoint: str, samples_per_s: float, peak: float = 10.0) -> Prediction:
+        candidate = Candidate(m, checkpoint, "gpipe", (1, 1))
+        return Prediction(candidate, 1 / samples_per_s, samples_per_s, 0.0, (peak,), (peak,))
+
+    ranked = (prediction(16, "never", 110.0, peak=99.0), prediction(8, "never", 100.0), prediction(4, "always", 95.5),
+              prediction(4, "never", 95.2), prediction(2, "never", 94.9), prediction(1, "never", 50.0))  # fmt: skip
+    advice = Advice(ranked, budget=20.0, k=2)
+    assert advice.chosen is ranked[2]  # M=16 is over budget; M=2 is beyond 5% of M=8
+    assert [advice.reason(p) for p in ranked] == [
+        "over budget (99 B > 20 B)",
+        "1.05x faster than the choice: a tie, with more micro-batches",
+        "chosen: the fewest micro-batches within 5% of the fastest that fits",
+        "1.00x slower than the choice",
+        "1.01x slower than the choice",
+        "1.91x slower than the choice",
+    ]
+    alone = Advice(ranked[1:2] + ranked[5:], budget=20.0, k=2)
+    assert alone.chosen is ranked[1] and alone.reason(ranked[1]) == "chosen: the fastest that fits"
 
 
 def test_advice_refuses_when_nothing_fits_naming_the_smallest_peak_and_the_budget():

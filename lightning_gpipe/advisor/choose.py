@@ -12,7 +12,14 @@ from typing import Union
 from lightning_gpipe.advisor.costs import Candidate, Link, ModelProfile, Prediction, predict
 from lightning_gpipe.schedule import optimal_split
 
-__all__ = ["AdvisorError", "Advice", "microbatch_choices", "candidate_balance", "advise", "format_bytes", "parse_budget"]
+__all__ = [
+    "TIE", "AdvisorError", "Advice", "microbatch_choices", "candidate_balance", "advise", "format_bytes", "parse_budget",
+]  # fmt: skip
+
+
+#: Candidates predicted within this share of the fastest that fits are a tie the prediction cannot break. The costs
+#: it leaves out (the strategy's own work per step and per micro-batch) grow with M, so the fewest micro-batches win.
+TIE = 0.05
 
 
 class AdvisorError(ValueError):
@@ -50,7 +57,8 @@ def candidate_balance(
 
 @dataclass(frozen=True)
 class Advice:
-    """Every candidate predicted, the budget, and the choice: the fastest candidate that fits."""
+    """Every candidate predicted, the budget, and the choice: of the candidates that fit and are predicted within
+    :data:`TIE` of the fastest that fits, the one with the fewest micro-batches (the fastest of them)."""
 
     predictions: tuple[Prediction, ...]  # fastest first
     budget: float  # bytes per rank
@@ -69,15 +77,22 @@ class Advice:
                 f" peak is {format_bytes(smallest.peak)} ({smallest.candidate.label}). Raise memory_budget, use more"
                 " stages, or re-materialize (checkpoint='always')"
             )
-        return self.fitting[0]
+        fastest = self.fitting[0].samples_per_s
+        return min((p for p in self.fitting if p.samples_per_s >= (1 - TIE) * fastest), key=lambda p: p.candidate.m)
 
     def reason(self, prediction: Prediction) -> str:
         """Why a candidate is or is not the choice."""
         if prediction.peak > self.budget:
             return f"over budget ({format_bytes(prediction.peak)} > {format_bytes(self.budget)})"
-        if prediction is self.chosen:
-            return "chosen: the fastest that fits"
-        return f"{self.chosen.samples_per_s / prediction.samples_per_s:.2f}x slower than the choice"
+        chosen = self.chosen
+        if prediction is chosen:
+            if prediction is self.fitting[0]:
+                return "chosen: the fastest that fits"
+            return f"chosen: the fewest micro-batches within {TIE:.0%} of the fastest that fits"
+        slower = chosen.samples_per_s / prediction.samples_per_s
+        if slower < 1:
+            return f"{1 / slower:.2f}x faster than the choice: a tie, with more micro-batches"
+        return f"{slower:.2f}x slower than the choice"
 
     def table(self, rows: int = 0) -> str:
         """A Markdown table of the candidates (the first ``rows``, 0 for all), fastest first."""
