@@ -1,5 +1,6 @@
 """``GPipeStrategy(microbatches="auto")``: global rank 0 profiles the model on the first batch at every candidate M's
-micro-batch size, predicts each candidate, and every rank takes the fastest that fits the memory budget."""
+micro-batch size, predicts each candidate, and every rank takes the advisor's choice within the memory budget: the
+fastest, or of those predicted within 5% of it, the fewest micro-batches."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ class GPipeStrategy(PipelineProcesses):
 
     Args:
         microbatches: M, the number of micro-batches per batch (a smaller batch gives fewer), or ``"auto"``: the
-            fastest M predicted from the model profiled on the first batch, within ``memory_budget`` (`advisor`).
+            fastest M predicted (a tie within 5%: the fewest) from a profile on the first batch, in ``memory_budget``.
         memory_budget: bytes per stage, or a string such as ``"24GiB"``, for ``"auto"``: by default the GPU's
             memory, on CPU 0.8 of the machine's memory split between its processes.
         balance: layers per stage as a list, or a rule: ``"uniform"`` (by layer count), ``"params"`` (by parameter
