@@ -13,7 +13,8 @@ from lightning_gpipe.advisor.costs import Candidate, Link, ModelProfile, Predict
 from lightning_gpipe.schedule import optimal_split
 
 __all__ = [
-    "TIE", "AdvisorError", "Advice", "microbatch_choices", "candidate_balance", "advise", "format_bytes", "parse_budget",
+    "TIE", "AdvisorError", "Advice", "microbatch_choices", "candidate_balance", "advise", "format_bytes",
+    "parse_budget",
 ]  # fmt: skip
 
 

@@ -33,15 +33,16 @@ def profile_model(
 ) -> ModelProfile:  # fmt: skip
     """Every layer measured on the first ``rows`` samples of ``batch`` (what ``self(x)`` gets for a whole batch), for
     each ``rows`` in ``sizes``, in ``passes`` passes over all sizes (each layer's fastest kept); the optimizers' slots
-    and step time on a probe; the executor's time per action under each re-materialization mode of ``checkpoints``. On the CPU, ``processes`` of this machine that outnumber
-    its cores share them: the profile's CPU-bound work then runs that many times slower per core."""
+    and step time on a probe; the executor's time per action under each re-materialization mode of ``checkpoints``.
+    On the CPU, ``processes`` of this machine that outnumber its cores share them: the profile's CPU-bound work then
+    runs that many times slower per core."""
     rows = sorted(set(sizes))
     samples = batch_size(batch)
     if not rows or rows[0] < 1 or rows[-1] > samples:
         raise ValueError(f"profiling at micro-batch sizes {rows} needs sizes from 1 to the batch's {samples} samples")
     # Every size once per pass, so that a slow spell falls on all sizes alike; each layer and size keeps its
     # fastest pass.
-    timed = [[profile_layers(layers, _first_rows(batch, r), device, repeats, passes=1) for r in rows] for _ in range(passes)]
+    timed = [[profile_layers(layers, _first_rows(batch, r), device, repeats, 1) for r in rows] for _ in range(passes)]
     measured = tuple(fastest_pass([run[i] for run in timed]) for i in range(len(rows)))
     found: list[torch.Tensor] = []
     _map(batch, found.append)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import statistics
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
