@@ -35,7 +35,7 @@ from experiments.processes import free_port, without_rendezvous  # noqa: E402
 from lightning.pytorch.core.optimizer import _configure_optimizers  # noqa: E402
 from lightning_gpipe.advisor import Advice, Candidate, Link, Prediction, advise, candidate_balance, microbatch_choices  # noqa: E402
 from lightning_gpipe.advisor.choose import format_bytes  # noqa: E402
-from lightning_gpipe.advisor.measure import measure_link, measure_wake, oversubscribed, profile_model  # noqa: E402
+from lightning_gpipe.advisor.measure import measure_link, profile_model  # noqa: E402
 from lightning_gpipe.engine.microbatch import batch_size  # noqa: E402
 from lightning_gpipe.integration.auto import memory_budget  # noqa: E402
 from lightning_gpipe.integration.balancing import input_of_step  # noqa: E402
@@ -77,17 +77,15 @@ def run(cfg: DictConfig, overrides: list[str], out: Path) -> Advice:
     profile = profile_model(
         list(seq._modules.values()), x, sizes, device, optimizers, list(cfg.checkpoints), k * cfg.dp
     )
-    link, wake = _measure_link(device, k * cfg.dp) if k > 1 else (Link(), 0.0)
-    profile = dataclasses.replace(profile, step_s=lightning_step_overhead(), wake_s=wake)
+    link = _measure_link(device) if k > 1 else Link()
+    profile = dataclasses.replace(profile, step_s=lightning_step_overhead())
     candidates = [c if c.balance else _with_balance(c, cfg, profile, k) for c in candidates]
     budget = memory_budget(cfg.get("memory_budget"), device, k * cfg.dp)
     advice = advise(profile, k, candidates, budget, link)
     overheads = ", ".join(f"{mode} {t * 1e3:.2f} ms" for mode, t in profile.action_s.items())
     print(f"Link: {link.latency_s * 1e3:.3f} ms + {link.per_byte_s * 2**20 * 1e3:.3f} ms/MiB per message. Fixed"
-          f" cost per step: {profile.step_s * 1e3:.1f} ms; per action: {overheads}.")
-    if profile.contention > 1:
-        print(f"{k * cfg.dp} processes share {k * cfg.dp / profile.contention:.0f} cores: the ranks computing at a"
-              f" moment share them, and a woken rank waits {wake * 1e3:.2f} ms for one.")
+          f" cost per step: {profile.step_s * 1e3:.1f} ms; per action: {overheads}. CPU work runs"
+          f" {profile.contention:.2f}x slower than profiled ({k * cfg.dp} processes).")
     for note in notes:
         print(note)
     print(advice.table(cfg.rows))
@@ -172,35 +170,31 @@ def _with_balance(candidate: Candidate, cfg: DictConfig, profile: Any, k: int) -
     return Candidate(candidate.m, candidate.checkpoint, candidate.schedule, balance, candidate.chunks)
 
 
-def _measure_link(device: torch.device, processes: int) -> tuple[Link, float]:
-    """The one-way cost of a message between two fresh processes (gloo on CPU, NCCL between two GPUs); where the
-    training's ``processes`` outnumber the CPU's cores, as many processes time how long a woken one waits for a core
-    (else 0)."""
+def _measure_link(device: torch.device) -> Link:
+    """The one-way cost of a message between two fresh processes (gloo on CPU, NCCL between two GPUs)."""
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         raise SystemExit("advise.py: timing the link between stages needs two GPUs; this machine has one")
-    world = processes if oversubscribed(device, processes) else 2
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    workers = [context.Process(target=_link_worker, args=(r, world, port, device.type, queue)) for r in range(world)]
+    workers = [context.Process(target=_link_worker, args=(r, port, device.type, queue)) for r in range(2)]
     for w in workers:
         w.start()
-    measured = queue.get(timeout=120)
+    link = queue.get(timeout=120)
     for w in workers:
         w.join(timeout=30)
-    return measured
+    return link
 
 
-def _link_worker(rank: int, world: int, port: int, device_type: str, queue: Any) -> None:
+def _link_worker(rank: int, port: int, device_type: str, queue: Any) -> None:
     torch.set_num_threads(1)
     backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     try:
-        link = measure_link(rank, 1 - rank, device) if rank < 2 else None
-        wake = measure_wake(rank, 0, 1, range(world), device) if world > 2 else 0.0
+        link = measure_link(rank, 1 - rank, device)
         if link is not None:
-            queue.put((link, wake or 0.0))
+            queue.put(link)
     finally:
         dist.destroy_process_group()
 

@@ -22,10 +22,8 @@ from lightning_gpipe.advisor import (
     predict,
 )
 from lightning_gpipe.advisor.choose import TIE, parse_budget
-from lightning_gpipe.advisor.cores import share_cores
 from lightning_gpipe.advisor.measure import profile_model
 from lightning_gpipe.model.profile import LayerCosts
-from lightning_gpipe.schedule import GPipe, simulate
 
 
 def hand_profile(slots: float = 2.0) -> ModelProfile:
@@ -221,49 +219,3 @@ def test_contention_slows_the_cpu_bound_share_of_every_cost():
     assert predict(profile, candidate, 1).step_s == pytest.approx(0.6 + 1.2 + 0.04 + 0.08 + 1.0)
     idle = dataclasses.replace(profile, measured=(dataclasses.replace(half, cpu_share=[0.0] * 4),))
     assert idle.times(2) == alone.times(2)  # timed waits that hold no CPU do not slow down
-
-
-def test_ranks_computing_at_once_share_the_cores_and_a_woken_rank_waits_for_one():
-    """share_cores on K=2, M=2 (F-then-B, forward 1 s, backward 2 s per stage), worked by hand."""
-    gpipe = GPipe("never")
-    ones, twos, none = [1.0, 1.0], [2.0, 2.0], [0.0, 0.0]
-    # One core: F1 on rank 0 and F0 on rank 1 run together at half speed (1-3), as do B1 on rank 0 and B0 on
-    # rank 1 (6-10); the rest runs alone: F1 on rank 1 3-4, B1 4-6, B0 on rank 0 10-12.
-    timing = share_cores(gpipe, 2, 2, ones, twos, [1.0, 1.0], [0.0], cores=1, wait=none)
-    assert timing.makespan == pytest.approx(12.0) and timing.bubble == pytest.approx(0.25)
-    # Timed waits that hold no core: nothing slows, as on the ideal machine (F0 0-1, F1 1-2 on rank 0; F0 1-2,
-    # F1 2-3, B1 3-5, B0 5-7 on rank 1; B1 5-7, B0 7-9 on rank 0).
-    idle = share_cores(gpipe, 2, 2, ones, twos, none, [0.0], cores=1, wait=none)
-    assert idle.makespan == pytest.approx(simulate(gpipe, 2, 2, ones, twos).makespan) == pytest.approx(9.0)
-    # Half CPU work, its waiting first: F1 on rank 0 and F0 on rank 1 both wait 1-1.5, then share the core for
-    # their 0.5 s of CPU work, 1.5-2.5; F1 on rank 1 2.5-3.5, B1 3.5-5.5 alone; rank 0's B1 and rank 1's B0 wait
-    # 5.5-6.5, then compute together 6.5-8.5; rank 0's B0 8.5-10.5.
-    half = share_cores(gpipe, 2, 2, ones, twos, [0.5, 0.5], [0.0], cores=1, wait=none)
-    assert half.makespan == pytest.approx(10.5)
-    # Enough cores, and 0.5 s waiting for one after each message from the other rank: rank 1's F0 1-2.5, F1
-    # 2.5-4, B1 4-6, B0 6-8 (their inputs are its own); rank 0's B1 6-8.5, B0 8.5-11.
-    woken = share_cores(gpipe, 2, 2, ones, twos, [1.0, 1.0], [0.0], cores=2, wait=[0.5, 0.5])
-    assert woken.makespan == pytest.approx(11.0)
-    for k, m, checkpoint in [(2, 4, "except_last"), (4, 8, "always"), (3, 5, "never")]:  # ample cores: simulate's
-        f, b = [1.0 + 0.1 * s for s in range(k)], [2.0 - 0.1 * s for s in range(k)]
-        alone = simulate(GPipe(checkpoint), k, m, f, b, [0.05] * (k - 1))
-        shared = share_cores(GPipe(checkpoint), k, m, f, b, [1.0] * k, [0.05] * (k - 1), cores=k, wait=[0.0] * k)
-        assert shared.spans.keys() == alone.spans.keys()
-        for key, (start, end) in alone.spans.items():
-            assert shared.spans[key] == (pytest.approx(start), pytest.approx(end)), key
-
-
-def test_on_an_oversubscribed_cpu_the_ranks_share_its_cores_and_woken_ranks_wait_for_one():
-    """K=2 ranks on one core (two processes per core), M=2, each stage's forward 0.2 s and backward 0.4 s of CPU
-    work alone, and 0.1 s for a woken rank to get the core. Worked by hand: rank 0's F0 0-0.2; its F1 0.2-0.5 (alone
-    while rank 1 waits for the core, 0.2-0.3, then sharing it); rank 1's F0 0.3-0.6, F1 0.7-0.9 (after its wait),
-    B1 0.9-1.3, B0 1.3-2.0 (sharing from 1.4); rank 0's B1 1.4-2.1 (after its wait), B0 2.2-2.6."""
-    busy = LayerCosts([0.3] * 4, [0] * 4, [4] * 4, [0.1] * 4, [2] * 4, 2, cpu_share=[1.0] * 4)
-    profile = ModelProfile(4, (busy,), 1.0, 0.0, 0.0, contention=2.0, wake_s=0.1)
-    candidate = Candidate(2, "never", "gpipe", (2, 2))
-    assert predict(profile, candidate, 2).step_s == pytest.approx(2.6)
-    # One core per rank: the ideal machine (F0 0-0.2, F1 0.2-0.4 | 0.2-0.4, 0.4-0.6, B1 0.6-1.0, B0 1.0-1.4 | B1
-    # 1.0-1.4, B0 1.4-1.8); timed waits that hold no core, likewise, however few the cores.
-    assert predict(dataclasses.replace(profile, contention=1.0), candidate, 2).step_s == pytest.approx(1.8)
-    idle = dataclasses.replace(profile, measured=(dataclasses.replace(busy, cpu_share=[0.0] * 4),))
-    assert predict(idle, candidate, 2).step_s == pytest.approx(1.8)

@@ -287,18 +287,3 @@ def test_advise_compares_m_auto_with_the_best_m_of_the_same_rounds():
         "m=auto chose M=8 over 1 round(s): its runs made 95.0 samples/s, 0.79 of the best M (M=2, 120.0)."
     )
     assert auto_summary([1, 2], measured[:2]) is None
-
-
-def test_advise_times_the_link_and_where_processes_outnumber_cores_the_wait_for_a_core():
-    """advise.py's link: two processes ping-pong; with three processes on fewer cores, the third keeps a core busy
-    during a second ping-pong, and the extra latency is the wait for a core (none where the cores suffice)."""
-    import os
-
-    from experiments.advise import _measure_link
-
-    link, wake = _measure_link(torch.device("cpu"), 3)
-    assert link.latency_s > 0 and link.per_byte_s > 0, link
-    if len(os.sched_getaffinity(0)) < 3:
-        assert 0.0 <= wake < 0.05, wake  # a measured wait of a few milliseconds at most
-    else:
-        assert wake == 0.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import lightning as L
@@ -94,8 +93,6 @@ K4 = [scenario(f"m{m}_{mode}", 4, m, mode) for m, mode in ((1, "never"), (3, "al
     _error("too_few_layers", 4, "uniform", model={"depth": 1}),
     _error("time_too_few_layers", 4, "time", model={"depth": 1}),  # rank 0 measures, every rank raises
     _error("stage_without_parameters", 4, [1, 1, 1, 6]),
-    # Four processes on this machine's two cores: the advisor times how long a woken rank waits for a core.
-    {**scenario("auto", 4, 1), "strategy": {"microbatches": "auto", "checkpoint": "except_last"}, "tensorboard": True},
 ]
 
 
@@ -215,23 +212,6 @@ def test_auto_microbatches_choose_on_every_rank_and_train_as_the_choice_given(k2
     assert text.tensor_proto.string_val[0].decode().startswith(
         "microbatches='auto' chose M=1: predicted "
     ) and table[2] in text.tensor_proto.string_val[0].decode()
-
-
-def test_auto_microbatches_on_an_oversubscribed_cpu_time_the_wait_for_a_core(k4):
-    """Four ranks on two cores: every rank takes part in timing a woken rank's wait for a core, rank 0 predicts
-    with it and every rank takes the same choice."""
-    ranks = k4["auto"]
-    assert len({rank["microbatches"] for rank in ranks}) == 1
-    assert all(rank["advice"] == ranks[0]["advice"] for rank in ranks)
-    events = EventAccumulator(ranks[0]["tensorboard"])
-    events.Reload()
-    (text,) = events.Tensors("pipeline/advisor/text_summary")
-    published, cores = text.tensor_proto.string_val[0].decode(), len(os.sched_getaffinity(0))
-    sharing = (
-        rf"MiB per stage\. 4 processes share {cores} cores: the ranks computing at a moment share them, and a woken"
-        r" rank waits \d+\.\d\d ms for one\."
-    )
-    assert bool(re.search(sharing, published)) is (cores < 4), published
 
 
 def test_auto_microbatches_refuse_when_nothing_fits_on_every_rank(k2):

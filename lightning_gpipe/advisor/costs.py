@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Optional
 from dataclasses import dataclass, field
 
-from lightning_gpipe.advisor.cores import share_cores
 from lightning_gpipe.model.partition import stage_layers
 from lightning_gpipe.model.profile import LayerCosts
 from lightning_gpipe.schedule import SCHEDULES, Interleaved1F1B, Phase, Schedule, simulate
@@ -52,14 +50,11 @@ class ModelProfile:
     optimizer_slots: float  # parameter-sized optimizer tensors (Adam 2, SGD with momentum 1, SGD 0)
     optimizer_s_per_byte: float = 0.0  # the optimizer step's time per byte of parameters
     step_s: float = 0.0  # a fixed cost of every step, the same for every candidate (Lightning's loop)
-    # The processes per core of this machine where they outnumber its cores, else 1: the K ranks of a pipeline then
-    # share K / contention cores, and work every rank does at once (the optimizer's step) runs this many times slower.
+    # How many times slower the CPU's work runs in training than when profiled alone: the processes per core of
+    # this machine where they outnumber its cores (a rank waiting on a message keeps polling), else 1.
     contention: float = 1.0
     # What the stage executor adds to each forward and each backward beyond the layers, per re-materialization mode.
     action_s: Mapping[str, float] = field(default_factory=dict)
-    # Where the processes outnumber the cores: how long a rank woken by a message waits for a core while the others
-    # compute (a message's extra latency when every other process keeps a core busy).
-    wake_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.measured:
@@ -81,33 +76,26 @@ class ModelProfile:
         largest = self.measured[-1]
         return [b / largest.rows for b in getattr(largest, what)]
 
-    def times(self, rows: int, contention: Optional[float] = None) -> tuple[list[float], list[float]]:
+    def times(self, rows: int) -> tuple[list[float], list[float]]:
         """Each layer's forward and backward seconds on a micro-batch of ``rows`` samples, its CPU-bound share
-        slowed by ``contention`` (by default :attr:`contention`; 1 for the time alone on a core)."""
-        slowed = lambda costs: self._contended(costs, self.contention if contention is None else contention)  # noqa: E731
+        slowed by :attr:`contention`."""
         sizes = [costs.rows for costs in self.measured]
         if rows in sizes:
-            return slowed(self.measured[sizes.index(rows)])
+            return self._contended(self.measured[sizes.index(rows)])
         above = next((i for i, size in enumerate(sizes) if size > rows), len(sizes))
         if above in (0, len(sizes)):  # outside what was measured: in proportion to the nearest
             nearest = self.measured[min(above, len(sizes) - 1)]
-            forward, backward = slowed(nearest)
+            forward, backward = self._contended(nearest)
             scale = rows / nearest.rows
             return [t * scale for t in forward], [t * scale for t in backward]
-        (low_f, low_b), (high_f, high_b) = slowed(self.measured[above - 1]), slowed(self.measured[above])
+        (low_f, low_b), (high_f, high_b) = self._contended(self.measured[above - 1]), self._contended(self.measured[above])
         w = (rows - sizes[above - 1]) / (sizes[above] - sizes[above - 1])
         mix = lambda a, b: [x + w * (y - x) for x, y in zip(a, b)]  # noqa: E731
         return mix(low_f, high_f), mix(low_b, high_b)
 
-    def cpu_seconds(self, rows: int) -> list[float]:
-        """Each layer's CPU-bound seconds (forward and backward) on a micro-batch of ``rows`` samples, alone."""
-        (f1, b1), (f2, b2) = self.times(rows, 1.0), self.times(rows, 2.0)  # the CPU-bound part doubles
-        return [(x2 - x1) + (y2 - y1) for x1, y1, x2, y2 in zip(f1, b1, f2, b2)]
-
-    @staticmethod
-    def _contended(costs: LayerCosts, contention: float) -> tuple[list[float], list[float]]:
+    def _contended(self, costs: LayerCosts) -> tuple[list[float], list[float]]:
         shares = costs.cpu_share or [0.0] * len(costs.seconds)
-        slow = [1 + (contention - 1) * share for share in shares]
+        slow = [1 + (self.contention - 1) * share for share in shares]
         return [t * s for t, s in zip(costs.forward, slow)], [t * s for t, s in zip(costs.backward, slow)]
 
 
@@ -154,12 +142,8 @@ def predict(profile: ModelProfile, candidate: Candidate, k: int, link: Link = Li
     Every micro-batch is costed at the largest one's size (``ceil(batch / M)`` rows); each stage's forward and
     backward are its layers' measured times at that size, plus the executor's own time per action; a message across
     boundary b carries the output of the last layer before it, at the link's measured cost; the schedule runs them
-    on :func:`simulate`'s ideal machine; the optimizer's step and the fixed cost per step follow.
-
-    Where the machine's processes outnumber its cores (:attr:`~ModelProfile.contention` above 1), the ranks
-    computing at a moment share the pipeline's K / contention cores instead, and an action woken by a message from
-    another rank waits :attr:`~ModelProfile.wake_s` for one, in proportion to its stage's CPU share
-    (:func:`~lightning_gpipe.advisor.cores.share_cores`): timed waits that hold no core leave the cores free."""
+    on :func:`simulate`'s ideal machine; the optimizer's step and the fixed cost per step follow. CPU work is slowed
+    by the profile's :attr:`~ModelProfile.contention`."""
     stages = k * candidate.chunks
     balance = list(candidate.balance)
     if len(balance) != stages or sum(balance) != profile.layers:
@@ -169,22 +153,16 @@ def predict(profile: ModelProfile, candidate: Candidate, k: int, link: Link = Li
         )
     n = min(candidate.m, profile.batch)  # micro-batches a batch gives
     rows = math.ceil(profile.batch / n)
-    shared = profile.contention > 1.0  # a CPU whose processes outnumber its cores: simulated sharing them
-    forward, backward = profile.times(rows, 1.0 if shared else None)
+    forward, backward = profile.times(rows)
     stage_sum = lambda per_layer, s: sum(per_layer[i] for i in stage_layers(balance, s))  # noqa: E731
     outputs = profile.per_row("output_bytes")
     sends = [link.cost(outputs[stage_layers(balance, b)[-1]] * rows) for b in range(stages - 1)]
     schedule = candidate.make_schedule()
-    extra = profile.action_s.get(candidate.checkpoint, 0.0) * (1.0 if shared else profile.contention)  # CPU-bound
-    forwards = [stage_sum(forward, s) + extra for s in range(stages)]
-    backwards = [stage_sum(backward, s) + extra for s in range(stages)]
-    if shared:
-        cpu = profile.cpu_seconds(rows)
-        share = [(stage_sum(cpu, s) + 2 * extra) / max(forwards[s] + backwards[s], 1e-12) for s in range(stages)]
-        wait = [profile.wake_s * x for x in share]  # the cores are busy as long as the work holds them
-        timing = share_cores(schedule, k, n, forwards, backwards, share, sends, k / profile.contention, wait)
-    else:
-        timing = simulate(schedule, k, n, forwards, backwards, sends)
+    extra = profile.action_s.get(candidate.checkpoint, 0.0) * profile.contention  # Python: CPU-bound
+    timing = simulate(
+        schedule, k, n, [stage_sum(forward, s) + extra for s in range(stages)],
+        [stage_sum(backward, s) + extra for s in range(stages)], sends,
+    )  # fmt: skip
     params = [sum(stage_sum(profile.param_bytes, c * k + r) for c in range(candidate.chunks)) for r in range(k)]
     state = [p * (2 + profile.optimizer_slots) for p in params]  # weights, gradients, optimizer state
     step = timing.makespan + (max(params) * profile.optimizer_s_per_byte + profile.step_s) * profile.contention

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -21,10 +20,7 @@ from lightning_gpipe.instrument.memory import tensor_bytes
 from lightning_gpipe.model.profile import fastest_pass, optimizer_slots, profile_layers, trial_optimizer
 from lightning_gpipe.schedule import GPipe
 
-__all__ = [
-    "profile_model", "optimizer_seconds_per_byte", "measure_link", "measure_wake", "oversubscribed", "action_overhead",
-    "LINK_SIZES",
-]  # fmt: skip
+__all__ = ["profile_model", "optimizer_seconds_per_byte", "measure_link", "action_overhead", "LINK_SIZES"]
 
 #: Message sizes (bytes) a link is timed at: a header's, then activations from 64 KiB to 4 MiB.
 LINK_SIZES = (64, 2**16, 2**20, 2**22)
@@ -104,40 +100,6 @@ def measure_link(
             trips.append(time.perf_counter() - start)
         times.append(statistics.median(trips[1:]) / 2)
     return Link.fit([4 * max(s // 4, 1) for s in sizes], times) if first else None
-
-
-def measure_wake(
-    rank: int, first: int, second: int, ranks: Sequence[int], device: torch.device, pair: Optional[Any] = None,
-) -> Optional[float]:  # fmt: skip
-    """How long a process woken by a message waits for a core while every other process computes: the link between
-    global ranks ``first`` and ``second`` (over group ``pair``) timed with the other ``ranks`` blocked on a message,
-    then with each of them keeping a core busy; the difference in latency. Every rank of ``ranks`` calls it (on
-    the CPU, over the default group); ``first`` gets the seconds, the others None."""
-    flag = torch.zeros(1)
-    if rank not in (first, second):
-        dist.recv(flag, first)  # blocked, as a rank waiting on a message in a step
-        stopped = threading.Event()  # gloo's receives report completion only to wait(): a thread waits
-        waiter = threading.Thread(target=lambda: (dist.recv(torch.zeros(1), first), stopped.set()), daemon=True)
-        waiter.start()
-        probe = torch.randn(128, 128)
-        while not stopped.is_set():  # a core busy, as a rank computing its layers
-            torch.mm(probe, probe)
-        waiter.join()
-        return None
-    peer = second if rank == first else first
-    others = [r for r in ranks if r not in (first, second)]
-    idle = measure_link(rank, peer, device, pair)
-    for r in others if rank == first else ():
-        dist.send(flag, r)
-    loaded = measure_link(rank, peer, device, pair)
-    for r in others if rank == first else ():
-        dist.send(flag, r)
-    return max(loaded.latency_s - idle.latency_s, 0.0) if idle and loaded else None
-
-
-def oversubscribed(device: torch.device, processes: int) -> bool:
-    """Whether this machine's ``processes`` outnumber its cores (on the CPU): they then share them."""
-    return device.type == "cpu" and processes > _cores()
 
 
 def action_overhead(device: torch.device, checkpoint: str, n: int = 16, repeats: int = 5) -> float:

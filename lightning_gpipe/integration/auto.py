@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
@@ -19,7 +18,7 @@ from torch.optim import Optimizer
 
 from lightning_gpipe.advisor.choose import Advice, advise, candidate_balance, microbatch_choices, parse_budget
 from lightning_gpipe.advisor.costs import Candidate, Link
-from lightning_gpipe.advisor.measure import measure_link, measure_wake, oversubscribed, profile_model
+from lightning_gpipe.advisor.measure import measure_link, profile_model
 from lightning_gpipe.engine.microbatch import batch_size
 from lightning_gpipe.integration.balancing import decided_by_global_zero, sample_input
 from lightning_gpipe.integration.report import BalanceReport
@@ -36,7 +35,6 @@ HOST_SHARE = 0.8
 class _Choice:
     advice: Advice
     balance_report: Optional[BalanceReport]  # the chosen candidate's, when the balance rule is measured
-    cores: str = ""  # how the processes share the CPU's cores, where they outnumber them
 
 
 def choose_microbatches(
@@ -51,16 +49,15 @@ def choose_microbatches(
     checked = resolve_balance("uniform" if measured else config.balance, seq, k, chunks)  # on every rank alike
     fixed = None if measured else checked
     x = sample_input(strategy, module, fitting)  # every rank draws it, as the data loaders would
-    link, wake = _link(strategy) if k > 1 else (Link(), 0.0)
-    choose = lambda: _choose(strategy, seq, x, optimizers, fixed, link, wake)  # noqa: E731
-    outcome: _Choice = decided_by_global_zero(strategy, choose)
+    link = _link(strategy) if k > 1 else Link()
+    outcome: _Choice = decided_by_global_zero(strategy, lambda: _choose(strategy, seq, x, optimizers, fixed, link))
     chosen = outcome.advice.chosen.candidate
     strategy.config = dataclasses.replace(config, microbatches=chosen.m, memory_budget=None)
     kept.advice = outcome.advice
     if fixed is None:
         kept.balance, kept.balance_report = list(chosen.balance), outcome.balance_report
     if strategy.is_global_zero:
-        _publish(module, outcome.advice, outcome.cores)
+        _publish(module, outcome.advice)
 
 
 def memory_budget(value: Any, device: torch.device, processes: int) -> int:
@@ -81,9 +78,8 @@ def memory_budget(value: Any, device: torch.device, processes: int) -> int:
 
 
 def _choose(
-    strategy: Any, seq: nn.Sequential, x: Any, optimizers: list[Optimizer], fixed: Optional[list[int]], link: Link,
-    wake: float,
-) -> _Choice:  # fmt: skip
+    strategy: Any, seq: nn.Sequential, x: Any, optimizers: list[Optimizer], fixed: Optional[list[int]], link: Link
+) -> _Choice:
     config, k, chunks = strategy.config, strategy.topology.k, strategy.config.chunks
     batch = batch_size(x)
     choices = microbatch_choices(batch, k, chunks)
@@ -98,7 +94,6 @@ def _choose(
             list(seq._modules.values()), x, sizes, strategy.root_device, optimizers, [config.checkpoint],
             strategy.num_processes,
         )
-    profile = dataclasses.replace(profile, wake_s=wake)
     rule = config.balance if fixed is None else fixed
     balances = [candidate_balance(rule, profile, m, config.checkpoint, k * chunks) for m in choices]
     candidates = [Candidate(m, config.checkpoint, config.schedule, b, chunks) for m, b in zip(choices, balances)]
@@ -110,46 +105,30 @@ def _choose(
         measured = profile.measured[sizes.index(math.ceil(batch / chosen.m))]
         per_layer = measured.seconds if config.balance == "time" else _memory(profile, measured, chosen)
         report = BalanceReport.of(config.balance, per_layer, k * chunks, chosen.m, measured)
-    cores = ""
-    if profile.contention > 1:
-        processes = strategy.num_processes
-        cores = (
-            f" {processes} processes share {processes / profile.contention:.0f} cores: the ranks computing at a moment"
-            f" share them, and a woken rank waits {wake * 1e3:.2f} ms for one."
-        )
-    return _Choice(advice, report, cores)
+    return _Choice(advice, report)
 
 
 def _memory(profile: Any, measured: Any, chosen: Candidate) -> list[float]:
     return measured.memory(profile.optimizer_slots, chosen.m if chosen.checkpoint == "never" else 1)
 
 
-def _link(strategy: Any) -> tuple[Link, float]:
-    """The first replica's stages 0 and 1 time their link. On a CPU whose processes outnumber its cores on any
-    machine, every rank then takes part in timing how long a woken rank waits for a core
-    (:func:`~lightning_gpipe.advisor.measure.measure_wake`). Global rank 0 gets both."""
-    topology, device, rank = strategy.topology, strategy.root_device, strategy.global_rank
+def _link(strategy: Any) -> Link:
+    """The first replica's stages 0 and 1 time their link; the others go on."""
+    topology = strategy.topology
     first, second = topology.rank_of(0, 0), topology.rank_of(1, 0)
-    link = Link()
-    if rank in (first, second):
-        peer = second if rank == first else first
-        link = measure_link(rank, peer, device, topology.pipeline_group) or Link()
-    if device.type != "cpu":
-        return link, 0.0
-    shared = torch.tensor([float(oversubscribed(device, strategy.num_processes))])
-    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-    if not shared.item():
-        return link, 0.0
-    wake = measure_wake(rank, first, second, range(strategy.world_size), device, topology.pipeline_group)
-    return link, wake or 0.0
+    rank = strategy.global_rank
+    if rank not in (first, second):
+        return Link()
+    peer = second if rank == first else first
+    return measure_link(rank, peer, strategy.root_device, topology.pipeline_group) or Link()
 
 
-def _publish(module: LightningModule, advice: Advice, cores: str) -> None:
+def _publish(module: LightningModule, advice: Advice) -> None:
     """The choice, the runners-up and why the rest were excluded: to the log and TensorBoard's text tab."""
     chosen = advice.chosen
     text = (
         f"microbatches='auto' chose M={chosen.candidate.m}: predicted {chosen.samples_per_s:.1f} samples/s, bubble"
-        f" {chosen.bubble:.2f}, peak {max(chosen.peak_bytes) / 2**20:.1f} MiB per stage.{cores}\n\n{advice.table()}"
+        f" {chosen.bubble:.2f}, peak {max(chosen.peak_bytes) / 2**20:.1f} MiB per stage.\n\n{advice.table()}"
     )
     rank_zero_info("GPipeStrategy: " + text)
     trainer = module.trainer
