@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -730,3 +732,17 @@ class ValueShaped(Classifier):
     def __init__(self, width: int = 8, classes: int = 3, **kwargs):
         super().__init__(width=width, classes=classes, **kwargs)
         self.body = nn.Sequential(nn.Linear(width, width), _AlternateWidth(), _PadTo(width), nn.Linear(width, classes))
+
+
+class SlowAtFirst(nn.Linear):
+    """A layer whose first ``slow`` calls take 30 ms longer: a layer measured while the machine was busy."""
+
+    def __init__(self, slow: int) -> None:
+        super().__init__(4, 4)
+        self.calls, self.slow = 0, slow
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls <= self.slow:
+            time.sleep(0.03)
+        return super().forward(x)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
+from _model import SlowAtFirst
 from torch import nn
 
 from lightning_gpipe.advisor import (
@@ -181,25 +181,11 @@ def test_profile_model_measures_each_size_and_the_bytes_per_row():
         profile_model(layers, torch.randn(8, 8), [16], torch.device("cpu"), [optimizer])
 
 
-class _SlowAtFirst(nn.Linear):
-    """A layer whose first ``slow`` calls take 30 ms longer: a layer measured while the machine was busy."""
-
-    def __init__(self, slow: int) -> None:
-        super().__init__(4, 4)
-        self.calls, self.slow = 0, slow
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls <= self.slow:
-            time.sleep(0.03)
-        return super().forward(x)
-
-
 def test_a_slow_spell_over_the_first_pass_slows_no_size():
     """Each pass measures every micro-batch size, and each layer and size keeps its fastest pass: a spell over the
     whole first pass (both sizes) biases neither. Measured size after size, the spell would have covered both passes
     of the first size and made its micro-batches look slower than the second's."""
-    layer = _SlowAtFirst(slow=10)  # per size and pass: a warm-up, 2 timed runs, the metering, the next input
+    layer = SlowAtFirst(slow=10)  # per size and pass: a warm-up, 2 timed runs, the metering, the next input
     profile = profile_model([layer], torch.randn(4, 4), [2, 4], torch.device("cpu"), [], repeats=2, passes=2)
     assert layer.calls == 20
     assert [costs.seconds[0] < 0.03 for costs in profile.measured] == [True, True], profile.measured

@@ -1,12 +1,11 @@
 import itertools
 import random
 import statistics
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from _model import Classifier
+from _model import Classifier, SlowAtFirst
 from launch import launch
 from torch import nn
 
@@ -83,27 +82,13 @@ def test_profiling_leaves_no_trace():
     assert costs.memory(optimizer_slots=2, held_microbatches=3)[3] == 40 * 4 + 3 * 128
 
 
-class _SlowAtFirst(nn.Linear):
-    """A layer whose first ``slow`` calls take 30 ms longer: a layer measured while the machine was busy."""
-
-    def __init__(self, slow: int) -> None:
-        super().__init__(4, 4)
-        self.calls, self.slow = 0, slow
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls <= self.slow:
-            time.sleep(0.03)
-        return super().forward(x)
-
-
 def test_a_slow_spell_that_spares_one_pass_does_not_decide_a_layers_time():
     """Each layer is timed in every pass over all layers, and its time is its fastest pass's median: a spell that
     slows the layer's runs in all passes but one (here 4 of its 6 timed runs, which a median of them all would
     follow) does not count."""
     for passes, slow, slowed in [(1, 3, True), (3, 3, False), (3, 9, False), (3, 13, True)]:
         # repeats=2: per pass a warm-up, two timed runs, the next layer's input; the first pass meters too
-        layer = _SlowAtFirst(slow=slow)
+        layer = SlowAtFirst(slow=slow)
         (seconds,) = profile_layers([layer], torch.randn(8, 4), torch.device("cpu"), repeats=2, passes=passes).seconds
         assert (seconds >= 0.03) is slowed, (passes, slow, seconds)
         assert layer.calls == 5 + 4 * (passes - 1)
