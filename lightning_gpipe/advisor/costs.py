@@ -55,6 +55,9 @@ class ModelProfile:
     contention: float = 1.0
     # What the stage executor adds to each forward and each backward beyond the layers, per re-materialization mode.
     action_s: Mapping[str, float] = field(default_factory=dict)
+    # The pipeline's own time per forward or backward, its messages included, on layers that cost nothing, measured
+    # with all of training's processes at work (advisor.measure.measure_floor): no action takes less.
+    floor_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.measured:
@@ -143,7 +146,8 @@ def predict(profile: ModelProfile, candidate: Candidate, k: int, link: Link = Li
     backward are its layers' measured times at that size, plus the executor's own time per action; a message across
     boundary b carries the output of the last layer before it, at the link's measured cost; the schedule runs them
     on :func:`simulate`'s ideal machine; the optimizer's step and the fixed cost per step follow. CPU work is slowed
-    by the profile's :attr:`~ModelProfile.contention`."""
+    by the profile's :attr:`~ModelProfile.contention`, and no forward or backward takes less than the profile's
+    :attr:`~ModelProfile.floor_s`."""
     stages = k * candidate.chunks
     balance = list(candidate.balance)
     if len(balance) != stages or sum(balance) != profile.layers:
@@ -159,10 +163,10 @@ def predict(profile: ModelProfile, candidate: Candidate, k: int, link: Link = Li
     sends = [link.cost(outputs[stage_layers(balance, b)[-1]] * rows) for b in range(stages - 1)]
     schedule = candidate.make_schedule()
     extra = profile.action_s.get(candidate.checkpoint, 0.0) * profile.contention  # Python: CPU-bound
+    action = lambda per_layer, s: max(stage_sum(per_layer, s) + extra, profile.floor_s)  # noqa: E731
     timing = simulate(
-        schedule, k, n, [stage_sum(forward, s) + extra for s in range(stages)],
-        [stage_sum(backward, s) + extra for s in range(stages)], sends,
-    )  # fmt: skip
+        schedule, k, n, [action(forward, s) for s in range(stages)], [action(backward, s) for s in range(stages)], sends
+    )
     params = [sum(stage_sum(profile.param_bytes, c * k + r) for c in range(candidate.chunks)) for r in range(k)]
     state = [p * (2 + profile.optimizer_slots) for p in params]  # weights, gradients, optimizer state
     step = timing.makespan + (max(params) * profile.optimizer_s_per_byte + profile.step_s) * profile.contention

@@ -3,6 +3,7 @@ between two ranks."""
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -16,11 +17,14 @@ from torch import nn
 from lightning_gpipe.advisor.costs import Link, ModelProfile
 from lightning_gpipe.engine.executor import StageExecutor
 from lightning_gpipe.engine.microbatch import _map, batch_size, split
+from lightning_gpipe.engine.p2p import StageLink
 from lightning_gpipe.instrument.memory import tensor_bytes
 from lightning_gpipe.model.profile import fastest_pass, optimizer_slots, profile_layers, trial_optimizer
 from lightning_gpipe.schedule import GPipe
 
-__all__ = ["profile_model", "optimizer_seconds_per_byte", "measure_link", "action_overhead", "LINK_SIZES"]
+__all__ = [
+    "profile_model", "optimizer_seconds_per_byte", "measure_link", "measure_floor", "action_overhead", "LINK_SIZES",
+]  # fmt: skip
 
 #: Message sizes (bytes) a link is timed at: a header's, then activations from 64 KiB to 4 MiB.
 LINK_SIZES = (64, 2**16, 2**20, 2**22)
@@ -100,6 +104,39 @@ def measure_link(
             trips.append(time.perf_counter() - start)
         times.append(statistics.median(trips[1:]) / 2)
     return Link.fit([4 * max(s // 4, 1) for s in sizes], times) if first else None
+
+
+def measure_floor(
+    stage: int, k: int, device: torch.device, group: Optional[Any] = None, n: int = 8, steps: int = 3, blocks: int = 3,
+) -> Optional[float]:  # fmt: skip
+    """The pipeline's own time per action on this machine: what a forward or a backward costs, its messages
+    included, when its layers cost nothing. Every stage of a pipeline (``group``, or the default group) calls it
+    at once, as in training; the stages run the executor over one small layer each, F-then-B on ``n`` one-row
+    micro-batches, ``blocks`` times ``steps`` steps after a warm-up. Stage 0, which ends each step, gets the
+    fastest block's time per step over the schedule's 2(n + k - 1) slots; the others get None."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4).to(device)
+    link = StageLink(stage, k, device, group) if k > 1 else None
+    executor = StageExecutor([layer], stage, k, device, link, "never", schedule=GPipe("never"))
+    x = torch.randn(n, 4, device=device)
+    keys = [("floor",)] * n  # one shape: headers pass in the warm-up only
+
+    def step() -> None:
+        outputs = executor.forward(split(x, n) if executor.is_first else None, n, train=True, keys=keys)
+        if executor.is_last:
+            torch.autograd.backward(list(outputs), [torch.ones_like(y) for y in outputs])  # type: ignore[arg-type]
+        executor.backward()
+
+    step()
+    fastest = math.inf
+    for _ in range(blocks):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        fastest = min(fastest, (time.perf_counter() - start) / steps)
+    return fastest / (2 * (n + k - 1)) if stage == 0 else None
 
 
 def action_overhead(device: torch.device, checkpoint: str, n: int = 16, repeats: int = 5) -> float:
