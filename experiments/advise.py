@@ -2,7 +2,7 @@
 ``python experiments/advise.py model=transformer data=text k=2 [verify=true]`` (the configs of ``train.py``).
 
 Profiles the model's layers on its first batch at every candidate's micro-batch size, times the link between two
-processes, predicts every candidate (``lightning_gpipe.advisor``) and prints them as a table with the choice. With
+processes and the pipeline's own time per action on training's K x D processes, predicts every candidate (``lightning_gpipe.advisor``) and prints them as a table with the choice. With
 ``verify=true`` it then trains the top candidates (or the M of ``verify_m``) with ``train.py`` for a few steps each
 and prints measured beside predicted.
 """
@@ -35,7 +35,7 @@ from experiments.processes import free_port, without_rendezvous  # noqa: E402
 from lightning.pytorch.core.optimizer import _configure_optimizers  # noqa: E402
 from lightning_gpipe.advisor import Advice, Candidate, Link, Prediction, advise, candidate_balance, microbatch_choices  # noqa: E402
 from lightning_gpipe.advisor.choose import format_bytes  # noqa: E402
-from lightning_gpipe.advisor.measure import measure_link, profile_model  # noqa: E402
+from lightning_gpipe.advisor.measure import measure_floor, measure_link, profile_model  # noqa: E402
 from lightning_gpipe.engine.microbatch import batch_size  # noqa: E402
 from lightning_gpipe.integration.auto import memory_budget  # noqa: E402
 from lightning_gpipe.integration.balancing import input_of_step  # noqa: E402
@@ -77,15 +77,16 @@ def run(cfg: DictConfig, overrides: list[str], out: Path) -> Advice:
     profile = profile_model(
         list(seq._modules.values()), x, sizes, device, optimizers, list(cfg.checkpoints), k * cfg.dp
     )
-    link = _measure_link(device) if k > 1 else Link()
-    profile = dataclasses.replace(profile, step_s=lightning_step_overhead())
+    link, floor = _measure_pipeline(device, k, cfg.dp)
+    profile = dataclasses.replace(profile, step_s=lightning_step_overhead(), floor_s=floor)
     candidates = [c if c.balance else _with_balance(c, cfg, profile, k) for c in candidates]
     budget = memory_budget(cfg.get("memory_budget"), device, k * cfg.dp)
     advice = advise(profile, k, candidates, budget, link)
     overheads = ", ".join(f"{mode} {t * 1e3:.2f} ms" for mode, t in profile.action_s.items())
     print(f"Link: {link.latency_s * 1e3:.3f} ms + {link.per_byte_s * 2**20 * 1e3:.3f} ms/MiB per message. Fixed"
-          f" cost per step: {profile.step_s * 1e3:.1f} ms; per action: {overheads}. CPU work runs"
-          f" {profile.contention:.2f}x slower than profiled ({k * cfg.dp} processes).")
+          f" cost per step: {profile.step_s * 1e3:.1f} ms; per action: {overheads}, and at least"
+          f" {profile.floor_s * 1e3:.2f} ms. CPU work runs {profile.contention:.2f}x slower than profiled"
+          f" ({k * cfg.dp} processes).")
     for note in notes:
         print(note)
     print(advice.table(cfg.rows))
@@ -170,31 +171,41 @@ def _with_balance(candidate: Candidate, cfg: DictConfig, profile: Any, k: int) -
     return Candidate(candidate.m, candidate.checkpoint, candidate.schedule, balance, candidate.chunks)
 
 
-def _measure_link(device: torch.device) -> Link:
-    """The one-way cost of a message between two fresh processes (gloo on CPU, NCCL between two GPUs)."""
-    if device.type == "cuda" and torch.cuda.device_count() < 2:
-        raise SystemExit("advise.py: timing the link between stages needs two GPUs; this machine has one")
+def _measure_pipeline(device: torch.device, k: int, dp: int) -> tuple[Link, float]:
+    """In K x D fresh processes (gloo on CPU, NCCL on one GPU each), as training runs: the one-way cost of a message
+    between the first two, and the pipeline's own time per action (``measure_floor``), every replica at once."""
+    if k == 1:
+        return Link(), measure_floor(0, 1, device) or 0.0
+    world = k * dp
+    if device.type == "cuda" and torch.cuda.device_count() < world:
+        raise SystemExit(
+            f"advise.py: timing a pipeline of k={k} stages x dp={dp} replicas needs {world} GPUs, one per process;"
+            f" this machine has {torch.cuda.device_count()}"
+        )
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    workers = [context.Process(target=_link_worker, args=(r, port, device.type, queue)) for r in range(2)]
+    workers = [context.Process(target=_pipeline_worker, args=(r, k, dp, port, device.type, queue)) for r in range(world)]
     for w in workers:
         w.start()
-    link = queue.get(timeout=120)
+    measured = queue.get(timeout=120)
     for w in workers:
         w.join(timeout=30)
-    return link
+    return measured
 
 
-def _link_worker(rank: int, port: int, device_type: str, queue: Any) -> None:
+def _pipeline_worker(rank: int, k: int, dp: int, port: int, device_type: str, queue: Any) -> None:
     torch.set_num_threads(1)
     backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k * dp)
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     try:
-        link = measure_link(rank, 1 - rank, device)
-        if link is not None:
-            queue.put(link)
+        replicas = [dist.new_group(list(range(d * k, (d + 1) * k))) for d in range(dp)] if dp > 1 else [None]
+        link = measure_link(rank, 1 - rank, device) if rank < 2 else None
+        dist.barrier()
+        floor = measure_floor(rank % k, k, device, replicas[rank // k])
+        if rank == 0:
+            queue.put((link, floor))
     finally:
         dist.destroy_process_group()
 

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from lightning_gpipe.advisor.choose import Advice, advise, candidate_balance, microbatch_choices, parse_budget
 from lightning_gpipe.advisor.costs import Candidate, Link
-from lightning_gpipe.advisor.measure import measure_link, profile_model
+from lightning_gpipe.advisor.measure import measure_floor, measure_link, profile_model
 from lightning_gpipe.engine.microbatch import batch_size
 from lightning_gpipe.integration.balancing import decided_by_global_zero, sample_input
 from lightning_gpipe.integration.report import BalanceReport
@@ -50,7 +50,9 @@ def choose_microbatches(
     fixed = None if measured else checked
     x = sample_input(strategy, module, fitting)  # every rank draws it, as the data loaders would
     link = _link(strategy) if k > 1 else Link()
-    outcome: _Choice = decided_by_global_zero(strategy, lambda: _choose(strategy, seq, x, optimizers, fixed, link))
+    floor = _floor(strategy)
+    choose = lambda: _choose(strategy, seq, x, optimizers, fixed, link, floor)  # noqa: E731
+    outcome: _Choice = decided_by_global_zero(strategy, choose)
     chosen = outcome.advice.chosen.candidate
     strategy.config = dataclasses.replace(config, microbatches=chosen.m, memory_budget=None)
     kept.advice = outcome.advice
@@ -78,8 +80,9 @@ def memory_budget(value: Any, device: torch.device, processes: int) -> int:
 
 
 def _choose(
-    strategy: Any, seq: nn.Sequential, x: Any, optimizers: list[Optimizer], fixed: Optional[list[int]], link: Link
-) -> _Choice:
+    strategy: Any, seq: nn.Sequential, x: Any, optimizers: list[Optimizer], fixed: Optional[list[int]], link: Link,
+    floor: float,
+) -> _Choice:  # fmt: skip
     config, k, chunks = strategy.config, strategy.topology.k, strategy.config.chunks
     batch = batch_size(x)
     choices = microbatch_choices(batch, k, chunks)
@@ -94,6 +97,7 @@ def _choose(
             list(seq._modules.values()), x, sizes, strategy.root_device, optimizers, [config.checkpoint],
             strategy.num_processes,
         )
+    profile = dataclasses.replace(profile, floor_s=floor)
     rule = config.balance if fixed is None else fixed
     balances = [candidate_balance(rule, profile, m, config.checkpoint, k * chunks) for m in choices]
     candidates = [Candidate(m, config.checkpoint, config.schedule, b, chunks) for m, b in zip(choices, balances)]
@@ -121,6 +125,13 @@ def _link(strategy: Any) -> Link:
         return Link()
     peer = second if rank == first else first
     return measure_link(rank, peer, strategy.root_device, topology.pipeline_group) or Link()
+
+
+def _floor(strategy: Any) -> float:
+    """Every stage of every replica runs the pipeline on layers that cost nothing, all at once as in training;
+    stage 0 gets the time per action (:func:`~lightning_gpipe.advisor.measure.measure_floor`), the others 0."""
+    topology = strategy.topology
+    return measure_floor(topology.stage, topology.k, strategy.root_device, topology.pipeline_group) or 0.0
 
 
 def _publish(module: LightningModule, advice: Advice) -> None:
