@@ -109,34 +109,38 @@ def measure_link(
 def measure_floor(
     stage: int, k: int, device: torch.device, group: Optional[Any] = None, n: int = 8, steps: int = 3, blocks: int = 3,
 ) -> Optional[float]:  # fmt: skip
-    """The pipeline's own time per action on this machine: what a forward or a backward costs, its messages
-    included, when its layers cost nothing. Every stage of a pipeline (``group``, or the default group) calls it
-    at once, as in training; the stages run the executor over one small layer each, F-then-B on ``n`` one-row
-    micro-batches, ``blocks`` times ``steps`` steps after a warm-up. Stage 0, which ends each step, gets the
-    fastest block's time per step over the schedule's 2(n + k - 1) slots; the others get None."""
+    """The pipeline's own time per action on this machine in its steady state: what a forward or a backward costs,
+    its messages included, when its layers cost nothing and every stage is at work. Every stage of a pipeline
+    (``group``, or the default group) calls it at once, as in training; the stages run the executor over one small
+    layer each, F-then-B on ``n`` and on ``2n`` one-row micro-batches, in turn, each the fastest of ``blocks`` blocks
+    of ``steps`` steps after a warm-up. The ``n`` micro-batches more add ``2n`` actions to each stage's step, without
+    the fill and drain (where fewer stages run at once) or what a step costs besides its actions. Stage 0, which ends
+    each step, gets their time per action; the others get None."""
     torch.manual_seed(0)
     layer = nn.Linear(4, 4).to(device)
     link = StageLink(stage, k, device, group) if k > 1 else None
     executor = StageExecutor([layer], stage, k, device, link, "never", schedule=GPipe("never"))
-    x = torch.randn(n, 4, device=device)
-    keys = [("floor",)] * n  # one shape: headers pass in the warm-up only
+    x = torch.randn(2 * n, 4, device=device)
 
-    def step() -> None:
-        outputs = executor.forward(split(x, n) if executor.is_first else None, n, train=True, keys=keys)
+    def step(m: int) -> None:
+        inputs = split(x[:m], m) if executor.is_first else None
+        outputs = executor.forward(inputs, m, train=True, keys=[("floor",)] * m)  # one shape: one header, at first
         if executor.is_last:
             torch.autograd.backward(list(outputs), [torch.ones_like(y) for y in outputs])  # type: ignore[arg-type]
         executor.backward()
 
-    step()
-    fastest = math.inf
+    fastest = {n: math.inf, 2 * n: math.inf}
+    for m in fastest:
+        step(m)
     for _ in range(blocks):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        fastest = min(fastest, (time.perf_counter() - start) / steps)
-    return fastest / (2 * (n + k - 1)) if stage == 0 else None
+        for m in fastest:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(m)
+            _sync(device)
+            fastest[m] = min(fastest[m], (time.perf_counter() - start) / steps)
+    return max(fastest[2 * n] - fastest[n], 0.0) / (2 * n) if stage == 0 else None
 
 
 def action_overhead(device: torch.device, checkpoint: str, n: int = 16, repeats: int = 5) -> float:
