@@ -3,7 +3,6 @@ between two ranks."""
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -107,15 +106,15 @@ def measure_link(
 
 
 def measure_floor(
-    stage: int, k: int, device: torch.device, group: Optional[Any] = None, n: int = 8, steps: int = 3, blocks: int = 3,
+    stage: int, k: int, device: torch.device, group: Optional[Any] = None, n: int = 8, steps: int = 3, blocks: int = 5,
 ) -> Optional[float]:  # fmt: skip
     """The pipeline's own time per action on this machine in its steady state: what a forward or a backward costs,
     its messages included, when its layers cost nothing and every stage is at work. Every stage of a pipeline
     (``group``, or the default group) calls it at once, as in training; the stages run the executor over one small
-    layer each, F-then-B on ``n`` and on ``2n`` one-row micro-batches, in turn, each the fastest of ``blocks`` blocks
-    of ``steps`` steps after a warm-up. The ``n`` micro-batches more add ``2n`` actions to each stage's step, without
-    the fill and drain (where fewer stages run at once) or what a step costs besides its actions. Stage 0, which ends
-    each step, gets their time per action; the others get None."""
+    layer each, F-then-B on ``n`` and on ``2n`` one-row micro-batches, ``steps`` steps of each side by side,
+    ``blocks`` times after a warm-up. The ``n`` micro-batches more add ``2n`` actions to each stage's step, without
+    the fill and drain (where fewer stages run at once) or what a step costs besides its actions. Stage 0, which
+    ends each step, gets the median over the blocks of their time per action; the others get None."""
     torch.manual_seed(0)
     layer = nn.Linear(4, 4).to(device)
     link = StageLink(stage, k, device, group) if k > 1 else None
@@ -129,18 +128,21 @@ def measure_floor(
             torch.autograd.backward(list(outputs), [torch.ones_like(y) for y in outputs])  # type: ignore[arg-type]
         executor.backward()
 
-    fastest = {n: math.inf, 2 * n: math.inf}
-    for m in fastest:
-        step(m)
-    for _ in range(blocks):
-        for m in fastest:
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(m)
-            _sync(device)
-            fastest[m] = min(fastest[m], (time.perf_counter() - start) / steps)
-    return max(fastest[2 * n] - fastest[n], 0.0) / (2 * n) if stage == 0 else None
+    def timed(m: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(m)
+        _sync(device)
+        return (time.perf_counter() - start) / steps
+
+    step(n)
+    step(2 * n)
+    added = []
+    for _ in range(blocks):  # side by side, so that the host's slow drift cancels
+        shorter = timed(n)
+        added.append(timed(2 * n) - shorter)
+    return max(statistics.median(added), 0.0) / (2 * n) if stage == 0 else None
 
 
 def action_overhead(device: torch.device, checkpoint: str, n: int = 16, repeats: int = 5) -> float:
