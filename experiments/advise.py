@@ -2,9 +2,10 @@
 ``python experiments/advise.py model=transformer data=text k=2 [verify=true]`` (the configs of ``train.py``).
 
 Profiles the model's layers on its first batch at every candidate's micro-batch size, times the link between two
-processes and the pipeline's own time per action on training's K x D processes, predicts every candidate (``lightning_gpipe.advisor``) and prints them as a table with the choice. With
-``verify=true`` it then trains the top candidates (or the M of ``verify_m``) with ``train.py`` for a few steps each
-and prints measured beside predicted.
+processes and the pipeline's own time per action on training's K x D processes, predicts every candidate
+(``lightning_gpipe.advisor``) and prints them as a table with the choice. With ``verify=true`` it then trains the
+top candidates (or the M of ``verify_m``) with ``train.py`` for a few steps each and prints measured beside
+predicted.
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def _measure_pipeline(device: torch.device, k: int, dp: int) -> tuple[Link, floa
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    workers = [context.Process(target=_pipeline_worker, args=(r, k, dp, port, device.type, queue)) for r in range(world)]
+    args = (k, dp, port, device.type, queue)
+    workers = [context.Process(target=_pipeline_worker, args=(r, *args)) for r in range(world)]
     for w in workers:
         w.start()
     measured = queue.get(timeout=120)
