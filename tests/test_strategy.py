@@ -260,9 +260,13 @@ def test_shapes_travel_only_when_new(k2):
 def test_every_scenario_records_its_messages(k, k2, k4):
     """run_scenarios checks that every scenario's messages pair up between every two ranks as NCCL needs
     (tests/p2p_order.py); here, that the check sees them: every scenario but those refused before training
-    recorded messages, and none of those that did has a pair that stops matching."""
+    recorded messages, and none of those that did has a pair that stops matching. The advisor refuses after its
+    floor, timed over the pipeline's own messages."""
     runs, scenarios = (k2, K2) if k == 2 else (k4, K4)
-    refused = [s["name"] for s in scenarios if s.get("expect_error") and "fail_at" not in s]  # before any message
+    refused = [
+        s["name"] for s in scenarios
+        if s.get("expect_error") and "fail_at" not in s and s.get("strategy", {}).get("microbatches") != "auto"
+    ]  # fmt: skip
     assert [name for name, ranks in runs.items() if not ranks[0]["p2p"]] == refused
     assert all(nccl_order_problems([rank["p2p"] for rank in ranks]) == [] for ranks in runs.values())
 
