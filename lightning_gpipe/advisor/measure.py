@@ -7,6 +7,7 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -67,13 +68,7 @@ def optimizer_seconds_per_byte(
         probe = torch.zeros(elements, device=device, requires_grad=True)
         probe.grad = torch.full_like(probe, 1e-3)
         trial = trial_optimizer(optimizer, probe)
-        times = []
-        for _ in range(repeats + 1):
-            _sync(device)
-            start = time.perf_counter()
-            trial.step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        times = [_seconds(trial.step, device) for _ in range(repeats + 1)]
         total += statistics.median(times[1:]) / tensor_bytes([probe])
     return total
 
@@ -89,18 +84,16 @@ def measure_link(
     times: list[float] = []
     for size in sizes:
         buffer = torch.zeros(max(size // 4, 1), dtype=torch.float32, device=device)
-        trips = []
-        for _ in range(repeats + 1):
-            _sync(device)
-            start = time.perf_counter()
+
+        def trip(buffer: torch.Tensor = buffer) -> None:
             if first:
                 dist.send(buffer, peer, group=group)
                 dist.recv(buffer, peer, group=group)
             else:
                 dist.recv(buffer, peer, group=group)
                 dist.send(buffer, peer, group=group)
-            _sync(device)
-            trips.append(time.perf_counter() - start)
+
+        trips = [_seconds(trip, device) for _ in range(repeats + 1)]
         times.append(statistics.median(trips[1:]) / 2)
     return Link.fit([4 * max(s // 4, 1) for s in sizes], times) if first else None
 
@@ -120,28 +113,15 @@ def measure_floor(
     link = StageLink(stage, k, device, group) if k > 1 else None
     executor = StageExecutor([layer], stage, k, device, link, "never", schedule=GPipe("never"))
     x = torch.randn(2 * n, 4, device=device)
-
-    def step(m: int) -> None:
-        inputs = split(x[:m], m) if executor.is_first else None
-        outputs = executor.forward(inputs, m, train=True, keys=[("floor",)] * m)  # one shape: one header, at first
-        if executor.is_last:
-            torch.autograd.backward(list(outputs), [torch.ones_like(y) for y in outputs])  # type: ignore[arg-type]
-        executor.backward()
-
-    def timed(m: int) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(m)
-        _sync(device)
-        return (time.perf_counter() - start) / steps
-
-    step(n)
-    step(2 * n)
+    keys = [("floor",)] * (2 * n)  # one shape: one header, in the warm-up
+    shorter = partial(_train_one_row_each, executor, x, n, keys[:n])
+    longer = partial(_train_one_row_each, executor, x, 2 * n, keys)
+    shorter()
+    longer()
     added = []
     for _ in range(blocks):  # side by side, so that the host's slow drift cancels
-        shorter = timed(n)
-        added.append(timed(2 * n) - shorter)
+        base = _seconds(shorter, device, steps)
+        added.append(_seconds(longer, device, steps) - base)
     return max(statistics.median(added), 0.0) / (2 * n) if stage == 0 else None
 
 
@@ -153,26 +133,39 @@ def action_overhead(device: torch.device, checkpoint: str, n: int = 16, repeats:
     x = torch.randn(n, 4, device=device)
     executor = StageExecutor([layer], 0, 1, device, None, checkpoint, schedule=GPipe(checkpoint))
 
-    def pipelined() -> None:
-        outputs = executor.forward(split(x, n), n, train=True)
-        assert outputs is not None
-        torch.autograd.backward(list(outputs), [torch.ones_like(y) for y in outputs])  # type: ignore[arg-type]
-        executor.backward()
+    pipelined = partial(_train_one_row_each, executor, x, n)
 
     def plain() -> None:
         for row in x.split(1):
             layer(row).sum().backward()
 
-    timed = {fn: [] for fn in (pipelined, plain)}
+    timed: dict = {fn: [] for fn in (pipelined, plain)}
     for _ in range(repeats + 1):
         for fn, times in timed.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+            times.append(_seconds(fn, device))
     extra = statistics.median(timed[pipelined][1:]) - statistics.median(timed[plain][1:])
     return max(extra, 0.0) / (2 * n)
+
+
+def _train_one_row_each(
+    executor: StageExecutor, x: torch.Tensor, m: int, keys: Optional[Sequence[Any]] = None
+) -> None:
+    """One training step of ``executor``'s stage on the first ``m`` rows of ``x``, a micro-batch each; the last
+    stage's outputs get gradients of ones."""
+    outputs = executor.forward(split(x[:m], m) if executor.is_first else None, m, train=True, keys=keys)
+    if executor.is_last:
+        torch.autograd.backward(list(outputs), [torch.ones_like(y) for y in outputs])  # type: ignore[arg-type]
+    executor.backward()
+
+
+def _seconds(fn: Any, device: torch.device, times: int = 1) -> float:
+    """Seconds per call of ``fn``, over ``times`` calls, the device's queued work included."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(times):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / times
 
 
 def _cores() -> int:
