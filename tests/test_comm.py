@@ -1,14 +1,17 @@
-"""comm.py's ObjectBroadcast: objects whose tensors stay on the device (packed), and plain pickled objects, in order."""
+"""The engine's messages: ObjectBroadcast's objects, packed (their tensors stay on the device) or pickled, in order;
+StageLink's order-strict mode; messages held until they complete (engine.posted)."""
 
 from __future__ import annotations
 
 import os
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_gpipe.engine import p2p
+from lightning_gpipe.engine import p2p, posted
 from lightning_gpipe.engine.broadcast import ObjectBroadcast, pack, unpack
 from lightning_gpipe.engine.p2p import ShapeMemory, StageLink
 
@@ -111,6 +114,23 @@ def _broadcast_worker(rank: int, port: int) -> None:
                 channel.wait()
             else:
                 assert channel.receive(2) == {"to": "the group"}
+        # Handles dropped before their messages completed, as by a rank that raised between posting and waiting:
+        # the messages are still made, and the connection between the two ranks carries the next one. With gloo's
+        # handles alone (dist.isend, dist.irecv) both messages were lost and the broadcast below never completed.
+        if rank == 0:
+            posted.irecv(torch.empty(3), 2, tag=2)
+            posted.isend(torch.full((3,), 5.0), 2, tag=3)
+        elif rank == 2:
+            time.sleep(0.3)  # rank 0 has dropped both handles
+            posted.isend(torch.full((3,), 4.0), 0, tag=2).wait()
+            late = torch.empty(3)
+            posted.irecv(late, 0, tag=3).wait()
+            assert torch.equal(late, torch.full((3,), 5.0))
+        last = torch.tensor([rank])
+        dist.broadcast(last, 2)
+        assert last.item() == 2
+        posted.settle()  # waits for rank 0's two
+        assert posted.held() == 0
     finally:
         dist.destroy_process_group()
 
@@ -118,10 +138,17 @@ def _broadcast_worker(rank: int, port: int) -> None:
 def test_objects_reach_every_rank_in_order():
     """From the last rank to each other one, point to point: packed and pickled objects, one larger than the
     first message, in the order sent, apart from other messages between the same ranks; and within a group. Also:
-    the order-strict mode takes messages by order, as NCCL does, where tags would match them."""
+    the order-strict mode takes messages by order, as NCCL does, where tags would match them; and messages whose
+    handles were dropped still complete (engine.posted)."""
     from launch import free_port
 
-    mp.spawn(_broadcast_worker, args=(free_port(),), nprocs=3, join=True)
+    ranks = mp.spawn(_broadcast_worker, args=(free_port(),), nprocs=3, join=False)
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=1):  # raises as soon as a rank fails
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the ranks did not finish in 120 s")
 
 
 def test_shape_memory_forgets_its_oldest_key_alike_on_both_ends():

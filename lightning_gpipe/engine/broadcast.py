@@ -13,6 +13,7 @@ import torch.distributed as dist
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from lightning_gpipe.engine import posted
 from lightning_gpipe.engine.p2p import OBJECT_TAG, from_host
 
 __all__ = ["ObjectBroadcast", "Packed", "pack", "unpack"]
@@ -111,12 +112,10 @@ class ObjectBroadcast:
         """Post the sends of ``t`` to every other rank of the group, kept until :meth:`wait`."""
         me = dist.get_rank()
         ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
-        self._pending += [(dist.isend(t, r, group=self.group, tag=OBJECT_TAG), t) for r in ranks if r != me]
+        self._pending += [(posted.isend(t, r, group=self.group, tag=OBJECT_TAG), t) for r in ranks if r != me]
 
     def _irecv(self, t: Tensor, src: int) -> dist.Work:
-        work = dist.irecv(t, src, group=self.group, tag=OBJECT_TAG)
-        assert work is not None
-        return work
+        return posted.irecv(t, src, group=self.group, tag=OBJECT_TAG)
 
     def _receive(self, nbytes: int, src: int) -> Tensor:
         t = torch.empty(nbytes, dtype=torch.uint8, device=self.device)

@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gpipe.engine import posted
 from lightning_gpipe.engine.microbatch import Tensors
 from lightning_gpipe.engine.skip import Port
 
@@ -154,12 +155,10 @@ class Endpoint:
         t = t.detach().to(self.device).contiguous()
         # Keep each buffer until its send completes; drop those that already have.
         self._sends = [(work, buf) for work, buf in self._sends if not work.is_completed()]
-        self._sends.append((dist.isend(t, self._rank(rank), group=self.group, tag=tag), t))
+        self._sends.append((posted.isend(t, self._rank(rank), group=self.group, tag=tag), t))
 
     def _irecv(self, t: Tensor, rank: int, tag: int) -> dist.Work:
-        work = dist.irecv(t, self._rank(rank), group=self.group, tag=tag)
-        assert work is not None
-        return work
+        return posted.irecv(t, self._rank(rank), group=self.group, tag=tag)
 
     def _memory(self, direction: str, stream: int = -1) -> ShapeMemory:
         if (direction, stream) not in self._memories:

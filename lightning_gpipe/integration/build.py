@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from lightning_gpipe.checkpointing.sharded import stage_weights
 from lightning_gpipe.checkpointing.state import optimizer_layouts, unwrapped
+from lightning_gpipe.engine import posted
 from lightning_gpipe.engine.batchnorm import defer, undefer
 from lightning_gpipe.engine.broadcast import ObjectBroadcast
 from lightning_gpipe.engine.chunks import RankChunks
@@ -88,7 +89,9 @@ def open_run(strategy: Any, trainer: Trainer, kept: Kept) -> PipelineRun:
     patches = ExitStack()
     run: Optional[PipelineRun] = None
     try:
-        if strategy.world_size > 1:  # every rank draws the same shuffles and augmentations, seeded or not
+        if strategy.world_size > 1:
+            posted.settle()  # what an earlier run that failed left posted: its peers match it as they fail alike
+            # Every rank draws the same shuffles and augmentations, seeded or not.
             set_rank_random_state(strategy.broadcast(rank_random_state(strategy.root_device)), strategy.root_device)
         name, seq = find_sequential(module, config.sequential)
         if strategy.world_size > 1:  # an earlier run may have left the module cut: start from the whole model
