@@ -38,21 +38,25 @@ def works(monkeypatch):
 
     monkeypatch.setattr(posted.dist, "isend", post)
     monkeypatch.setattr(posted.dist, "irecv", post)
-    monkeypatch.setattr(posted, "_held", [])
-    monkeypatch.setattr(posted, "_prune_at", posted._MIN_PRUNE)
+    monkeypatch.setattr(posted, "_held", {})
     return made
 
 
-def test_what_was_waited_for_is_let_go_and_what_was_dropped_is_held(works):
-    for i in range(posted._MIN_PRUNE - 1):
-        posted.isend(torch.zeros(1), 1, tag=i).wait()  # the poster waits, as a step does
-    posted.irecv(torch.zeros(1), 1, tag=7)  # dropped: never waited for
-    assert posted.held() == 1
-    assert len(posted._held) == 1  # the 256th post let the 255 waited for go
-    assert posted._prune_at == posted._MIN_PRUNE
+def test_a_message_is_held_until_waited_for_or_known_complete(works):
+    sent = posted.isend(torch.zeros(1), 1, tag=0)
+    received = posted.irecv(torch.zeros(1), 1, tag=1)
+    dropped = posted.irecv(torch.zeros(1), 1, tag=2)  # never waited for, as by a rank that raised
+    assert posted.held() == 3
+    sent.wait()
+    assert posted.held() == 2
+    assert not received.is_completed() and posted.held() == 2  # gloo: not before it is waited for
+    works[1].done = True  # NCCL: as soon as it completed
+    assert received.is_completed() and posted.held() == 1
+    del dropped
+    assert posted.held() == 1  # the handle is gone, the message is not
     posted.settle()
-    assert [w.waits for w in works] == [1] * len(works)  # each waited for once: a second wait would hang on gloo
-    assert posted.held() == 0 and posted._held == []
+    assert [w.waits for w in works] == [1, 0, 1]  # none waited for twice: a second wait would hang on gloo
+    assert posted.held() == 0
 
 
 def test_settle_names_the_message_that_cannot_complete(works):
@@ -65,4 +69,4 @@ def test_settle_names_the_message_that_cannot_complete(works):
         " and a receive from rank 2 (tag -1) did not complete (Timed out waiting 1800000ms for recv operation to"
         " complete). The ranks no longer agree on what they sent: start the processes again."
     )
-    assert posted._held == []  # nothing is waited for twice
+    assert posted.held() == 0  # nothing is waited for twice

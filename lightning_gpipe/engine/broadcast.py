@@ -39,8 +39,8 @@ class ObjectBroadcast:
     ) -> None:  # fmt: skip
         self.device, self.group, self.capacity = device, group, capacity
         self.pack = device.type != "cpu" if pack is None else pack
-        self._pending: list[tuple[dist.Work, Tensor]] = []
-        self._expected: Optional[tuple[dist.Work, Tensor, int]] = None  # a receive posted ahead, and its source
+        self._pending: list[tuple[posted.PostedWork, Tensor]] = []
+        self._expected: Optional[tuple[posted.PostedWork, Tensor, int]] = None  # a receive posted ahead, and its source
 
     def send(self, obj: Any) -> None:
         self.wait()
@@ -114,7 +114,7 @@ class ObjectBroadcast:
         ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
         self._pending += [(posted.isend(t, r, group=self.group, tag=OBJECT_TAG), t) for r in ranks if r != me]
 
-    def _irecv(self, t: Tensor, src: int) -> dist.Work:
+    def _irecv(self, t: Tensor, src: int) -> posted.PostedWork:
         return posted.irecv(t, src, group=self.group, tag=OBJECT_TAG)
 
     def _receive(self, nbytes: int, src: int) -> Tensor:

@@ -145,7 +145,7 @@ class Endpoint:
         self._limit = ShapeMemory.LIMIT if headers == "auto" else 0
         self._memories: dict[tuple[str, int], ShapeMemory] = {}  # per stream: ("out" | "in", its number)
         self.headers_sent = self.headers_received = 0  # counted, for tests and reports
-        self._sends: list[tuple[dist.Work, Tensor]] = []
+        self._sends: list[tuple[posted.PostedWork, Tensor]] = []
 
     def _rank(self, rank: int) -> int:
         """The global rank of ``rank`` in the group."""
@@ -157,7 +157,7 @@ class Endpoint:
         self._sends = [(work, buf) for work, buf in self._sends if not work.is_completed()]
         self._sends.append((posted.isend(t, self._rank(rank), group=self.group, tag=tag), t))
 
-    def _irecv(self, t: Tensor, rank: int, tag: int) -> dist.Work:
+    def _irecv(self, t: Tensor, rank: int, tag: int) -> posted.PostedWork:
         return posted.irecv(t, self._rank(rank), group=self.group, tag=tag)
 
     def _memory(self, direction: str, stream: int = -1) -> ShapeMemory:
@@ -182,9 +182,9 @@ class StageLink(Endpoint):
     ) -> None:  # fmt: skip
         super().__init__(device, group, headers)
         self.stage, self.k = stage, k
-        self._headers: dict[int, tuple[dist.Work, Tensor]] = {}
-        self._gradients: dict[int, tuple[list[dist.Work], list[Optional[Tensor]]]] = {}
-        self._skip_gradients: dict[tuple[int, int], tuple[dist.Work, Tensor]] = {}
+        self._headers: dict[int, tuple[posted.PostedWork, Tensor]] = {}
+        self._gradients: dict[int, tuple[list[posted.PostedWork], list[Optional[Tensor]]]] = {}
+        self._skip_gradients: dict[tuple[int, int], tuple[posted.PostedWork, Tensor]] = {}
 
     def _send_tensors(self, i: int, xs: Tensors, stage: int, key: Optional[Hashable], route: int = -1) -> None:
         """Post ``xs`` to ``stage``, after their header unless the key's shapes are remembered on both ends."""

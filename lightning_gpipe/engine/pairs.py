@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gpipe.engine.posted import PostedWork
 from lightning_gpipe.engine.microbatch import Tensors
 from lightning_gpipe.engine.p2p import (
     _ACTIVATION,
@@ -41,7 +42,7 @@ from lightning_gpipe.schedule.messages import Kind, Message, pair_orders
 
 __all__ = ["PairedLink", "ChunkLink"]
 
-Posted = tuple[list[dist.Work], list[Optional[Tensor]]]
+Posted = tuple[list[PostedWork], list[Optional[Tensor]]]
 
 
 @dataclass
