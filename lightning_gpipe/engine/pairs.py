@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_gpipe.engine.posted import PostedWork
 from lightning_gpipe.engine.microbatch import Tensors
 from lightning_gpipe.engine.p2p import (
     _ACTIVATION,
@@ -37,6 +36,7 @@ from lightning_gpipe.engine.p2p import (
     _tag,
     needs_header,
 )
+from lightning_gpipe.engine.posted import PostedWork
 from lightning_gpipe.schedule import Schedule
 from lightning_gpipe.schedule.messages import Kind, Message, pair_orders
 

@@ -22,10 +22,10 @@ __all__ = ["PostedWork", "isend", "irecv", "settle", "held"]
 class PostedWork:
     """A posted message's handle, held (with its buffer) from :func:`isend` or :func:`irecv` until waited for."""
 
-    __slots__ = ("work", "buffer", "what")
+    __slots__ = ("work", "buffer", "peer", "tag", "sent")
 
-    def __init__(self, work: dist.Work, buffer: Tensor, what: str) -> None:
-        self.work, self.buffer, self.what = work, buffer, what  # what: "a send to rank 1 (tag 7)"
+    def __init__(self, work: dist.Work, buffer: Tensor, peer: int, tag: int, sent: bool) -> None:
+        self.work, self.buffer, self.peer, self.tag, self.sent = work, buffer, peer, tag, sent
         _held[id(self)] = self
 
     def wait(self) -> bool:
@@ -43,6 +43,12 @@ class PostedWork:
             _held.pop(id(self), None)
         return done
 
+    @property
+    def what(self) -> str:
+        """``"a send to rank 1 (tag 7)"``, ``"a receive from rank 0 (tag 3)"``."""
+        direction = f"a send to rank {self.peer}" if self.sent else f"a receive from rank {self.peer}"
+        return f"{direction} (tag {self.tag})"
+
 
 _held: dict[int, PostedWork] = {}
 
@@ -51,14 +57,14 @@ def isend(t: Tensor, dst: int, group: Optional[dist.ProcessGroup] = None, tag: i
     """``dist.isend``, held until waited for."""
     work = dist.isend(t, dst, group=group, tag=tag)
     assert work is not None
-    return PostedWork(work, t, f"a send to rank {dst} (tag {tag})")
+    return PostedWork(work, t, dst, tag, sent=True)
 
 
 def irecv(t: Tensor, src: int, group: Optional[dist.ProcessGroup] = None, tag: int = 0) -> PostedWork:
     """``dist.irecv``, held until waited for."""
     work = dist.irecv(t, src, group=group, tag=tag)
     assert work is not None
-    return PostedWork(work, t, f"a receive from rank {src} (tag {tag})")
+    return PostedWork(work, t, src, tag, sent=False)
 
 
 def held() -> int:
