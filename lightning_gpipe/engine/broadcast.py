@@ -39,7 +39,7 @@ class ObjectBroadcast:
     ) -> None:  # fmt: skip
         self.device, self.group, self.capacity = device, group, capacity
         self.pack = device.type != "cpu" if pack is None else pack
-        self._pending: list[tuple[posted.PostedWork, Tensor]] = []
+        self._pending: list[posted.PostedWork] = []  # posted holds their buffers
         self._expected: Optional[tuple[posted.PostedWork, Tensor, int]] = None  # a receive posted ahead, and its source
 
     def send(self, obj: Any) -> None:
@@ -104,7 +104,7 @@ class ObjectBroadcast:
 
     def wait(self) -> None:
         """Until the receivers have everything sent so far."""
-        for work, _ in self._pending:
+        for work in self._pending:
             work.wait()
         self._pending = []
 
@@ -112,7 +112,7 @@ class ObjectBroadcast:
         """Post the sends of ``t`` to every other rank of the group, kept until :meth:`wait`."""
         me = dist.get_rank()
         ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
-        self._pending += [(posted.isend(t, r, group=self.group, tag=OBJECT_TAG), t) for r in ranks if r != me]
+        self._pending += [posted.isend(t, r, group=self.group, tag=OBJECT_TAG) for r in ranks if r != me]
 
     def _irecv(self, t: Tensor, src: int) -> posted.PostedWork:
         return posted.irecv(t, src, group=self.group, tag=OBJECT_TAG)

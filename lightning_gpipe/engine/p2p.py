@@ -145,7 +145,7 @@ class Endpoint:
         self._limit = ShapeMemory.LIMIT if headers == "auto" else 0
         self._memories: dict[tuple[str, int], ShapeMemory] = {}  # per stream: ("out" | "in", its number)
         self.headers_sent = self.headers_received = 0  # counted, for tests and reports
-        self._sends: list[tuple[posted.PostedWork, Tensor]] = []
+        self._sends: list[posted.PostedWork] = []  # posted holds their buffers
 
     def _rank(self, rank: int) -> int:
         """The global rank of ``rank`` in the group."""
@@ -153,9 +153,8 @@ class Endpoint:
 
     def _isend(self, t: Tensor, rank: int, tag: int) -> None:
         t = t.detach().to(self.device).contiguous()
-        # Keep each buffer until its send completes; drop those that already have.
-        self._sends = [(work, buf) for work, buf in self._sends if not work.is_completed()]
-        self._sends.append((posted.isend(t, self._rank(rank), group=self.group, tag=tag), t))
+        self._sends = [work for work in self._sends if not work.is_completed()]  # NCCL's completed ones let go
+        self._sends.append(posted.isend(t, self._rank(rank), group=self.group, tag=tag))
 
     def _irecv(self, t: Tensor, rank: int, tag: int) -> posted.PostedWork:
         return posted.irecv(t, self._rank(rank), group=self.group, tag=tag)
@@ -167,7 +166,7 @@ class Endpoint:
 
     def flush(self) -> None:
         """Wait until every posted send has completed, so their buffers may be freed."""
-        for work, _ in self._sends:
+        for work in self._sends:
             work.wait()
         self._sends.clear()
 
